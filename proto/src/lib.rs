@@ -1,0 +1,20 @@
+//! The `orderflow.v1` gRPC contract: messages, clients and servers generated from `proto/orderflow/v1`
+//! at build time, and the encoded descriptor set that gRPC reflection serves.
+//!
+//! This crate is the public protocol and nothing else; behaviour lives in the stage crates.
+//!
+//! # Layout
+//! - [`v1`]: everything generated from the `.proto` files, one module for the package.
+//! - [`FILE_DESCRIPTOR_SET`]: what the reflection service registers.
+//! - [`money`]: display of [`v1::Money`] in major units, for humans.
+
+pub mod money;
+
+/// Generated code for the `orderflow.v1` package.
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("orderflow.v1");
+}
+
+/// The encoded `FileDescriptorSet` of every `orderflow.v1` file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("orderflow_descriptor");

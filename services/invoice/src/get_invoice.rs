@@ -1,0 +1,67 @@
+//! `GetInvoice` and `ListInvoices`.
+
+use orderflow_proto::v1::{GetInvoiceRequest, Invoice, ListInvoicesRequest, ListInvoicesResponse};
+use orderflow_runtime::{FieldViolations, NumericPage, Store, StoreError, decode_record};
+use tonic::Status;
+
+use crate::invoicing::{BY_ORDER, INVOICES, INVOICES_NAME};
+
+pub(crate) async fn get_invoice(
+    store: &Store,
+    request: GetInvoiceRequest,
+) -> Result<Invoice, Status> {
+    let mut violations = FieldViolations::new();
+    if request.order_id.is_empty() {
+        violations.add("order_id", "required");
+    }
+    violations.check()?;
+    let order_id = request.order_id.clone();
+    let invoice = store
+        .call(move |store| {
+            store.read(|read| {
+                let Some(number) = read.open_table(BY_ORDER)?.get(order_id.as_str())? else {
+                    return Ok(None);
+                };
+                let number = number.value();
+                match read.open_table(INVOICES)?.get(number)? {
+                    Some(bytes) => decode_record(INVOICES_NAME, number, bytes.value()).map(Some),
+                    None => Ok::<_, StoreError>(None),
+                }
+            })
+        })
+        .await?;
+    invoice.ok_or_else(|| {
+        Status::not_found(format!(
+            "no invoice for order {} (unknown, rejected or not invoiced yet)",
+            request.order_id
+        ))
+    })
+}
+
+pub(crate) async fn list_invoices(
+    store: &Store,
+    request: ListInvoicesRequest,
+) -> Result<ListInvoicesResponse, Status> {
+    let page = NumericPage::parse(request.page_size, &request.page_token)?;
+    store
+        .call(move |store| {
+            store.read(|read| {
+                let table = read.open_table(INVOICES)?;
+                let mut invoices: Vec<Invoice> = Vec::with_capacity(page.size);
+                let mut next_page_token = String::new();
+                for row in table.range(page.start..)? {
+                    let (number, bytes) = row?;
+                    if invoices.len() == page.size {
+                        next_page_token = number.value().to_string();
+                        break;
+                    }
+                    invoices.push(decode_record(INVOICES_NAME, number.value(), bytes.value())?);
+                }
+                Ok::<_, StoreError>(ListInvoicesResponse {
+                    invoices,
+                    next_page_token,
+                })
+            })
+        })
+        .await
+}

@@ -1,0 +1,89 @@
+//! The words the customer reads.
+
+use orderflow_proto::v1::{Invoice, LineRejection, RejectionReason};
+
+/// "Your order … is confirmed: invoice #12, total 54.90 EUR (incl. 9.15 EUR tax)."
+pub(crate) fn confirmation(order_id: &str, invoice: &Invoice) -> String {
+    let money = |m: &Option<orderflow_proto::v1::Money>| {
+        m.as_ref()
+            .map_or_else(|| "?".to_owned(), ToString::to_string)
+    };
+    format!(
+        "Your order {order_id} is confirmed: invoice #{}, total {} (incl. {} tax).",
+        invoice.number,
+        money(&invoice.total),
+        money(&invoice.tax)
+    )
+}
+
+/// "We could not accept your order …: LAMP-05: only 2 left (you asked for 3); …."
+pub(crate) fn rejection(order_id: &str, lines: &[LineRejection]) -> String {
+    let reasons: Vec<String> = lines.iter().map(reason).collect();
+    format!(
+        "We could not accept your order {order_id}: {}. Nothing was charged.",
+        reasons.join("; ")
+    )
+}
+
+/// One line's reason, for the customer and for the CLI.
+pub fn reason(line: &LineRejection) -> String {
+    match line.reason() {
+        RejectionReason::UnknownSku => format!("{}: no such item", line.sku),
+        RejectionReason::OutOfStock if line.available == 0 => {
+            format!("{}: out of stock", line.sku)
+        }
+        RejectionReason::OutOfStock => format!(
+            "{}: only {} left (you asked for {})",
+            line.sku, line.available, line.requested
+        ),
+        RejectionReason::MixedCurrency => {
+            format!("{}: priced in another currency than the rest", line.sku)
+        }
+        RejectionReason::Unspecified => format!("{}: not available", line.sku),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use orderflow_proto::v1::Money;
+
+    use super::*;
+
+    #[test]
+    fn messages_read_well() {
+        let invoice = Invoice {
+            number: 12,
+            total: Some(Money::new(5490, "EUR")),
+            tax: Some(Money::new(915, "EUR")),
+            ..Default::default()
+        };
+        assert_eq!(
+            confirmation("o1", &invoice),
+            "Your order o1 is confirmed: invoice #12, total 54.90 EUR (incl. 9.15 EUR tax)."
+        );
+        let lines = [
+            LineRejection {
+                sku: "LAMP".into(),
+                requested: 3,
+                available: 2,
+                reason: RejectionReason::OutOfStock.into(),
+            },
+            LineRejection {
+                sku: "GPU".into(),
+                requested: 1,
+                available: 0,
+                reason: RejectionReason::OutOfStock.into(),
+            },
+            LineRejection {
+                sku: "X".into(),
+                requested: 1,
+                available: 0,
+                reason: RejectionReason::UnknownSku.into(),
+            },
+        ];
+        assert_eq!(
+            rejection("o2", &lines),
+            "We could not accept your order o2: LAMP: only 2 left (you asked for 3); GPU: out of stock; X: no such item. Nothing was charged."
+        );
+    }
+}

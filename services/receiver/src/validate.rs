@@ -1,0 +1,172 @@
+//! What a well-formed order is. Every rule that fails becomes one field violation, so a client learns
+//! everything wrong with a request in one round trip.
+
+use std::collections::HashMap;
+
+use orderflow_proto::v1::PlaceOrderRequest;
+use orderflow_runtime::FieldViolations;
+
+/// Longest customer id, in characters.
+pub const MAX_CUSTOMER_ID: usize = 128;
+/// Lines per order at most.
+pub const MAX_LINES: usize = 100;
+/// Units per line at most.
+pub const MAX_QUANTITY: u32 = 10_000;
+/// Longest sku, in characters.
+pub const MAX_SKU_CHARS: usize = 64;
+
+/// Checks `request` against every rule; `Err` is INVALID_ARGUMENT naming each bad field.
+pub fn validate(request: &PlaceOrderRequest) -> Result<(), tonic::Status> {
+    let mut violations = FieldViolations::new();
+    let customer = request.customer_id.trim();
+    if customer.is_empty() {
+        violations.add("customer_id", "required");
+    } else if request.customer_id.chars().count() > MAX_CUSTOMER_ID {
+        violations.add(
+            "customer_id",
+            format!("must be at most {MAX_CUSTOMER_ID} characters"),
+        );
+    }
+    if request.lines.is_empty() || request.lines.len() > MAX_LINES {
+        violations.add(
+            "lines",
+            format!(
+                "must have 1 to {MAX_LINES} lines, got {}",
+                request.lines.len()
+            ),
+        );
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, line) in request.lines.iter().enumerate().take(MAX_LINES) {
+        let sku_chars = line.sku.chars().count();
+        if line.sku.trim().is_empty() {
+            violations.add(format!("lines[{i}].sku"), "required");
+        } else if sku_chars > MAX_SKU_CHARS {
+            violations.add(
+                format!("lines[{i}].sku"),
+                format!("must be at most {MAX_SKU_CHARS} characters, got {sku_chars}"),
+            );
+        } else if let Some(first) = seen.insert(line.sku.as_str(), i) {
+            violations.add(
+                format!("lines[{i}].sku"),
+                format!("repeats the sku of lines[{first}]; put the whole quantity on one line"),
+            );
+        }
+        if line.quantity == 0 || line.quantity > MAX_QUANTITY {
+            violations.add(
+                format!("lines[{i}].quantity"),
+                format!("must be 1 to {MAX_QUANTITY}, got {}", line.quantity),
+            );
+        }
+    }
+    violations.check()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use orderflow_proto::v1::OrderLine;
+    use tonic_types::StatusExt;
+
+    use super::*;
+
+    fn line(sku: &str, quantity: u32) -> OrderLine {
+        OrderLine {
+            sku: sku.into(),
+            quantity,
+        }
+    }
+
+    fn fields(request: PlaceOrderRequest) -> Vec<String> {
+        match validate(&request) {
+            Ok(()) => vec![],
+            Err(status) => status
+                .get_details_bad_request()
+                .unwrap()
+                .field_violations
+                .into_iter()
+                .map(|v| v.field)
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn rules_name_the_bad_fields() {
+        let ok = || PlaceOrderRequest {
+            customer_id: "alice".into(),
+            lines: vec![line("A", 1), line("B", MAX_QUANTITY)],
+        };
+        let cases: Vec<(&str, PlaceOrderRequest, Vec<&str>)> = vec![
+            ("valid", ok(), vec![]),
+            (
+                "no customer",
+                PlaceOrderRequest {
+                    customer_id: " ".into(),
+                    ..ok()
+                },
+                vec!["customer_id"],
+            ),
+            (
+                "long customer",
+                PlaceOrderRequest {
+                    customer_id: "c".repeat(MAX_CUSTOMER_ID + 1),
+                    ..ok()
+                },
+                vec!["customer_id"],
+            ),
+            (
+                "no lines",
+                PlaceOrderRequest {
+                    lines: vec![],
+                    ..ok()
+                },
+                vec!["lines"],
+            ),
+            (
+                "too many lines",
+                PlaceOrderRequest {
+                    lines: (0..=MAX_LINES).map(|i| line(&format!("S{i}"), 1)).collect(),
+                    ..ok()
+                },
+                vec!["lines"],
+            ),
+            (
+                "bad quantities and sku",
+                PlaceOrderRequest {
+                    lines: vec![
+                        line("", 0),
+                        line("B", MAX_QUANTITY + 1),
+                        line(&"x".repeat(65), 1),
+                    ],
+                    ..ok()
+                },
+                vec![
+                    "lines[0].sku",
+                    "lines[0].quantity",
+                    "lines[1].quantity",
+                    "lines[2].sku",
+                ],
+            ),
+            (
+                "repeated sku",
+                PlaceOrderRequest {
+                    lines: vec![line("A", 1), line("B", 1), line("A", 2)],
+                    ..ok()
+                },
+                vec!["lines[2].sku"],
+            ),
+            (
+                "64 multibyte characters is fine",
+                PlaceOrderRequest {
+                    lines: vec![line(&"é".repeat(64), 1)],
+                    ..ok()
+                },
+                vec![],
+            ),
+        ];
+        for (name, request, want) in cases {
+            assert_eq!(fields(request), want, "{name}");
+        }
+    }
+}

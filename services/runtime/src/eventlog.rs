@@ -1,0 +1,225 @@
+//! `orderflow.v1.EventLog`, served by every stage over its own outbox.
+//!
+//! `Subscribe` runs one producer task per subscriber: it reads a batch from the store, sends it into a
+//! bounded channel of [`SUBSCRIBE_CHANNEL_DEPTH`] batches and reads the next one only when the channel
+//! has room again. The channel drains only as fast as tonic can write to the HTTP/2 stream, and that
+//! only as fast as the peer's flow-control window opens, so a slow reader slows its own producer: the
+//! backlog stays on disk and memory per subscriber is bounded by `depth × max_batch` entries. When the
+//! producer has caught up it waits on the store's head watch for the next commit (live tail). A failed
+//! send means the subscriber left, and the producer stops.
+
+use std::{pin::Pin, time::Duration};
+
+use futures::Stream;
+use orderflow_proto::v1::{
+    AckRequest, AckResponse, ConsumerPosition, EventBatch, HeadRequest, HeadResponse,
+    SubscribeRequest, event_log_server::EventLog,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::{status::FieldViolations, store::Store};
+
+/// Entries per batch when the subscriber does not say.
+pub const DEFAULT_MAX_BATCH: u32 = 256;
+/// Upper bound on entries per batch, whatever the subscriber asks for.
+pub const MAX_MAX_BATCH: u32 = 1000;
+/// Batches buffered between a subscriber's producer task and its HTTP/2 stream.
+pub const SUBSCRIBE_CHANNEL_DEPTH: usize = 2;
+/// Longest accepted consumer name.
+const MAX_CONSUMER_NAME: usize = 128;
+
+/// The EventLog service over one stage's store.
+#[derive(Clone)]
+pub struct EventLogService {
+    store: Store,
+    /// Cancelled when the stage drains: every producer ends its stream.
+    streams: CancellationToken,
+}
+
+impl EventLogService {
+    pub fn new(store: Store, streams: CancellationToken) -> Self {
+        EventLogService { store, streams }
+    }
+}
+
+type BatchStream = Pin<Box<dyn Stream<Item = Result<EventBatch, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EventLog for EventLogService {
+    type SubscribeStream = BatchStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let request = request.into_inner();
+        let max_batch = match request.max_batch {
+            0 => DEFAULT_MAX_BATCH,
+            n => n.min(MAX_MAX_BATCH),
+        } as usize;
+        let from = request.from_offset;
+        // Refuse an impossible start now rather than as the stream's first item.
+        let store = self.store.clone();
+        blocking(move || store.read_log(from, 0)).await??;
+
+        let (tx, rx) = mpsc::channel(SUBSCRIBE_CHANNEL_DEPTH);
+        tokio::spawn(produce(
+            self.store.clone(),
+            from,
+            max_batch,
+            tx,
+            self.streams.clone(),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        let AckRequest { consumer, offset } = request.into_inner();
+        let mut violations = FieldViolations::new();
+        if consumer.is_empty() {
+            violations.add("consumer", "required");
+        } else if consumer.len() > MAX_CONSUMER_NAME {
+            violations.add(
+                "consumer",
+                format!("must be at most {MAX_CONSUMER_NAME} bytes"),
+            );
+        }
+        violations.check()?;
+        let head = self.store.next_offset();
+        if offset > head {
+            return Err(Status::out_of_range(format!(
+                "offset {offset} lies beyond the log's head {head}"
+            )));
+        }
+        let store = self.store.clone();
+        blocking(move || store.ack(&consumer, offset)).await??;
+        Ok(Response::new(AckResponse {}))
+    }
+
+    async fn head(&self, _: Request<HeadRequest>) -> Result<Response<HeadResponse>, Status> {
+        let store = self.store.clone();
+        let ((first, next), consumers) =
+            blocking(move || Ok::<_, Status>((store.bounds()?, store.consumers()?))).await??;
+        Ok(Response::new(HeadResponse {
+            first_offset: first,
+            next_offset: next,
+            consumers: consumers
+                .into_iter()
+                .map(|(consumer, acked_offset)| ConsumerPosition {
+                    consumer,
+                    acked_offset,
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// Feeds one subscriber from `from` on, one batch at a time, as fast as it takes them.
+async fn produce(
+    store: Store,
+    from: u64,
+    max_batch: usize,
+    tx: mpsc::Sender<Result<EventBatch, Status>>,
+    shutdown: CancellationToken,
+) {
+    let mut head_rx = store.watch_head();
+    let mut next = from;
+    loop {
+        let head = *head_rx.borrow_and_update();
+        if next < head {
+            let reader = store.clone();
+            let batch = match blocking(move || reader.read_log(next, max_batch)).await {
+                Ok(Ok(entries)) => entries,
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            };
+            let Some(last) = batch.last() else {
+                // Only possible if retention raced past us; the next read reports it.
+                continue;
+            };
+            next = last.offset + 1;
+            let batch = EventBatch {
+                entries: batch,
+                head,
+            };
+            tokio::select! {
+                sent = tx.send(Ok(batch)) => if sent.is_err() { return },
+                () = shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        tokio::select! {
+            changed = head_rx.changed() => if changed.is_err() { return },
+            () = tx.closed() => return,
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Runs blocking store work off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        tracing::error!(error = %e, "blocking store task failed");
+        Status::internal("internal error")
+    })
+}
+
+/// How much of the outbox to keep.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Entries kept at most, acknowledged or not; older ones are deleted and reading them is
+    /// `OUT_OF_RANGE`.
+    pub max_entries: u64,
+    /// How often retention looks for entries to delete.
+    pub interval: Duration,
+}
+
+/// Entries deleted per transaction, so a large cut never holds the writer for long.
+const TRIM_CHUNK: u64 = 10_000;
+
+/// Deletes outbox entries every registered consumer has acknowledged, and any beyond
+/// `retention.max_entries`, until `shutdown`.
+pub async fn run_retention(store: Store, retention: Retention, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(retention.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let store = store.clone();
+        let trimmed = blocking(move || -> Result<u64, crate::store::StoreError> {
+            let (first, next) = store.bounds()?;
+            let acked = store.consumers()?.into_iter().map(|(_, o)| o).min();
+            let by_ack = acked.unwrap_or(first);
+            let by_size = next.saturating_sub(retention.max_entries);
+            let cutoff = by_ack.max(by_size);
+            let mut removed = 0;
+            while removed < cutoff.saturating_sub(first) {
+                let n = store.trim(cutoff, TRIM_CHUNK)?;
+                if n == 0 {
+                    break;
+                }
+                removed += n;
+            }
+            Ok(removed)
+        })
+        .await;
+        match trimmed {
+            Ok(Ok(0)) | Err(_) => {}
+            Ok(Ok(n)) => tracing::debug!(entries = n, "retention trimmed the outbox"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Turning failures into precise gRPC statuses, and the request checks every stage shares.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::store::StoreError;
+
+impl From<StoreError> for Status {
+    /// Offsets outside the log are the caller's doing (`OUT_OF_RANGE`); everything else is ours,
+    /// logged once here with its cause and answered `INTERNAL` without details.
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Truncated { .. } | StoreError::BeyondHead { .. } => {
+                Status::out_of_range(e.to_string())
+            }
+            e => {
+                tracing::error!(error = %e, "store failure");
+                Status::internal("internal storage error")
+            }
+        }
+    }
+}
+
+/// Collects field violations and turns them into one `INVALID_ARGUMENT` with a google.rpc.BadRequest.
+#[derive(Debug, Default)]
+pub struct FieldViolations {
+    violations: Vec<(String, String)>,
+}
+
+impl FieldViolations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that `field` (a path such as `lines[2].sku`) is bad because of `description`.
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.violations.push((field.into(), description.into()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// `Ok(())` when nothing was recorded, else `INVALID_ARGUMENT` naming every bad field.
+    pub fn check(self) -> Result<(), Status> {
+        if self.violations.is_empty() {
+            return Ok(());
+        }
+        let summary = self
+            .violations
+            .iter()
+            .map(|(field, description)| format!("{field}: {description}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut details = ErrorDetails::new();
+        for (field, description) in self.violations {
+            details.add_bad_request_violation(field, description);
+        }
+        Err(Status::with_error_details(
+            Code::InvalidArgument,
+            format!("invalid request: {summary}"),
+            details,
+        ))
+    }
+}
+
+/// Default and upper bound of `page_size` in every paged list RPC.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// A validated page request over a numeric key: how many rows and the first key to return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NumericPage {
+    pub size: usize,
+    pub start: u64,
+}
+
+impl NumericPage {
+    /// Parses `page_size` (0 = default; above the maximum = INVALID_ARGUMENT) and `page_token` (empty or
+    /// a token this server handed out).
+    pub fn parse(page_size: u32, page_token: &str) -> Result<Self, Status> {
+        let mut violations = FieldViolations::new();
+        let size = page_size_or_default(page_size, &mut violations);
+        let start = if page_token.is_empty() {
+            0
+        } else {
+            match page_token.parse::<u64>() {
+                Ok(start) => start,
+                Err(_) => {
+                    violations.add("page_token", "not a token returned by this server");
+                    0
+                }
+            }
+        };
+        violations.check()?;
+        Ok(NumericPage { size, start })
+    }
+}
+
+/// `page_size` as a row count, recording a violation when it is over [`MAX_PAGE_SIZE`].
+pub fn page_size_or_default(page_size: u32, violations: &mut FieldViolations) -> usize {
+    match page_size {
+        0 => DEFAULT_PAGE_SIZE as usize,
+        n if n > MAX_PAGE_SIZE => {
+            violations.add("page_size", format!("must be at most {MAX_PAGE_SIZE}"));
+            0
+        }
+        n => n as usize,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn violations_become_bad_request_details() {
+        let mut v = FieldViolations::new();
+        v.add("customer_id", "required");
+        v.add("lines[0].quantity", "must be 1 to 10000");
+        let status = v.check().unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let fields: Vec<_> = status
+            .get_details_bad_request()
+            .unwrap()
+            .field_violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(fields, vec!["customer_id", "lines[0].quantity"]);
+    }
+
+    #[test]
+    fn pages_parse_or_name_the_field() {
+        assert_eq!(
+            NumericPage::parse(0, "").unwrap(),
+            NumericPage {
+                size: 100,
+                start: 0
+            }
+        );
+        assert_eq!(NumericPage::parse(5, "42").unwrap().start, 42);
+        for (size, token) in [(1001, ""), (1, "x")] {
+            let status = NumericPage::parse(size, token).unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument);
+        }
+    }
+}

@@ -1,0 +1,492 @@
+//! A stage's embedded, crash-safe store: its own state tables plus its **outbox log**.
+//!
+//! # Design
+//! Every stage owns one redb file (`<data-dir>/<stage>.redb`). redb gives serialisable write
+//! transactions and copy-on-write pages with a checksummed commit, so a commit is either entirely on
+//! disk or not at all, whatever the moment of a crash (`kill -9`, power loss).
+//!
+//! Tables owned by this module:
+//!
+//! | table       | key                  | value                   | meaning                                   |
+//! |-------------|----------------------|-------------------------|-------------------------------------------|
+//! | `outbox`    | `u64` offset         | encoded [`Event`]       | the stage's output log, dense offsets      |
+//! | `meta`      | `&str`               | `u64`                   | `outbox.first`, `upstream.<name>` offsets  |
+//! | `consumers` | `&str` consumer name | `u64` acked offset      | downstream positions, for retention        |
+//!
+//! Stages add their own tables (orders, stock items, invoices, notifications) and open them from the
+//! same [`Txn`], so state, output and input position always move together.
+//!
+//! # Invariants
+//! 1. **One transaction per batch.** [`Store::write`] hands a [`Txn`] to the stage; the stage applies a
+//!    batch of upstream events to its tables, appends its output events with [`Txn::append`] and
+//!    records the upstream offset it has consumed with [`Txn::set_consumed`]. All of it commits with
+//!    one fsync or none of it does. After a crash the stage resumes from the recorded offset: an event
+//!    is never lost and never takes effect twice.
+//! 2. **Dense offsets.** The log holds exactly `[first_offset, next_offset)`. Appends take the offsets
+//!    that follow the last committed one; writers are serialised by a mutex that is held until the new
+//!    head is published, so two writers can never pick the same offset.
+//! 3. **Publish after commit.** Subscribers are woken through a `watch` channel only after the commit
+//!    returned, so nothing that could still be rolled back is ever streamed.
+//! 4. **Retention only moves `first_offset` forward** ([`Store::trim`]), in the same transaction that
+//!    deletes the entries; a reader asking for an offset below it gets [`StoreError::Truncated`].
+//!
+//! # On crash
+//! redb recovers to the last committed transaction on open (repairing its allocator state if the
+//! process died mid-commit). `next_offset` is recomputed from the last key of `outbox` (or
+//! `outbox.first` when retention emptied the log), so no in-memory state needs to survive.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use orderflow_proto::v1::{Event, LogEntry};
+use prost::Message;
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+    WriteTransaction,
+};
+use tokio::sync::watch;
+
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const CONSUMERS: TableDefinition<&str, u64> = TableDefinition::new("consumers");
+
+const FIRST_OFFSET_KEY: &str = "outbox.first";
+
+/// Everything that can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage failure: {0}")]
+    Storage(#[from] redb::Error),
+    #[error("log entry {offset} cannot be decoded: {source}")]
+    Corrupt {
+        offset: u64,
+        source: prost::DecodeError,
+    },
+    #[error("offset {requested} was truncated by retention; the log starts at {first}")]
+    Truncated { requested: u64, first: u64 },
+    #[error("offset {requested} lies beyond the log's head {head}")]
+    BeyondHead { requested: u64, head: u64 },
+    #[error("record {key} of table {table} cannot be decoded: {source}")]
+    Record {
+        table: &'static str,
+        key: String,
+        source: prost::DecodeError,
+    },
+    #[error("a previous writer panicked; the store is closed")]
+    Poisoned,
+}
+
+/// Decodes a protobuf record read from a stage table, naming it if it is corrupt.
+pub fn decode_record<M: Message + Default>(
+    table: &'static str,
+    key: impl std::fmt::Display,
+    bytes: &[u8],
+) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|source| StoreError::Record {
+        table,
+        key: key.to_string(),
+        source,
+    })
+}
+
+macro_rules! from_redb {
+    ($($ty:ty),*) => {$(
+        impl From<$ty> for StoreError {
+            fn from(e: $ty) -> Self {
+                StoreError::Storage(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A stage's store: shared, cheap to clone. Blocking: call it from `spawn_blocking`.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    path: PathBuf,
+    /// Held by the single writer from `begin_write` until the new head is published.
+    write_lock: Mutex<()>,
+    /// `next_offset` of the outbox, published after every commit that appended.
+    head: watch::Sender<u64>,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`, recovering from any crash.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(OUTBOX)?;
+            txn.open_table(META)?;
+            txn.open_table(CONSUMERS)?;
+        }
+        txn.commit()?;
+        let read = db.begin_read()?;
+        let (first, next) = log_bounds(&read)?;
+        drop(read);
+        tracing::debug!(path = %path.display(), first, next, "store opened");
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                path: path.to_owned(),
+                write_lock: Mutex::new(()),
+                head: watch::Sender::new(next),
+            }),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The offset the next appended entry gets.
+    pub fn next_offset(&self) -> u64 {
+        *self.inner.head.borrow()
+    }
+
+    /// `(first_offset, next_offset)` as committed.
+    pub fn bounds(&self) -> Result<(u64, u64), StoreError> {
+        let read = self.inner.db.begin_read()?;
+        log_bounds(&read)
+    }
+
+    /// A receiver that sees `next_offset` change after every committed append.
+    pub fn watch_head(&self) -> watch::Receiver<u64> {
+        self.inner.head.subscribe()
+    }
+
+    /// Runs `f` in one durable write transaction: everything it does commits together or not at all.
+    /// If `f` fails, nothing is written.
+    pub fn write<T, E>(&self, f: impl FnOnce(&mut Txn) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        self.write_with(Durability::Immediate, f)
+    }
+
+    fn write_with<T, E>(
+        &self,
+        durability: Durability,
+        f: impl FnOnce(&mut Txn) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let _guard = self.lock()?;
+        let mut inner = self.inner.db.begin_write().map_err(StoreError::from)?;
+        inner
+            .set_durability(durability)
+            .map_err(|e| StoreError::Storage(redb::Error::from(e)))?;
+        let mut txn = Txn {
+            inner,
+            next: self.next_offset(),
+            pending: Vec::new(),
+        };
+        let value = f(&mut txn)?;
+        let Txn {
+            inner,
+            next,
+            pending,
+        } = txn;
+        if !pending.is_empty() {
+            let mut outbox = inner.open_table(OUTBOX).map_err(StoreError::from)?;
+            for (offset, bytes) in &pending {
+                outbox
+                    .insert(*offset, bytes.as_slice())
+                    .map_err(StoreError::from)?;
+            }
+        }
+        inner.commit().map_err(StoreError::from)?;
+        if !pending.is_empty() {
+            self.inner.head.send_replace(next);
+        }
+        Ok(value)
+    }
+
+    /// Runs `f` on a consistent snapshot.
+    pub fn read<T, E>(&self, f: impl FnOnce(&ReadTransaction) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let read = self.inner.db.begin_read().map_err(StoreError::from)?;
+        f(&read)
+    }
+
+    /// Runs blocking store work `f` from async code (an RPC handler); store failures become the
+    /// matching gRPC status.
+    pub async fn call<T, E>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, tonic::Status>
+    where
+        T: Send + 'static,
+        E: Into<tonic::Status> + Send + 'static,
+    {
+        let store = self.clone();
+        crate::eventlog::blocking(move || f(&store))
+            .await?
+            .map_err(Into::into)
+    }
+
+    /// Up to `max` entries from `from`, in offset order. `from == next_offset` gives an empty batch.
+    pub fn read_log(&self, from: u64, max: usize) -> Result<Vec<LogEntry>, StoreError> {
+        let read = self.inner.db.begin_read()?;
+        let (first, next) = log_bounds(&read)?;
+        if from < first {
+            return Err(StoreError::Truncated {
+                requested: from,
+                first,
+            });
+        }
+        if from > next {
+            return Err(StoreError::BeyondHead {
+                requested: from,
+                head: next,
+            });
+        }
+        let outbox = read.open_table(OUTBOX)?;
+        let mut entries = Vec::with_capacity(max.min((next - from) as usize));
+        for row in outbox.range(from..)?.take(max) {
+            let (offset, bytes) = row?;
+            let offset = offset.value();
+            let event = Event::decode(bytes.value())
+                .map_err(|source| StoreError::Corrupt { offset, source })?;
+            entries.push(LogEntry {
+                offset,
+                event: Some(event),
+            });
+        }
+        Ok(entries)
+    }
+
+    /// The next upstream offset to consume for `upstream` (0 when never recorded).
+    pub fn consumed_offset(&self, upstream: &str) -> Result<u64, StoreError> {
+        let read = self.inner.db.begin_read()?;
+        let meta = read.open_table(META)?;
+        Ok(meta
+            .get(upstream_key(upstream).as_str())?
+            .map_or(0, |v| v.value()))
+    }
+
+    /// Records that `consumer` has processed every entry below `offset`. Positions never move back.
+    /// Not fsynced on its own: losing an ack in a crash only makes retention keep more.
+    pub fn ack(&self, consumer: &str, offset: u64) -> Result<(), StoreError> {
+        self.write_with(Durability::None, |txn| {
+            let mut consumers = txn.inner.open_table(CONSUMERS)?;
+            let current = consumers.get(consumer)?.map_or(0, |v| v.value());
+            if offset > current {
+                consumers.insert(consumer, offset)?;
+            }
+            Ok::<_, StoreError>(())
+        })
+    }
+
+    /// Every consumer that has acknowledged at least once, with its position.
+    pub fn consumers(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let read = self.inner.db.begin_read()?;
+        let consumers = read.open_table(CONSUMERS)?;
+        let mut out = Vec::new();
+        for row in consumers.iter()? {
+            let (name, offset) = row?;
+            out.push((name.value().to_owned(), offset.value()));
+        }
+        Ok(out)
+    }
+
+    /// Deletes entries below `cutoff`, at most `max_entries` of them in this call, and moves
+    /// `first_offset` accordingly. Returns how many were deleted.
+    pub fn trim(&self, cutoff: u64, max_entries: u64) -> Result<u64, StoreError> {
+        self.write_with(Durability::None, |txn| {
+            let mut meta = txn.inner.open_table(META)?;
+            let first = meta.get(FIRST_OFFSET_KEY)?.map_or(0, |v| v.value());
+            let cutoff = cutoff.min(txn.next).min(first.saturating_add(max_entries));
+            if cutoff <= first {
+                return Ok(0);
+            }
+            let mut outbox = txn.inner.open_table(OUTBOX)?;
+            outbox.retain_in(first..cutoff, |_, _| false)?;
+            meta.insert(FIRST_OFFSET_KEY, cutoff)?;
+            Ok::<_, StoreError>(cutoff - first)
+        })
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, ()>, StoreError> {
+        self.inner
+            .write_lock
+            .lock()
+            .map_err(|_| StoreError::Poisoned)
+    }
+}
+
+/// One write transaction of a stage: its own tables (through [`Txn::redb`]), its outbox appends and
+/// its consumed upstream offsets, committed together by [`Store::write`].
+pub struct Txn {
+    inner: WriteTransaction,
+    next: u64,
+    pending: Vec<(u64, Vec<u8>)>,
+}
+
+impl Txn {
+    /// The underlying redb transaction, for the stage's own tables.
+    pub fn redb(&self) -> &WriteTransaction {
+        &self.inner
+    }
+
+    /// Appends `event` to the outbox and returns its offset (valid once the transaction commits).
+    pub fn append(&mut self, event: &Event) -> u64 {
+        let offset = self.next;
+        self.pending.push((offset, event.encode_to_vec()));
+        self.next += 1;
+        offset
+    }
+
+    /// The offset the next [`Txn::append`] will return.
+    pub fn next_offset(&self) -> u64 {
+        self.next
+    }
+
+    /// Records that every entry of `upstream` below `offset` has taken effect.
+    pub fn set_consumed(&mut self, upstream: &str, offset: u64) -> Result<(), StoreError> {
+        let mut meta = self.inner.open_table(META)?;
+        meta.insert(upstream_key(upstream).as_str(), offset)?;
+        Ok(())
+    }
+}
+
+fn upstream_key(upstream: &str) -> String {
+    format!("upstream.{upstream}")
+}
+
+fn log_bounds(read: &ReadTransaction) -> Result<(u64, u64), StoreError> {
+    let meta = read.open_table(META)?;
+    let first = meta.get(FIRST_OFFSET_KEY)?.map_or(0, |v| v.value());
+    let outbox = read.open_table(OUTBOX)?;
+    let next = outbox.last()?.map_or(first, |(k, _)| k.value() + 1);
+    Ok((first, next.max(first)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn event(order: &str) -> Event {
+        Event {
+            order_id: order.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn open(dir: &tempfile::TempDir) -> Store {
+        Store::open(&dir.path().join("test.redb")).unwrap()
+    }
+
+    #[test]
+    fn appends_get_dense_offsets_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let offsets = store
+            .write(|txn| {
+                let a = txn.append(&event("a"));
+                let b = txn.append(&event("b"));
+                txn.set_consumed("up", 7)?;
+                Ok::<_, StoreError>((a, b))
+            })
+            .unwrap();
+        assert_eq!(offsets, (0, 1));
+        assert_eq!(store.next_offset(), 2);
+        drop(store);
+
+        let store = open(&dir);
+        assert_eq!(store.next_offset(), 2);
+        assert_eq!(store.consumed_offset("up").unwrap(), 7);
+        let entries = store.read_log(0, 10).unwrap();
+        let ids: Vec<_> = entries
+            .iter()
+            .map(|e| (e.offset, e.event.as_ref().unwrap().order_id.as_str()))
+            .collect();
+        assert_eq!(ids, vec![(0, "a"), (1, "b")]);
+    }
+
+    #[test]
+    fn failed_transaction_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let result = store.write(|txn| {
+            txn.append(&event("lost"));
+            txn.set_consumed("up", 3)?;
+            Err::<(), _>(StoreError::Poisoned)
+        });
+        assert!(result.is_err());
+        assert_eq!(store.next_offset(), 0);
+        assert_eq!(store.consumed_offset("up").unwrap(), 0);
+        assert!(store.read_log(0, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn trim_moves_first_offset_and_reports_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        store
+            .write(|txn| {
+                for i in 0..10 {
+                    txn.append(&event(&i.to_string()));
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        assert_eq!(store.trim(4, 100).unwrap(), 4);
+        assert_eq!(store.bounds().unwrap(), (4, 10));
+        assert!(matches!(
+            store.read_log(3, 1),
+            Err(StoreError::Truncated {
+                requested: 3,
+                first: 4
+            })
+        ));
+        assert!(matches!(
+            store.read_log(11, 1),
+            Err(StoreError::BeyondHead { .. })
+        ));
+        assert_eq!(store.read_log(4, 100).unwrap().len(), 6);
+        // Trimming everything keeps the head where it was, across a reopen too.
+        assert_eq!(store.trim(100, 100).unwrap(), 6);
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(store.bounds().unwrap(), (10, 10));
+        let next = store
+            .write(|txn| Ok::<_, StoreError>(txn.append(&event("x"))))
+            .unwrap();
+        assert_eq!(next, 10);
+    }
+
+    #[test]
+    fn acks_never_move_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        store.ack("stock", 5).unwrap();
+        store.ack("stock", 3).unwrap();
+        store.ack("demo", 1).unwrap();
+        let mut consumers = store.consumers().unwrap();
+        consumers.sort();
+        assert_eq!(
+            consumers,
+            vec![("demo".to_owned(), 1), ("stock".to_owned(), 5)]
+        );
+    }
+}

@@ -1,0 +1,286 @@
+//! The downstream half of the hand-off: a stage consuming its upstream's `EventLog`.
+//!
+//! A [`Subscription`] reads the upstream offset its stage has committed, subscribes from there, and for
+//! every batch that arrives (plus whatever further batches are already waiting, up to
+//! [`MAX_ENTRIES_PER_COMMIT`]) runs the stage's [`Apply`] inside ONE store transaction that also records
+//! the new upstream offset. Only after that commit does it acknowledge upstream (finalize late), and the
+//! acknowledgement is coalesced by a side task so it never slows the hot path.
+//!
+//! Any failure — upstream down, stream broken, a gap in offsets — drops the stream and reconnects with
+//! exponential backoff and jitter, resuming from the committed offset. A batch is applied entirely or
+//! not at all, so a crash or reconnect at any point neither loses nor repeats an effect.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::FutureExt;
+use orderflow_proto::v1::{
+    AckRequest, LogEntry, SubscribeRequest, event_log_client::EventLogClient,
+};
+use rand::Rng;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{eventlog::blocking, store::Store, store::StoreError, store::Txn};
+
+/// Entries applied in one transaction at most when several batches are waiting.
+pub const MAX_ENTRIES_PER_COMMIT: usize = 2048;
+/// First and largest pause between reconnection attempts.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// At most one acknowledgement upstream per this interval.
+const ACK_INTERVAL: Duration = Duration::from_millis(200);
+
+/// A stage's reaction to one upstream event, inside the batch's transaction.
+pub trait Apply: Send + Sync + 'static {
+    /// Applies `entry` to the stage's tables and appends the resulting events through `txn`. Must be
+    /// deterministic in the store's state, and must fail only on storage errors: a malformed event is
+    /// the stage's to handle (skip, reject), never a reason to stop the pipeline.
+    fn apply(&self, txn: &mut Txn, entry: &LogEntry) -> Result<(), StoreError>;
+}
+
+/// What went wrong with one connection to upstream (the loop logs it and reconnects).
+#[derive(Debug, thiserror::Error)]
+enum SubscriptionError {
+    #[error("cannot connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("upstream answered {}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("upstream ended the stream")]
+    Ended,
+    #[error("expected offset {expected}, upstream sent {got}")]
+    Gap { expected: u64, got: u64 },
+    #[error("cannot commit: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// One stage's subscription to its upstream's log.
+pub struct Subscription<A> {
+    /// Name under which this stage records its offset and acknowledges upstream (e.g. "stock").
+    pub consumer: String,
+    /// Key of the consumed offset in the store's meta table (e.g. "receiver").
+    pub upstream_name: String,
+    pub upstream: Endpoint,
+    pub store: Store,
+    pub applier: Arc<A>,
+}
+
+impl<A: Apply> Subscription<A> {
+    /// Consumes upstream until `shutdown`, reconnecting forever. Returns after finishing the batch in
+    /// hand.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let committed = match self.committed_offset().await {
+            Ok(offset) => offset,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the consumed offset; subscription not started");
+                return;
+            }
+        };
+        let (acked_tx, acked_rx) = watch::channel(committed);
+        let acker = tokio::spawn(acknowledge(
+            self.upstream.clone(),
+            self.consumer.clone(),
+            acked_rx,
+            shutdown.clone(),
+        ));
+        let mut backoff = Backoff::new();
+        while !shutdown.is_cancelled() {
+            let result = self.run_once(&acked_tx, &mut backoff, &shutdown).await;
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    let pause = backoff.next_pause();
+                    tracing::warn!(
+                        upstream = %self.upstream.uri(),
+                        error = %e,
+                        retry_in_ms = pause.as_millis() as u64,
+                        "upstream subscription interrupted"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+        let _ = acker.await;
+    }
+
+    async fn committed_offset(&self) -> Result<u64, StoreError> {
+        let store = self.store.clone();
+        let key = self.upstream_name.clone();
+        blocking(move || store.consumed_offset(&key))
+            .await
+            .map_err(|_| StoreError::Poisoned)?
+    }
+
+    /// One connection: subscribe from the committed offset and apply batches until something breaks.
+    async fn run_once(
+        &self,
+        acked: &watch::Sender<u64>,
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SubscriptionError> {
+        let mut next = self.committed_offset().await?;
+        let channel = tokio::select! {
+            channel = self.upstream.connect() => channel?,
+            () = shutdown.cancelled() => return Ok(()),
+        };
+        let mut client = EventLogClient::new(channel);
+        let mut stream = client
+            .subscribe(SubscribeRequest {
+                from_offset: next,
+                max_batch: crate::eventlog::MAX_MAX_BATCH,
+            })
+            .await?
+            .into_inner();
+        tracing::info!(upstream = %self.upstream.uri(), from_offset = next, "subscribed upstream");
+        loop {
+            let batch = tokio::select! {
+                batch = stream.message() => batch?,
+                () = shutdown.cancelled() => return Ok(()),
+            };
+            let Some(batch) = batch else {
+                return Err(SubscriptionError::Ended);
+            };
+            backoff.reset();
+            let mut entries = batch.entries;
+            // Whatever is already waiting joins this commit: one fsync for all of it.
+            let mut deferred_error = None;
+            while entries.len() < MAX_ENTRIES_PER_COMMIT {
+                match stream.message().now_or_never() {
+                    Some(Ok(Some(more))) => entries.extend(more.entries),
+                    Some(Ok(None)) => {
+                        deferred_error = Some(SubscriptionError::Ended);
+                        break;
+                    }
+                    Some(Err(status)) => {
+                        deferred_error = Some(status.into());
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            entries.retain(|e| e.offset >= next);
+            for (i, entry) in entries.iter().enumerate() {
+                let expected = next + i as u64;
+                if entry.offset != expected {
+                    return Err(SubscriptionError::Gap {
+                        expected,
+                        got: entry.offset,
+                    });
+                }
+            }
+            if !entries.is_empty() {
+                next = self.commit(entries, next).await?;
+                acked.send_replace(next);
+            }
+            if let Some(e) = deferred_error {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Applies `entries` (dense, starting at `next`) and records the new offset, in one transaction.
+    async fn commit(&self, entries: Vec<LogEntry>, next: u64) -> Result<u64, SubscriptionError> {
+        let new_next = next + entries.len() as u64;
+        let store = self.store.clone();
+        let applier = self.applier.clone();
+        let key = self.upstream_name.clone();
+        blocking(move || {
+            store.write(|txn| {
+                for entry in &entries {
+                    applier.apply(txn, entry)?;
+                }
+                txn.set_consumed(&key, new_next)
+            })
+        })
+        .await
+        .map_err(SubscriptionError::Status)??;
+        Ok(new_next)
+    }
+}
+
+/// Tells upstream how far this stage has committed, at most every [`ACK_INTERVAL`]. Failures are only
+/// logged: an acknowledgement just lets upstream trim its log, and the next one catches up.
+async fn acknowledge(
+    upstream: Endpoint,
+    consumer: String,
+    mut committed: watch::Receiver<u64>,
+    shutdown: CancellationToken,
+) {
+    let channel: Channel = upstream.connect_lazy();
+    let mut client = EventLogClient::new(channel);
+    let mut last_acked = None;
+    loop {
+        let offset = *committed.borrow_and_update();
+        if last_acked != Some(offset) {
+            let request = AckRequest {
+                consumer: consumer.clone(),
+                offset,
+            };
+            match client.ack(request).await {
+                Ok(_) => last_acked = Some(offset),
+                Err(status) => {
+                    tracing::debug!(code = ?status.code(), message = status.message(), "ack failed")
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(ACK_INTERVAL) => {}
+            () = shutdown.cancelled() => return,
+        }
+        tokio::select! {
+            changed = committed.changed() => if changed.is_err() { return },
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Exponential backoff with full jitter between [`BACKOFF_MIN`] and [`BACKOFF_MAX`].
+#[derive(Debug)]
+pub struct Backoff {
+    ceiling: Duration,
+}
+
+impl Backoff {
+    pub fn new() -> Self {
+        Backoff {
+            ceiling: BACKOFF_MIN,
+        }
+    }
+
+    /// A random pause up to the current ceiling, which then doubles (up to the maximum).
+    pub fn next_pause(&mut self) -> Duration {
+        let ceiling = self.ceiling;
+        self.ceiling = (ceiling * 2).min(BACKOFF_MAX);
+        let millis = ceiling.as_millis() as u64;
+        Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
+    }
+
+    pub fn reset(&mut self) {
+        self.ceiling = BACKOFF_MIN;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_and_resets() {
+        let mut backoff = Backoff::new();
+        let pauses: Vec<_> = (0..10).map(|_| backoff.next_pause()).collect();
+        assert!(pauses[0] <= BACKOFF_MIN);
+        assert!(pauses.iter().all(|p| *p <= BACKOFF_MAX));
+        assert!(pauses[9] >= BACKOFF_MAX / 2);
+        backoff.reset();
+        assert!(backoff.next_pause() <= BACKOFF_MIN);
+    }
+}

@@ -1,0 +1,188 @@
+//! The reservation: for each `OrderPlaced`, every line is reserved or none is.
+
+use orderflow_proto::v1::{
+    LineRejection, LogEntry, OrderLine, OrderRejected, RejectionReason, ReservedLine, StockItem,
+    StockReserved, event::Kind,
+};
+use orderflow_runtime::{Apply, StoreError, Txn, follow_up};
+
+use crate::items::{self, ITEMS};
+
+/// Applies `OrderPlaced` events; ignores every other kind.
+pub(crate) struct Reserver;
+
+impl Apply for Reserver {
+    fn apply(&self, txn: &mut Txn, entry: &LogEntry) -> Result<(), StoreError> {
+        let Some(event) = &entry.event else {
+            return Ok(());
+        };
+        let Some(Kind::OrderPlaced(placed)) = &event.kind else {
+            return Ok(());
+        };
+        let outcome = {
+            let mut table = txn.redb().open_table(ITEMS)?;
+            reserve(&mut table, &placed.lines)?
+        };
+        let kind = match outcome {
+            Ok(lines) => Kind::StockReserved(StockReserved { lines }),
+            Err(lines) => Kind::OrderRejected(OrderRejected { lines }),
+        };
+        txn.append(&follow_up(event, kind));
+        Ok(())
+    }
+}
+
+/// Every line reserved, or why each failing line could not be.
+type Outcome = Result<Vec<ReservedLine>, Vec<LineRejection>>;
+
+/// Reserves every line in `table`, or changes nothing and says why each failing line failed.
+fn reserve(
+    table: &mut redb::Table<&'static str, &'static [u8]>,
+    lines: &[OrderLine],
+) -> Result<Outcome, StoreError> {
+    let mut found: Vec<(&OrderLine, StockItem)> = Vec::with_capacity(lines.len());
+    let mut rejections = Vec::new();
+    for line in lines {
+        let rejection = |reason: RejectionReason, available: u64| LineRejection {
+            sku: line.sku.clone(),
+            requested: line.quantity,
+            available,
+            reason: reason.into(),
+        };
+        match items::get(table, &line.sku)? {
+            None => rejections.push(rejection(RejectionReason::UnknownSku, 0)),
+            Some(item) if item.available < u64::from(line.quantity) => {
+                rejections.push(rejection(RejectionReason::OutOfStock, item.available));
+            }
+            Some(item) => found.push((line, item)),
+        }
+    }
+    if rejections.is_empty() {
+        let currency = |item: &StockItem| item.unit_price.as_ref().map(|p| p.currency.clone());
+        let first = found.first().map(|(_, item)| currency(item));
+        if found.iter().any(|(_, item)| Some(currency(item)) != first) {
+            rejections = found
+                .iter()
+                .map(|(line, item)| LineRejection {
+                    sku: line.sku.clone(),
+                    requested: line.quantity,
+                    available: item.available,
+                    reason: RejectionReason::MixedCurrency.into(),
+                })
+                .collect();
+        }
+    }
+    if !rejections.is_empty() {
+        return Ok(Err(rejections));
+    }
+    let mut reserved = Vec::with_capacity(found.len());
+    for (line, mut item) in found {
+        let quantity = u64::from(line.quantity);
+        item.available -= quantity;
+        item.reserved = item.reserved.saturating_add(quantity);
+        items::put(table, &item)?;
+        reserved.push(ReservedLine {
+            sku: item.sku,
+            name: item.name,
+            quantity: line.quantity,
+            unit_price: item.unit_price,
+        });
+    }
+    Ok(Ok(reserved))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use orderflow_proto::v1::Money;
+    use orderflow_runtime::Store;
+
+    use super::*;
+
+    fn item(sku: &str, currency: &str, available: u64) -> StockItem {
+        StockItem {
+            sku: sku.into(),
+            name: sku.to_lowercase(),
+            unit_price: Some(Money::new(100, currency)),
+            available,
+            reserved: 0,
+        }
+    }
+
+    fn line(sku: &str, quantity: u32) -> OrderLine {
+        OrderLine {
+            sku: sku.into(),
+            quantity,
+        }
+    }
+
+    /// Runs `lines` against a fresh table holding `stock`; returns the outcome and the stock after.
+    fn run(stock: &[StockItem], lines: &[OrderLine]) -> (Outcome, Vec<(String, u64, u64)>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        store
+            .write(|txn| {
+                let mut table = txn.redb().open_table(ITEMS)?;
+                for i in stock {
+                    items::put(&mut table, i)?;
+                }
+                let outcome = reserve(&mut table, lines)?;
+                let after = stock
+                    .iter()
+                    .map(|i| {
+                        let now = items::get(&table, &i.sku).unwrap().unwrap();
+                        (now.sku, now.available, now.reserved)
+                    })
+                    .collect();
+                Ok::<_, StoreError>((outcome, after))
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn reserves_all_lines() {
+        let (outcome, after) = run(
+            &[item("A", "EUR", 5), item("B", "EUR", 1)],
+            &[line("A", 5), line("B", 1)],
+        );
+        assert_eq!(outcome.unwrap().len(), 2);
+        assert_eq!(after, vec![("A".into(), 0, 5), ("B".into(), 0, 1)]);
+    }
+
+    #[test]
+    fn one_bad_line_reserves_nothing_and_each_reason_is_given() {
+        let (outcome, after) = run(
+            &[item("A", "EUR", 5), item("B", "EUR", 1)],
+            &[line("A", 2), line("B", 2), line("Z", 1)],
+        );
+        let reasons: Vec<_> = outcome
+            .unwrap_err()
+            .into_iter()
+            .map(|r| (r.reason(), r.sku, r.available))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                (RejectionReason::OutOfStock, "B".into(), 1),
+                (RejectionReason::UnknownSku, "Z".into(), 0)
+            ]
+        );
+        assert_eq!(after, vec![("A".into(), 5, 0), ("B".into(), 1, 0)]);
+    }
+
+    #[test]
+    fn mixed_currencies_are_rejected() {
+        let (outcome, after) = run(
+            &[item("A", "EUR", 5), item("B", "USD", 5)],
+            &[line("A", 1), line("B", 1)],
+        );
+        assert!(
+            outcome
+                .unwrap_err()
+                .iter()
+                .all(|r| r.reason() == RejectionReason::MixedCurrency)
+        );
+        assert_eq!(after, vec![("A".into(), 5, 0), ("B".into(), 5, 0)]);
+    }
+}
