@@ -41,8 +41,11 @@ pub enum ServeError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// Fully-qualified name of the EventLog service, for health.
+/// Fully-qualified names of the services every stage serves besides its own.
 const EVENT_LOG_SERVICE: &str = "orderflow.v1.EventLog";
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+const REFLECTION_V1_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
+const REFLECTION_V1ALPHA_SERVICE: &str = "grpc.reflection.v1alpha.ServerReflection";
 
 /// Starts one of a stage's background tasks, given the shutdown token it must honour.
 type TaskStarter = Box<dyn FnOnce(CancellationToken) -> JoinHandle<()> + Send>;
@@ -139,10 +142,26 @@ impl StageServer {
                 .set_service_status(name, ServingStatus::Serving)
                 .await;
         }
+        // Advertise exactly what this stage serves: the descriptor set holds every stage's services.
         let reflection = || {
-            tonic_reflection::server::Builder::configure()
+            let builder = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(orderflow_proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
+                .include_reflection_service(false);
+            [
+                service,
+                EVENT_LOG_SERVICE,
+                HEALTH_SERVICE,
+                REFLECTION_V1_SERVICE,
+                REFLECTION_V1ALPHA_SERVICE,
+            ]
+            .into_iter()
+            .filter(|name| !name.is_empty())
+            .fold(builder, |builder, name| builder.with_service_name(name))
         };
         let streams = CancellationToken::new();
         routes = routes

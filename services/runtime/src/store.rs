@@ -54,6 +54,10 @@ const CONSUMERS: TableDefinition<&str, u64> = TableDefinition::new("consumers");
 
 const FIRST_OFFSET_KEY: &str = "outbox.first";
 
+/// redb's page cache per store. Hot data (the log's tail, stage state) fits; a long backlog is read
+/// from disk instead of growing memory.
+pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 /// Everything that can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -126,7 +130,9 @@ struct Inner {
 impl Store {
     /// Opens (or creates) the store at `path`, recovering from any crash.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path)?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)?;
         let txn = db.begin_write()?;
         {
             txn.open_table(OUTBOX)?;

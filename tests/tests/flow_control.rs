@@ -1,0 +1,88 @@
+//! Flow control: with the notifier stopped and a subscriber that stops reading, 20,000 orders go
+//! through receiver → stock → invoice while every stage's memory stays bounded (the backlog waits on
+//! disk); then the notifier starts and everything drains, each order notified once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{collections::HashSet, time::Duration};
+
+use orderflow_e2e::{Pipeline, PipelineOptions, catalog, line, place_all};
+use orderflow_proto::v1::{SubscribeRequest, event_log_client::EventLogClient};
+
+const ORDERS: usize = 20_000;
+/// Ceiling on any stage's peak RSS (measured: 15–35 MiB). redb's cache is capped at 32 MiB per store
+/// and a subscriber buffers at most two batches, so only a leak or unbounded buffering breaks it; the
+/// figures are printed for the record.
+const MAX_PEAK_RSS_MIB: u64 = 96;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backlog_waits_on_disk_and_drains() {
+    let mut pipeline = Pipeline::start(PipelineOptions {
+        catalog: catalog(&[("A", 100, 10_000_000), ("B", 250, 10_000_000)]),
+        tax_rate_bps: 2_000,
+        with_notifier: false,
+    })
+    .await
+    .unwrap();
+
+    // A subscriber that reads one batch and then never again: its producer must block on the
+    // HTTP/2 window, not buffer the invoice log in memory.
+    let mut stalled = EventLogClient::new(pipeline.stage("invoice").channel().await)
+        .subscribe(SubscribeRequest {
+            from_offset: 0,
+            max_batch: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let orders = (0..ORDERS)
+        .map(|i| {
+            if i % 2 == 0 {
+                vec![line("A", 1), line("B", 2)]
+            } else {
+                vec![line("B", 1)]
+            }
+        })
+        .collect();
+    let placed = place_all(pipeline.receiver().await, "flood", orders, 128).await;
+    let accepted: HashSet<String> = placed
+        .into_iter()
+        .map(|p| p.result.expect("every order accepted"))
+        .collect();
+    assert_eq!(accepted.len(), ORDERS);
+    let first = stalled.message().await.unwrap().unwrap();
+    assert!(!first.entries.is_empty());
+
+    // The invoice stage processes everything although nobody drains its log.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    while pipeline.stage("invoice").head().await.unwrap() < ORDERS as u64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "invoice stage stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for stage in ["receiver", "stock", "invoice"] {
+        let peak_mib = pipeline.stage(stage).peak_rss_kib().unwrap() / 1024;
+        eprintln!("peak RSS of {stage} with a {ORDERS}-order backlog: {peak_mib} MiB");
+        assert!(
+            peak_mib <= MAX_PEAK_RSS_MIB,
+            "{stage} peaked at {peak_mib} MiB with the notifier stopped"
+        );
+    }
+
+    // The notifier comes up, catches up from offset 0, and every order is notified once.
+    pipeline.start_notifier().await.unwrap();
+    let notifications = pipeline
+        .wait_for_notifications(ORDERS, Duration::from_secs(300))
+        .await
+        .unwrap();
+    let notified: HashSet<_> = notifications.iter().map(|n| n.order_id.clone()).collect();
+    assert_eq!(notifications.len(), ORDERS);
+    assert_eq!(notified, accepted);
+    let peak_mib = pipeline.stage("notifier").peak_rss_kib().unwrap() / 1024;
+    eprintln!("peak RSS of notifier after catching up: {peak_mib} MiB");
+    assert!(peak_mib <= MAX_PEAK_RSS_MIB);
+    drop(stalled);
+}

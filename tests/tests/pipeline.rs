@@ -1,0 +1,371 @@
+//! End to end through the four real binaries: confirmed and rejected orders, exact inventory and
+//! invoice arithmetic, precise statuses for bad input, and a clean drain on SIGTERM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use orderflow_e2e::{Pipeline, PipelineOptions, catalog, line};
+use orderflow_proto::v1::{
+    GetInvoiceRequest, GetOrderRequest, GetStockRequest, ListNotificationsRequest, Money,
+    NotificationKind, OrderLine, OrderStatus, PlaceOrderRequest, SetStockRequest, SubscribeRequest,
+    event_log_client::EventLogClient,
+};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+async fn place(pipeline: &Pipeline, customer: &str, lines: Vec<OrderLine>) -> String {
+    let response = pipeline
+        .receiver()
+        .await
+        .place_order(PlaceOrderRequest {
+            customer_id: customer.into(),
+            lines,
+        })
+        .await
+        .expect("order accepted")
+        .into_inner();
+    assert_eq!(response.status(), OrderStatus::Accepted);
+    response.order_id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orders_flow_through_all_four_stages_with_exact_arithmetic() {
+    let mut pipeline = Pipeline::start(PipelineOptions {
+        catalog: catalog(&[("A", 1000, 10), ("B", 2550, 5), ("C", 999, 0)]),
+        tax_rate_bps: 2000,
+        with_notifier: true,
+    })
+    .await
+    .unwrap();
+
+    let confirmed_1 = place(&pipeline, "alice", vec![line("A", 3), line("B", 2)]).await;
+    let sold_out = place(&pipeline, "bob", vec![line("C", 1)]).await;
+    let too_many = place(&pipeline, "carol", vec![line("A", 8), line("B", 1)]).await;
+    let unknown = place(&pipeline, "dave", vec![line("Z", 1)]).await;
+    let confirmed_2 = place(&pipeline, "erin", vec![line("A", 7)]).await;
+
+    let notifications = pipeline
+        .wait_for_notifications(5, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let kind_of = |order: &str| {
+        let matching: Vec<_> = notifications
+            .iter()
+            .filter(|n| n.order_id == order)
+            .collect();
+        assert_eq!(
+            matching.len(),
+            1,
+            "order {order} notified {} times",
+            matching.len()
+        );
+        (
+            matching[0].kind(),
+            matching[0].invoice_number,
+            matching[0].message.clone(),
+        )
+    };
+    assert_eq!(kind_of(&confirmed_1).0, NotificationKind::Confirmed);
+    assert_eq!(kind_of(&confirmed_1).1, 1);
+    assert_eq!(kind_of(&confirmed_2).0, NotificationKind::Confirmed);
+    assert_eq!(kind_of(&confirmed_2).1, 2);
+    for (order, needle) in [
+        (&sold_out, "C: out of stock"),
+        (&too_many, "A: only 7 left (you asked for 8)"),
+        (&unknown, "Z: no such item"),
+    ] {
+        let (kind, number, message) = kind_of(order);
+        assert_eq!(kind, NotificationKind::Rejected);
+        assert_eq!(number, 0);
+        assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+    }
+
+    // Invoice arithmetic: 3 × 10.00 + 2 × 25.50 = 81.00, 20 % tax = 16.20, total 97.20.
+    let invoice = pipeline
+        .invoice()
+        .await
+        .get_invoice(GetInvoiceRequest {
+            order_id: confirmed_1.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(invoice.number, 1);
+    assert_eq!(invoice.customer_id, "alice");
+    assert_eq!(invoice.subtotal, Some(Money::new(8100, "EUR")));
+    assert_eq!(invoice.tax, Some(Money::new(1620, "EUR")));
+    assert_eq!(invoice.total, Some(Money::new(9720, "EUR")));
+    assert_eq!(invoice.tax_rate_bps, 2000);
+    let line_totals: Vec<_> = invoice
+        .lines
+        .iter()
+        .map(|l| (l.sku.as_str(), l.line_total.as_ref().unwrap().amount_minor))
+        .collect();
+    assert_eq!(line_totals, vec![("A", 3000), ("B", 5100)]);
+    let invoices = pipeline.invoices().await.unwrap();
+    let numbers: Vec<_> = invoices.iter().map(|i| i.number).collect();
+    assert_eq!(numbers, vec![1, 2]);
+    assert_eq!(invoices[1].total, Some(Money::new(8400, "EUR")));
+
+    // Inventory: A 10 − 3 − 7 = 0, B 5 − 2 = 3; rejected orders reserved nothing.
+    let stock = pipeline.stock_levels().await.unwrap();
+    let level = |sku: &str| (stock[sku].available, stock[sku].reserved);
+    assert_eq!(level("A"), (0, 10));
+    assert_eq!(level("B"), (3, 2));
+    assert_eq!(level("C"), (0, 0));
+
+    // What the receiver stored, and the filter by order.
+    let order = pipeline
+        .receiver()
+        .await
+        .get_order(GetOrderRequest {
+            order_id: confirmed_1.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(order.customer_id, "alice");
+    assert_eq!(order.lines, vec![line("A", 3), line("B", 2)]);
+    let filtered = pipeline
+        .notifier()
+        .await
+        .list_notifications(ListNotificationsRequest {
+            order_id: unknown.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .notifications;
+    assert_eq!(filtered.len(), 1);
+    assert_eq!(filtered[0].order_id, unknown);
+
+    // Restocking through the admin RPC makes the next order succeed.
+    let item = pipeline
+        .stock()
+        .await
+        .set_stock(SetStockRequest {
+            sku: "C".into(),
+            available: Some(4),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((item.available, item.name.as_str()), (4, "Item C"));
+    let restocked = place(&pipeline, "bob", vec![line("C", 4)]).await;
+    let notifications = pipeline
+        .wait_for_notifications(6, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(notifications.iter().any(|n| n.order_id == restocked
+        && n.kind() == NotificationKind::Confirmed
+        && n.invoice_number == 3));
+
+    // SIGTERM drains every stage and exits 0.
+    for name in ["notifier", "invoice", "stock", "receiver"] {
+        assert!(
+            pipeline.stage_mut(name).terminate().await.unwrap(),
+            "{name} did not exit cleanly on SIGTERM"
+        );
+    }
+}
+
+/// One bad `PlaceOrder` request and the fields its rejection must name.
+struct BadOrder {
+    what: &'static str,
+    request: PlaceOrderRequest,
+    fields: &'static [&'static str],
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_precise_statuses_and_change_nothing() {
+    let pipeline = Pipeline::start(PipelineOptions {
+        catalog: catalog(&[("A", 1000, 10)]),
+        tax_rate_bps: 0,
+        with_notifier: true,
+    })
+    .await
+    .unwrap();
+    let ok = || PlaceOrderRequest {
+        customer_id: "alice".into(),
+        lines: vec![line("A", 1)],
+    };
+    let cases = vec![
+        BadOrder {
+            what: "missing customer",
+            request: PlaceOrderRequest {
+                customer_id: String::new(),
+                ..ok()
+            },
+            fields: &["customer_id"],
+        },
+        BadOrder {
+            what: "customer id too long",
+            request: PlaceOrderRequest {
+                customer_id: "x".repeat(129),
+                ..ok()
+            },
+            fields: &["customer_id"],
+        },
+        BadOrder {
+            what: "no lines",
+            request: PlaceOrderRequest {
+                lines: vec![],
+                ..ok()
+            },
+            fields: &["lines"],
+        },
+        BadOrder {
+            what: "101 lines",
+            request: PlaceOrderRequest {
+                lines: (0..101).map(|i| line(&format!("S{i}"), 1)).collect(),
+                ..ok()
+            },
+            fields: &["lines"],
+        },
+        BadOrder {
+            what: "zero quantity",
+            request: PlaceOrderRequest {
+                lines: vec![line("A", 0)],
+                ..ok()
+            },
+            fields: &["lines[0].quantity"],
+        },
+        BadOrder {
+            what: "quantity over 10000",
+            request: PlaceOrderRequest {
+                lines: vec![line("A", 10_001)],
+                ..ok()
+            },
+            fields: &["lines[0].quantity"],
+        },
+        BadOrder {
+            what: "empty sku",
+            request: PlaceOrderRequest {
+                lines: vec![line("A", 1), line("", 1)],
+                ..ok()
+            },
+            fields: &["lines[1].sku"],
+        },
+        BadOrder {
+            what: "sku over 64 characters",
+            request: PlaceOrderRequest {
+                lines: vec![line(&"s".repeat(65), 1)],
+                ..ok()
+            },
+            fields: &["lines[0].sku"],
+        },
+        BadOrder {
+            what: "repeated sku",
+            request: PlaceOrderRequest {
+                lines: vec![line("A", 1), line("A", 2)],
+                ..ok()
+            },
+            fields: &["lines[1].sku"],
+        },
+        BadOrder {
+            what: "everything wrong at once",
+            request: PlaceOrderRequest {
+                customer_id: String::new(),
+                lines: vec![line("", 0)],
+            },
+            fields: &["customer_id", "lines[0].sku", "lines[0].quantity"],
+        },
+    ];
+    let mut receiver = pipeline.receiver().await;
+    for case in cases {
+        let status = receiver
+            .place_order(case.request)
+            .await
+            .expect_err(case.what);
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", case.what);
+        let fields: Vec<_> = status
+            .get_details_bad_request()
+            .unwrap_or_else(|| panic!("{}: no BadRequest details", case.what))
+            .field_violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(fields, case.fields, "{}", case.what);
+    }
+    // Nothing was appended by any of them.
+    assert_eq!(pipeline.stage("receiver").head().await.unwrap(), 0);
+
+    // Lookups of things that do not exist.
+    let not_found = receiver
+        .get_order(GetOrderRequest {
+            order_id: "no-such-order".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(not_found.code(), Code::NotFound);
+    let not_found = pipeline
+        .stock()
+        .await
+        .get_stock(GetStockRequest { sku: "Q".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(not_found.code(), Code::NotFound);
+    let not_found = pipeline
+        .invoice()
+        .await
+        .get_invoice(GetInvoiceRequest {
+            order_id: "no-such-order".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(not_found.code(), Code::NotFound);
+
+    // Admin input is checked as strictly, and a bad call changes nothing.
+    let bad_stock = pipeline
+        .stock()
+        .await
+        .set_stock(SetStockRequest {
+            sku: "NEW".into(),
+            name: String::new(),
+            unit_price: Some(Money::new(-5, "euro")),
+            available: Some(1),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_stock.code(), Code::InvalidArgument);
+    let fields: Vec<_> = bad_stock
+        .get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(
+        fields,
+        vec!["unit_price.amount_minor", "unit_price.currency"]
+    );
+    let missing_name = pipeline
+        .stock()
+        .await
+        .set_stock(SetStockRequest {
+            sku: "NEW".into(),
+            name: String::new(),
+            unit_price: Some(Money::new(5, "EUR")),
+            available: Some(1),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing_name.code(), Code::InvalidArgument);
+    assert!(!pipeline.stock_levels().await.unwrap().contains_key("NEW"));
+
+    // A subscription beyond the head is OUT_OF_RANGE, not silence.
+    let mut log = EventLogClient::new(pipeline.stage("receiver").channel().await);
+    let out_of_range = log
+        .subscribe(SubscribeRequest {
+            from_offset: 1_000,
+            max_batch: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(out_of_range.code(), Code::OutOfRange);
+}

@@ -1,0 +1,141 @@
+//! Reflection and health, checked with a gRPC client that is not ours: Python grpcio with
+//! grpcio-reflection and grpcio-health-checking, pinned in `tests/python/requirements.txt` and
+//! installed by this test into `target/e2e-python` on first use (pip from PyPI). Every binary lists
+//! exactly the services it serves over reflection v1 and v1alpha, their methods resolve from the
+//! reflected descriptors, and health is SERVING.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use orderflow_e2e::{Pipeline, PipelineOptions, catalog};
+use serde_json::Value;
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Installs the pinned client packages into `target/e2e-python` once; returns that directory.
+fn python_packages() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let python_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("python");
+        let requirements = std::fs::read_to_string(python_dir.join("requirements.txt")).unwrap();
+        // target/<profile>/deps/<test> → target/e2e-python
+        let exe = std::env::current_exe().unwrap();
+        let target = exe.ancestors().nth(3).unwrap().to_owned();
+        let dir = target.join("e2e-python");
+        let marker = dir.join(".installed");
+        if std::fs::read_to_string(&marker).ok().as_deref() != Some(requirements.as_str()) {
+            let status = std::process::Command::new(python())
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .args(["--upgrade", "--target"])
+                .arg(&dir)
+                .arg("-r")
+                .arg(python_dir.join("requirements.txt"))
+                .status()
+                .expect("running pip (python3 with pip is needed for this test)");
+            assert!(
+                status.success(),
+                "pip could not install tests/python/requirements.txt"
+            );
+            std::fs::write(&marker, &requirements).unwrap();
+        }
+        dir
+    })
+}
+
+fn reflect(addr: &str) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/reflect.py");
+    let output = std::process::Command::new(python())
+        .env("PYTHONPATH", python_packages())
+        .arg(&script)
+        .arg(addr)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python()));
+    assert!(
+        output.status.success(),
+        "reflect.py failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_binary_serves_reflection_and_health() {
+    let pipeline = Pipeline::start(PipelineOptions {
+        catalog: catalog(&[("A", 100, 1)]),
+        tax_rate_bps: 0,
+        with_notifier: true,
+    })
+    .await
+    .unwrap();
+    let expected: [(&str, &str, &[&str]); 4] = [
+        (
+            "receiver",
+            "orderflow.v1.OrderReceiver",
+            &["GetOrder", "PlaceOrder"],
+        ),
+        (
+            "stock",
+            "orderflow.v1.StockChecker",
+            &["GetStock", "ListStock", "SetStock"],
+        ),
+        (
+            "invoice",
+            "orderflow.v1.InvoiceCreator",
+            &["GetInvoice", "ListInvoices"],
+        ),
+        ("notifier", "orderflow.v1.Notifier", &["ListNotifications"]),
+    ];
+    for (stage, service, methods) in expected {
+        let addr = pipeline.stage(stage).addr.to_string();
+        let report = tokio::task::spawn_blocking(move || reflect(&addr))
+            .await
+            .unwrap();
+        let mut want = vec![
+            "grpc.health.v1.Health".to_owned(),
+            "grpc.reflection.v1.ServerReflection".to_owned(),
+            "grpc.reflection.v1alpha.ServerReflection".to_owned(),
+            "orderflow.v1.EventLog".to_owned(),
+            service.to_owned(),
+        ];
+        want.sort();
+        assert_eq!(strings(&report["v1"]), want, "{stage}: reflection v1");
+        assert_eq!(
+            strings(&report["v1alpha"]),
+            want,
+            "{stage}: reflection v1alpha"
+        );
+        assert_eq!(strings(&report["methods"][service]), methods, "{stage}");
+        assert_eq!(
+            strings(&report["methods"]["orderflow.v1.EventLog"]),
+            ["Ack", "Head", "Subscribe"],
+            "{stage}"
+        );
+        for name in ["", service, "orderflow.v1.EventLog"] {
+            assert_eq!(
+                report["health"][name], "SERVING",
+                "{stage}: health of {name:?}"
+            );
+        }
+    }
+}
