@@ -337,66 +337,61 @@ impl Pipeline {
 
     /// Every notification, through the paged RPC.
     pub async fn notifications(&self) -> anyhow::Result<Vec<Notification>> {
-        let mut client = self.notifier().await;
-        let mut out = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let page = client
-                .list_notifications(ListNotificationsRequest {
-                    page_size: 1000,
-                    page_token,
-                    order_id: String::new(),
-                })
-                .await?
-                .into_inner();
-            out.extend(page.notifications);
-            if page.next_page_token.is_empty() {
-                return Ok(out);
+        let client = self.notifier().await;
+        all_pages(|page_token| {
+            let mut client = client.clone();
+            async move {
+                let page = client
+                    .list_notifications(ListNotificationsRequest {
+                        page_size: 1000,
+                        page_token,
+                        order_id: String::new(),
+                    })
+                    .await?
+                    .into_inner();
+                Ok((page.notifications, page.next_page_token))
             }
-            page_token = page.next_page_token;
-        }
+        })
+        .await
     }
 
     /// Every invoice, through the paged RPC.
     pub async fn invoices(&self) -> anyhow::Result<Vec<Invoice>> {
-        let mut client = self.invoice().await;
-        let mut out = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let page = client
-                .list_invoices(ListInvoicesRequest {
-                    page_size: 1000,
-                    page_token,
-                })
-                .await?
-                .into_inner();
-            out.extend(page.invoices);
-            if page.next_page_token.is_empty() {
-                return Ok(out);
+        let client = self.invoice().await;
+        all_pages(|page_token| {
+            let mut client = client.clone();
+            async move {
+                let page = client
+                    .list_invoices(ListInvoicesRequest {
+                        page_size: 1000,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                Ok((page.invoices, page.next_page_token))
             }
-            page_token = page.next_page_token;
-        }
+        })
+        .await
     }
 
     /// The catalog, by sku.
     pub async fn stock_levels(&self) -> anyhow::Result<HashMap<String, StockItem>> {
-        let mut client = self.stock().await;
-        let mut out = HashMap::new();
-        let mut page_token = String::new();
-        loop {
-            let page = client
-                .list_stock(ListStockRequest {
-                    page_size: 1000,
-                    page_token,
-                })
-                .await?
-                .into_inner();
-            out.extend(page.items.into_iter().map(|i| (i.sku.clone(), i)));
-            if page.next_page_token.is_empty() {
-                return Ok(out);
+        let client = self.stock().await;
+        let items = all_pages(|page_token| {
+            let mut client = client.clone();
+            async move {
+                let page = client
+                    .list_stock(ListStockRequest {
+                        page_size: 1000,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                Ok((page.items, page.next_page_token))
             }
-            page_token = page.next_page_token;
-        }
+        })
+        .await?;
+        Ok(items.into_iter().map(|i| (i.sku.clone(), i)).collect())
     }
 
     /// Lines of an order as the receiver stored it.
@@ -431,6 +426,24 @@ impl Pipeline {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Follows `next_page_token` from the first page to the last, collecting every row.
+async fn all_pages<T, F, Fut>(mut fetch: F) -> anyhow::Result<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(Vec<T>, String)>>,
+{
+    let mut rows = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (page, next) = fetch(token).await?;
+        rows.extend(page);
+        if next.is_empty() {
+            return Ok(rows);
+        }
+        token = next;
     }
 }
 

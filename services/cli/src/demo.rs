@@ -71,19 +71,20 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<()> {
 
 /// One committed step of one order, from one stage's log.
 struct Step {
+    stage: &'static str,
     event: Event,
 }
 
 async fn drive(config: &DemoConfig, pipeline: &Pipeline) -> anyhow::Result<()> {
     let started = Instant::now();
     let (steps_tx, mut steps) = mpsc::channel::<Step>(4096);
-    for addr in [
-        pipeline.receiver,
-        pipeline.stock,
-        pipeline.invoice,
-        pipeline.notifier,
+    for (stage, addr) in [
+        ("receiver", pipeline.receiver),
+        ("stock", pipeline.stock),
+        ("invoice", pipeline.invoice),
+        ("notifier", pipeline.notifier),
     ] {
-        tokio::spawn(watch(format!("http://{addr}"), steps_tx.clone()));
+        tokio::spawn(watch(stage, format!("http://{addr}"), steps_tx.clone()));
     }
     drop(steps_tx);
 
@@ -228,7 +229,7 @@ fn basket() -> Vec<OrderLine> {
 
 /// Streams one stage's log into `steps`, acknowledging as "demo" so retention keeps what it has not
 /// shown yet.
-async fn watch(url: String, steps: mpsc::Sender<Step>) {
+async fn watch(stage: &'static str, url: String, steps: mpsc::Sender<Step>) {
     let Ok(channel) = Channel::from_shared(url.clone()) else {
         return;
     };
@@ -248,7 +249,7 @@ async fn watch(url: String, steps: mpsc::Sender<Step>) {
         let next = batch.entries.last().map(|e| e.offset + 1);
         for entry in batch.entries {
             if let Some(event) = entry.event
-                && steps.send(Step { event }).await.is_err()
+                && steps.send(Step { stage, event }).await.is_err()
             {
                 return;
             }
@@ -309,7 +310,7 @@ impl Report {
     }
 
     fn record(&mut self, started: Instant, step: Step) {
-        let event = step.event;
+        let event = &step.event;
         let short = short_id(&event.order_id);
         let at = format!("{:>7.3}s", started.elapsed().as_secs_f64());
         let (label, color, detail) = match &event.kind {
@@ -331,6 +332,8 @@ impl Report {
                 Style::new().blue(),
                 format!("{} line(s)", reserved.lines.len()),
             ),
+            // The invoice stage passes rejections on; the stock stage's line already said it.
+            Some(Kind::OrderRejected(_)) if step.stage != "stock" => return,
             Some(Kind::OrderRejected(rejected)) => {
                 let reasons: Vec<_> = rejected
                     .lines

@@ -39,7 +39,7 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         orders: Option<u64>,
         /// How long customers keep ordering
-        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "18s", value_parser = humantime::parse_duration)]
         duration: Duration,
         /// Orders per second, all customers together
         #[arg(long, default_value_t = 8.0, value_parser = parse_rate)]

@@ -116,16 +116,27 @@ impl std::fmt::Display for UpstreamUrl {
 /// Parses the process arguments into `C`, giving the named arguments a per-stage default. On a bad
 /// value it prints clap's message plus the flag and environment variable to fix, and exits with 2.
 pub fn parse_args<C: Parser>(defaults: &[(&'static str, String)]) -> C {
+    match try_parse_args(std::env::args_os(), defaults) {
+        Ok(config) => config,
+        Err((error, command)) => exit_naming_env(error, &command),
+    }
+}
+
+/// [`parse_args`] without exiting: the error comes back with the command it was checked against.
+fn try_parse_args<C: Parser>(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+    defaults: &[(&'static str, String)],
+) -> Result<C, (clap::Error, Box<clap::Command>)> {
     let mut command = C::command();
     for (id, value) in defaults {
         let value = value.clone();
-        command = command.mut_arg(*id, |arg| arg.default_value(value));
+        command = command.mut_arg(*id, |arg| arg.default_value(value).required(false));
     }
-    let matches = match command.clone().try_get_matches() {
-        Ok(matches) => matches,
-        Err(error) => exit_naming_env(error, &command),
-    };
-    C::from_arg_matches(&matches).unwrap_or_else(|error| exit_naming_env(error, &command))
+    let matches = command
+        .clone()
+        .try_get_matches_from(args)
+        .map_err(|error| (error, Box::new(command.clone())))?;
+    C::from_arg_matches(&matches).map_err(|error| (error, Box::new(command)))
 }
 
 fn exit_naming_env(error: clap::Error, command: &clap::Command) -> ! {
@@ -162,6 +173,45 @@ pub fn ensure_data_dir(dir: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Parser, Debug)]
+    struct TestConfig {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        upstream: UpstreamArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<TestConfig, clap::Error> {
+        let args = std::iter::once("test")
+            .chain(args.iter().copied())
+            .map(Into::into);
+        try_parse_args(
+            args,
+            &[
+                ("listen", "0.0.0.0:50052".to_owned()),
+                ("data_dir", "data/stock".to_owned()),
+                ("upstream", "http://127.0.0.1:50051".to_owned()),
+            ],
+        )
+        .map_err(|(error, _)| error)
+    }
+
+    #[test]
+    fn per_stage_defaults_apply_and_flags_override_them() {
+        let config = parse(&[])
+            .map_err(|e| e.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.server.listen.to_string(), "0.0.0.0:50052");
+        assert_eq!(config.server.data_dir, PathBuf::from("data/stock"));
+        assert_eq!(config.upstream.upstream.as_str(), "http://127.0.0.1:50051");
+        let config = parse(&["--listen", "127.0.0.1:0", "--upstream", "https://stock:1"])
+            .map_err(|e| e.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.server.listen.port(), 0);
+        assert_eq!(config.upstream.upstream.as_str(), "https://stock:1");
+        assert!(parse(&["--listen", "nope"]).is_err());
+    }
 
     #[test]
     fn upstream_urls_are_checked() {

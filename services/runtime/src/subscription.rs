@@ -42,7 +42,7 @@ pub trait Apply: Send + Sync + 'static {
 /// What went wrong with one connection to upstream (the loop logs it and reconnects).
 #[derive(Debug, thiserror::Error)]
 enum SubscriptionError {
-    #[error("cannot connect: {0}")]
+    #[error("cannot connect: {}", chain(.0))]
     Connect(#[from] tonic::transport::Error),
     #[error("upstream answered {}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
@@ -52,6 +52,18 @@ enum SubscriptionError {
     Gap { expected: u64, got: u64 },
     #[error("cannot commit: {0}")]
     Store(#[from] StoreError),
+}
+
+/// `error: cause: cause…`, since tonic's transport error alone only says "transport error".
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// One stage's subscription to its upstream's log.
