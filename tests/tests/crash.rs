@@ -4,8 +4,8 @@
 //! duplicate, and stock equals the initial quantity minus what confirmed orders took.
 //!
 //! How "in flight" is guaranteed: the stage that must fall behind (the victim, or the stock stage
-//! when the victim is the receiver) is frozen with SIGSTOP while 5,000 orders are accepted; it is
-//! then thawed and killed right after its first group commit (at most 2,048 events), so it dies in
+//! when the victim is the receiver) is frozen with SIGSTOP while 8,000 orders are accepted; it is
+//! then thawed and killed right after its first group commit (at most ~3,000 events), so it dies in
 //! the middle of its backlog, with more orders still arriving.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -19,7 +19,7 @@ use orderflow_e2e::{Pipeline, PipelineOptions, Placed, catalog, line, place_all}
 use orderflow_proto::v1::{NotificationKind, OrderLine};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-const BACKLOG_ORDERS: usize = 5_000;
+const BACKLOG_ORDERS: usize = 8_000;
 const ORDERS_DURING_CRASH: usize = 1_000;
 /// Produced events after which the victim is killed (well inside its backlog).
 const KILL_AFTER_EVENTS: u64 = 150;

@@ -1,13 +1,14 @@
 //! Flow control: with the notifier stopped and a subscriber that stops reading, 20,000 orders go
 //! through receiver → stock → invoice while every stage's memory stays bounded (the backlog waits on
-//! disk); then the notifier starts and everything drains, each order notified once.
+//! disk); then the notifier starts and everything drains, each order notified once, and retention
+//! deletes what every consumer has acknowledged.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{collections::HashSet, time::Duration};
 
 use orderflow_e2e::{Pipeline, PipelineOptions, catalog, line, place_all};
-use orderflow_proto::v1::{SubscribeRequest, event_log_client::EventLogClient};
+use orderflow_proto::v1::{HeadRequest, SubscribeRequest, event_log_client::EventLogClient};
 
 const ORDERS: usize = 20_000;
 /// Ceiling on any stage's peak RSS (measured: 15–35 MiB). redb's cache is capped at 32 MiB per store
@@ -85,4 +86,34 @@ async fn backlog_waits_on_disk_and_drains() {
     eprintln!("peak RSS of notifier after catching up: {peak_mib} MiB");
     assert!(peak_mib <= MAX_PEAK_RSS_MIB);
     drop(stalled);
+
+    // Retention: once stock has acknowledged everything, the receiver deletes it, and asking for a
+    // deleted offset is OUT_OF_RANGE rather than silence.
+    let mut receiver_log = EventLogClient::new(pipeline.stage("receiver").channel().await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let head = receiver_log
+            .head(HeadRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if head.first_offset == ORDERS as u64 {
+            assert_eq!(head.next_offset, ORDERS as u64);
+            assert!(head.consumers.iter().any(|c| c.consumer == "stock"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "receiver log never trimmed: {head:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let truncated = receiver_log
+        .subscribe(SubscribeRequest {
+            from_offset: 0,
+            max_batch: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(truncated.code(), tonic::Code::OutOfRange);
 }

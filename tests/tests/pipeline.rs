@@ -12,6 +12,9 @@ use orderflow_proto::v1::{
     event_log_client::EventLogClient,
 };
 use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use tonic_types::StatusExt;
 
 async fn place(pipeline: &Pipeline, customer: &str, lines: Vec<OrderLine>) -> String {
@@ -164,6 +167,23 @@ async fn orders_flow_through_all_four_stages_with_exact_arithmetic() {
     assert!(notifications.iter().any(|n| n.order_id == restocked
         && n.kind() == NotificationKind::Confirmed
         && n.invoice_number == 3));
+
+    // Draining is visible on health: a watcher sees NOT_SERVING once SIGTERM arrives.
+    let mut health = HealthClient::new(pipeline.stage("receiver").channel().await);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "orderflow.v1.OrderReceiver".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let receiver_pid = pipeline.stage("receiver").pid().unwrap();
+    nix::sys::signal::kill(receiver_pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let draining = watch.message().await.unwrap().unwrap();
+    assert_eq!(draining.status(), ServingStatus::NotServing);
+    drop(watch);
 
     // SIGTERM drains every stage and exits 0.
     for name in ["notifier", "invoice", "stock", "receiver"] {

@@ -5,7 +5,6 @@
 //! would), so what you see is what the pipeline committed, not what the customers sent.
 
 use std::{
-    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -17,9 +16,9 @@ use anyhow::Context;
 use console::{Style, style};
 use hdrhistogram::Histogram;
 use orderflow_proto::v1::{
-    AckRequest, Event, ListStockRequest, OrderLine, PlaceOrderRequest, StockItem, SubscribeRequest,
-    event::Kind, event_log_client::EventLogClient, order_receiver_client::OrderReceiverClient,
-    stock_checker_client::StockCheckerClient,
+    AckRequest, Event, HeadRequest, ListStockRequest, OrderLine, PlaceOrderRequest, StockItem,
+    SubscribeRequest, event::Kind, event_log_client::EventLogClient,
+    order_receiver_client::OrderReceiverClient, stock_checker_client::StockCheckerClient,
 };
 use rand::{Rng, seq::IndexedRandom};
 use tokio::sync::mpsc;
@@ -84,7 +83,16 @@ async fn drive(config: &DemoConfig, pipeline: &Pipeline) -> anyhow::Result<()> {
         ("invoice", pipeline.invoice),
         ("notifier", pipeline.notifier),
     ] {
-        tokio::spawn(watch(stage, format!("http://{addr}"), steps_tx.clone()));
+        // Start at the current head, so a reused --data-dir does not replay earlier runs.
+        let channel = Channel::from_shared(format!("http://{addr}"))?.connect_lazy();
+        let mut client = EventLogClient::new(channel);
+        let head = client
+            .head(HeadRequest {})
+            .await
+            .with_context(|| format!("reading the {stage} log's head"))?
+            .into_inner()
+            .next_offset;
+        tokio::spawn(watch(stage, client, head, steps_tx.clone()));
     }
     drop(steps_tx);
 
@@ -124,7 +132,7 @@ async fn drive(config: &DemoConfig, pipeline: &Pipeline) -> anyhow::Result<()> {
     };
     tokio::pin!(placing);
 
-    let mut report = Report::new();
+    let mut report = Report::new()?;
     let mut placing_done = false;
     let mut drain_deadline = None;
     loop {
@@ -229,15 +237,15 @@ fn basket() -> Vec<OrderLine> {
 
 /// Streams one stage's log into `steps`, acknowledging as "demo" so retention keeps what it has not
 /// shown yet.
-async fn watch(stage: &'static str, url: String, steps: mpsc::Sender<Step>) {
-    let Ok(channel) = Channel::from_shared(url.clone()) else {
-        return;
-    };
-    let channel = channel.connect_lazy();
-    let mut client = EventLogClient::new(channel);
+async fn watch(
+    stage: &'static str,
+    mut client: EventLogClient<Channel>,
+    from_offset: u64,
+    steps: mpsc::Sender<Step>,
+) {
     let Ok(stream) = client
         .subscribe(SubscribeRequest {
-            from_offset: 0,
+            from_offset,
             max_batch: 0,
         })
         .await
@@ -290,19 +298,16 @@ struct Report {
     confirmed: u64,
     rejected: u64,
     latency_us: Histogram<u64>,
-    placed: HashMap<String, ()>,
 }
 
 impl Report {
-    fn new() -> Self {
-        Report {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Report {
             confirmed: 0,
             rejected: 0,
-            // 1 µs to 10 min, 3 significant digits: the bounds are constants, so this cannot fail.
-            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)
-                .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!())),
-            placed: HashMap::new(),
-        }
+            // 1 µs to 10 min at 3 significant digits.
+            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)?,
+        })
     }
 
     fn finished(&self) -> u64 {
@@ -315,7 +320,6 @@ impl Report {
         let at = format!("{:>7.3}s", started.elapsed().as_secs_f64());
         let (label, color, detail) = match &event.kind {
             Some(Kind::OrderPlaced(placed)) => {
-                self.placed.insert(event.order_id.clone(), ());
                 let lines: Vec<_> = placed
                     .lines
                     .iter()

@@ -108,3 +108,49 @@ fn write(store: &Store, records: Vec<(Order, Event)>) -> Result<Vec<u64>, StoreE
         Ok(offsets)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use orderflow_proto::v1::{Event, Order};
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_orders_share_commits_and_get_dense_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("r.redb")).unwrap();
+        let (intake, writer) = Intake::start(store.clone(), 1000);
+        let calls: Vec<_> = (0..500)
+            .map(|i| {
+                let intake = intake.clone();
+                tokio::spawn(async move {
+                    let id = format!("order-{i}");
+                    let order = Order {
+                        order_id: id.clone(),
+                        ..Default::default()
+                    };
+                    let event = Event {
+                        order_id: id,
+                        ..Default::default()
+                    };
+                    intake.submit(order, event).await.unwrap()
+                })
+            })
+            .collect();
+        let mut offsets = Vec::new();
+        for call in calls {
+            offsets.push(call.await.unwrap());
+        }
+        offsets.sort_unstable();
+        assert_eq!(offsets, (0..500).collect::<Vec<u64>>());
+        let commits = store.commits();
+        assert!(
+            commits < 500,
+            "500 concurrent orders took {commits} commits"
+        );
+        drop(intake);
+        writer.await.unwrap();
+    }
+}

@@ -125,6 +125,8 @@ struct Inner {
     write_lock: Mutex<()>,
     /// `next_offset` of the outbox, published after every commit that appended.
     head: watch::Sender<u64>,
+    /// Durable commits since the store was opened.
+    commits: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -150,6 +152,7 @@ impl Store {
                 path: path.to_owned(),
                 write_lock: Mutex::new(()),
                 head: watch::Sender::new(next),
+                commits: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -157,6 +160,13 @@ impl Store {
     /// Path of the database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Durable (fsynced) commits since the store was opened.
+    pub fn commits(&self) -> u64 {
+        self.inner
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The offset the next appended entry gets.
@@ -217,6 +227,11 @@ impl Store {
             }
         }
         inner.commit().map_err(StoreError::from)?;
+        if matches!(durability, Durability::Immediate) {
+            self.inner
+                .commits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if !pending.is_empty() {
             self.inner.head.send_replace(next);
         }

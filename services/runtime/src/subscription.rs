@@ -54,6 +54,13 @@ enum SubscriptionError {
     Store(#[from] StoreError),
 }
 
+impl SubscriptionError {
+    /// Upstream's retention deleted entries this stage has not consumed.
+    fn is_truncated(&self) -> bool {
+        matches!(self, SubscriptionError::Status(s) if s.code() == tonic::Code::OutOfRange)
+    }
+}
+
 /// `error: cause: cause…`, since tonic's transport error alone only says "transport error".
 fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -102,12 +109,21 @@ impl<A: Apply> Subscription<A> {
                 Ok(()) => break,
                 Err(e) => {
                     let pause = backoff.next_pause();
-                    tracing::warn!(
-                        upstream = %self.upstream.uri(),
-                        error = %e,
-                        retry_in_ms = pause.as_millis() as u64,
-                        "upstream subscription interrupted"
-                    );
+                    if e.is_truncated() {
+                        // Retrying cannot help until an operator intervenes; say so loudly.
+                        tracing::error!(
+                            upstream = %self.upstream.uri(),
+                            error = %e,
+                            "upstream no longer has the entries this stage needs"
+                        );
+                    } else {
+                        tracing::warn!(
+                            upstream = %self.upstream.uri(),
+                            error = %e,
+                            retry_in_ms = pause.as_millis() as u64,
+                            "upstream subscription interrupted"
+                        );
+                    }
                     tokio::select! {
                         () = tokio::time::sleep(pause) => {}
                         () = shutdown.cancelled() => break,
