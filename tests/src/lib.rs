@@ -44,7 +44,12 @@ fn bin_dir() -> PathBuf {
         .to_owned()
 }
 
-/// Builds the stage binaries once per test process.
+/// Path of a workspace binary (`orderflow`, `orderflow-receiver`, …), built on first use.
+pub fn binary(name: &str) -> PathBuf {
+    ensure_built().join(name)
+}
+
+/// Builds the stage binaries and the CLI once per test process.
 fn ensure_built() -> &'static PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
@@ -101,7 +106,7 @@ impl Stage {
     }
 
     async fn spawn(&mut self, listen: &str) -> anyhow::Result<()> {
-        let binary = ensure_built().join(format!("orderflow-{}", self.name));
+        let binary = binary(&format!("orderflow-{}", self.name));
         std::fs::create_dir_all(&self.data_dir)?;
         self.starts += 1;
         let log = std::fs::File::create(

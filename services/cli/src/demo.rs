@@ -136,7 +136,7 @@ async fn drive(config: &DemoConfig, pipeline: &Pipeline) -> anyhow::Result<()> {
     let mut placing_done = false;
     let mut drain_deadline = None;
     loop {
-        if placing_done && report.finished() >= accepted.load(Ordering::Relaxed) {
+        if placing_done && report.all_shown(accepted.load(Ordering::Relaxed)) {
             break;
         }
         let wait = async {
@@ -297,6 +297,9 @@ async fn list_stock(pipeline: &Pipeline) -> anyhow::Result<Vec<StockItem>> {
 struct Report {
     confirmed: u64,
     rejected: u64,
+    /// Orders each stage's log has shown so far (receiver, stock, invoice, notifier): the four
+    /// streams are independent, so the demo ends only when all of them have caught up.
+    shown: [u64; 4],
     latency_us: Histogram<u64>,
 }
 
@@ -305,6 +308,7 @@ impl Report {
         Ok(Report {
             confirmed: 0,
             rejected: 0,
+            shown: [0; 4],
             // 1 µs to 10 min at 3 significant digits.
             latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)?,
         })
@@ -314,8 +318,19 @@ impl Report {
         self.confirmed + self.rejected
     }
 
+    /// Whether every stage has shown its step for `orders` orders.
+    fn all_shown(&self, orders: u64) -> bool {
+        self.shown.iter().all(|&n| n >= orders)
+    }
+
     fn record(&mut self, started: Instant, step: Step) {
         let event = &step.event;
+        let stage = ["receiver", "stock", "invoice", "notifier"]
+            .iter()
+            .position(|s| *s == step.stage);
+        if let (Some(i), Some(_)) = (stage, &event.kind) {
+            self.shown[i] += 1;
+        }
         let short = short_id(&event.order_id);
         let at = format!("{:>7.3}s", started.elapsed().as_secs_f64());
         let (label, color, detail) = match &event.kind {
