@@ -112,3 +112,51 @@ async fn place_accepts_good_orders_and_explains_bad_ones() {
     assert!(!malformed.status.success());
     assert!(String::from_utf8_lossy(&malformed.stderr).contains("expected SKU=QTY"));
 }
+
+#[test]
+fn bad_configuration_names_the_flag_and_the_variable() {
+    let data = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str], &[(&str, &str)], &[&str]); 4] = [
+        (
+            "orderflow-receiver",
+            &["--listen", "nowhere"],
+            &[],
+            &["--listen", "ORDERFLOW_LISTEN"],
+        ),
+        (
+            "orderflow-stock",
+            &["--upstream", "localhost:50051"],
+            &[],
+            &["--upstream", "ORDERFLOW_UPSTREAM", "http://"],
+        ),
+        (
+            "orderflow-invoice",
+            &[],
+            &[("ORDERFLOW_TAX_RATE_BPS", "20000")],
+            &["--tax-rate-bps", "ORDERFLOW_TAX_RATE_BPS"],
+        ),
+        (
+            "orderflow-stock",
+            &["--catalog", "/no/such/catalog.toml"],
+            &[],
+            &["--catalog", "ORDERFLOW_CATALOG", "/no/such/catalog.toml"],
+        ),
+    ];
+    for (name, args, env, needles) in cases {
+        let output = Command::new(binary(name))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path())
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{name} {args:?} started");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        for needle in needles {
+            assert!(
+                stderr.contains(needle),
+                "{name} {args:?}: {needle} missing from\n{stderr}"
+            );
+        }
+    }
+}
