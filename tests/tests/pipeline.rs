@@ -389,3 +389,37 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
         .unwrap_err();
     assert_eq!(out_of_range.code(), Code::OutOfRange);
 }
+
+/// A client that keeps a stream open (here a health watch) must not keep a stage from exiting:
+/// the drain is bounded by `--shutdown-grace`.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_an_open_stream_still_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut receiver = orderflow_e2e::Stage::start(
+        "receiver",
+        "127.0.0.1:0",
+        dir.path(),
+        vec!["--shutdown-grace".into(), "1s".into()],
+    )
+    .await
+    .unwrap();
+    let mut watch = HealthClient::new(receiver.channel().await)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+    let exited = tokio::spawn(async move { receiver.terminate().await });
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::NotServing
+    );
+    // The watch stays open on purpose; the stage must still exit, and cleanly.
+    assert!(exited.await.unwrap().unwrap(), "receiver did not exit 0");
+    drop(watch);
+}

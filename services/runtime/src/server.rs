@@ -210,10 +210,22 @@ impl StageServer {
             result = server => result?,
             () = grace => tracing::warn!(stage, "grace period over; closing remaining connections"),
         }
-        for task in tasks {
-            task.await?;
+        // A connection still open after the grace period may hold a service clone that a task waits
+        // on (the receiver's writer ends when its last sender goes); bound that wait too. Whatever a
+        // task still holds was never acknowledged, so nothing promised is lost.
+        let finish = async {
+            for task in tasks {
+                task.await?;
+            }
+            retention.await
+        };
+        match tokio::time::timeout(args.shutdown_grace, finish).await {
+            Ok(joined) => joined?,
+            Err(_) => tracing::warn!(
+                stage,
+                "background tasks did not finish within the grace period"
+            ),
         }
-        retention.await?;
         tracing::info!(stage, "stopped");
         Ok(())
     }
