@@ -113,49 +113,58 @@ async fn place_accepts_good_orders_and_explains_bad_ones() {
     assert!(String::from_utf8_lossy(&malformed.stderr).contains("expected SKU=QTY"));
 }
 
+/// A stage started with one bad setting, and what its error must mention.
+struct BadSetting {
+    binary: &'static str,
+    args: &'static [&'static str],
+    env: &'static [(&'static str, &'static str)],
+    mentions: &'static [&'static str],
+}
+
 #[test]
 fn bad_configuration_names_the_flag_and_the_variable() {
     let data = tempfile::tempdir().unwrap();
-    let cases: [(&str, &[&str], &[(&str, &str)], &[&str]); 4] = [
-        (
-            "orderflow-receiver",
-            &["--listen", "nowhere"],
-            &[],
-            &["--listen", "ORDERFLOW_LISTEN"],
-        ),
-        (
-            "orderflow-stock",
-            &["--upstream", "localhost:50051"],
-            &[],
-            &["--upstream", "ORDERFLOW_UPSTREAM", "http://"],
-        ),
-        (
-            "orderflow-invoice",
-            &[],
-            &[("ORDERFLOW_TAX_RATE_BPS", "20000")],
-            &["--tax-rate-bps", "ORDERFLOW_TAX_RATE_BPS"],
-        ),
-        (
-            "orderflow-stock",
-            &["--catalog", "/no/such/catalog.toml"],
-            &[],
-            &["--catalog", "ORDERFLOW_CATALOG", "/no/such/catalog.toml"],
-        ),
+    let cases = [
+        BadSetting {
+            binary: "orderflow-receiver",
+            args: &["--listen", "nowhere"],
+            env: &[],
+            mentions: &["--listen", "ORDERFLOW_LISTEN"],
+        },
+        BadSetting {
+            binary: "orderflow-stock",
+            args: &["--upstream", "localhost:50051"],
+            env: &[],
+            mentions: &["--upstream", "ORDERFLOW_UPSTREAM", "http://"],
+        },
+        BadSetting {
+            binary: "orderflow-invoice",
+            args: &[],
+            env: &[("ORDERFLOW_TAX_RATE_BPS", "20000")],
+            mentions: &["--tax-rate-bps", "ORDERFLOW_TAX_RATE_BPS"],
+        },
+        BadSetting {
+            binary: "orderflow-stock",
+            args: &["--catalog", "/no/such/catalog.toml"],
+            env: &[],
+            mentions: &["--catalog", "ORDERFLOW_CATALOG", "/no/such/catalog.toml"],
+        },
     ];
-    for (name, args, env, needles) in cases {
-        let output = Command::new(binary(name))
+    for case in cases {
+        let output = Command::new(binary(case.binary))
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data.path())
-            .args(args)
-            .envs(env.iter().copied())
+            .args(case.args)
+            .envs(case.env.iter().copied())
             .output()
             .unwrap();
-        assert!(!output.status.success(), "{name} {args:?} started");
+        let what = format!("{} {:?} {:?}", case.binary, case.args, case.env);
+        assert!(!output.status.success(), "{what} started");
         let stderr = String::from_utf8_lossy(&output.stderr);
-        for needle in needles {
+        for needle in case.mentions {
             assert!(
                 stderr.contains(needle),
-                "{name} {args:?}: {needle} missing from\n{stderr}"
+                "{what}: {needle} missing from\n{stderr}"
             );
         }
     }
