@@ -494,13 +494,23 @@ pub fn line(sku: &str, quantity: u32) -> OrderLine {
     }
 }
 
-/// A TOML catalog of `(sku, unit_price_minor, available)` items priced in EUR.
+/// A TOML catalog of `(sku, unit_price_minor, available)` items priced in EUR, named `Item <sku>`.
 pub fn catalog(items: &[(&str, i64, u64)]) -> String {
+    named_catalog(
+        &items
+            .iter()
+            .map(|(sku, price, available)| (*sku, format!("Item {sku}"), *price, *available))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// A TOML catalog of `(sku, name, unit_price_minor, available)` items priced in EUR.
+pub fn named_catalog(items: &[(&str, String, i64, u64)]) -> String {
     items
         .iter()
-        .map(|(sku, price, available)| {
+        .map(|(sku, name, price, available)| {
             format!(
-                "[[items]]\nsku = \"{sku}\"\nname = \"Item {sku}\"\nunit_price_minor = {price}\ncurrency = \"EUR\"\navailable = {available}\n\n"
+                "[[items]]\nsku = \"{sku}\"\nname = \"{name}\"\nunit_price_minor = {price}\ncurrency = \"EUR\"\navailable = {available}\n\n"
             )
         })
         .collect()

@@ -7,7 +7,7 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use orderflow_e2e::{Pipeline, PipelineOptions, catalog, line, place_all};
+use orderflow_e2e::{Pipeline, PipelineOptions, catalog, line, named_catalog, place_all};
 use orderflow_proto::v1::{HeadRequest, SubscribeRequest, event_log_client::EventLogClient};
 
 const ORDERS: usize = 20_000;
@@ -116,4 +116,51 @@ async fn backlog_waits_on_disk_and_drains() {
         .await
         .unwrap_err();
     assert_eq!(truncated.code(), tonic::Code::OutOfRange);
+}
+
+/// The largest valid orders (100 lines, 64-character skus, 200-character names) piled up as a
+/// backlog: batches must stay under the gRPC message limit, or the stage behind would reconnect
+/// forever instead of catching up.
+#[tokio::test(flavor = "multi_thread")]
+async fn largest_orders_drain_from_a_backlog() {
+    const BIG_ORDERS: usize = 600;
+    let skus: Vec<String> = (0..100).map(|i| format!("{i:0>64}")).collect();
+    let items: Vec<_> = skus
+        .iter()
+        .map(|sku| {
+            (
+                sku.as_str(),
+                "n".repeat(200),
+                1_000_000_000_000,
+                100_000_000,
+            )
+        })
+        .collect();
+    let pipeline = Pipeline::start(PipelineOptions {
+        catalog: named_catalog(&items),
+        tax_rate_bps: 2_000,
+        with_notifier: true,
+    })
+    .await
+    .unwrap();
+    pipeline.stage("stock").pause();
+    let orders = (0..BIG_ORDERS)
+        .map(|_| skus.iter().map(|sku| line(sku, 10_000)).collect())
+        .collect();
+    let placed = place_all(pipeline.receiver().await, "bulk-buyer", orders, 16).await;
+    assert!(placed.iter().all(|p| p.result.is_ok()));
+    pipeline.stage("stock").resume();
+    let notifications = pipeline
+        .wait_for_notifications(BIG_ORDERS, Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(notifications.len(), BIG_ORDERS);
+    // The largest possible invoice: 100 lines × 10,000 units × 10^12 minor units, plus 20 % tax.
+    let invoices = pipeline.invoices().await.unwrap();
+    assert_eq!(invoices.len(), BIG_ORDERS);
+    assert!(
+        invoices
+            .iter()
+            .all(|i| i.total.as_ref().map(|t| t.amount_minor) == Some(1_200_000_000_000_000_000))
+    );
 }

@@ -1,7 +1,7 @@
 //! `GetInvoice` and `ListInvoices`.
 
 use orderflow_proto::v1::{GetInvoiceRequest, Invoice, ListInvoicesRequest, ListInvoicesResponse};
-use orderflow_runtime::{FieldViolations, NumericPage, Store, StoreError, decode_record};
+use orderflow_runtime::{FieldViolations, NumericPage, PageFill, Store, StoreError, decode_record};
 use tonic::Status;
 
 use crate::invoicing::{BY_ORDER, INVOICES, INVOICES_NAME};
@@ -49,9 +49,10 @@ pub(crate) async fn list_invoices(
                 let table = read.open_table(INVOICES)?;
                 let mut invoices: Vec<Invoice> = Vec::with_capacity(page.size);
                 let mut next_page_token = String::new();
+                let mut fill = PageFill::new(page.size);
                 for row in table.range(page.start..)? {
                     let (number, bytes) = row?;
-                    if invoices.len() == page.size {
+                    if !fill.admit(bytes.value().len()) {
                         next_page_token = number.value().to_string();
                         break;
                     }

@@ -1,7 +1,7 @@
 //! `ListNotifications`: every notification by id, or those of one order.
 
 use orderflow_proto::v1::{ListNotificationsRequest, ListNotificationsResponse, Notification};
-use orderflow_runtime::{NumericPage, Store, StoreError, decode_record};
+use orderflow_runtime::{NumericPage, PageFill, Store, StoreError, decode_record};
 use tonic::Status;
 
 use crate::notifying::{BY_ORDER, NOTIFICATIONS, NOTIFICATIONS_NAME};
@@ -30,9 +30,10 @@ pub(crate) async fn list_notifications(
                         }
                     }
                 } else {
+                    let mut fill = PageFill::new(page.size);
                     for row in table.range(page.start..)? {
                         let (id, bytes) = row?;
-                        if notifications.len() == page.size {
+                        if !fill.admit(bytes.value().len()) {
                             next_page_token = id.value().to_string();
                             break;
                         }

@@ -4,9 +4,9 @@
 //! bounded channel of [`SUBSCRIBE_CHANNEL_DEPTH`] batches and reads the next one only when the channel
 //! has room again. The channel drains only as fast as tonic can write to the HTTP/2 stream, and that
 //! only as fast as the peer's flow-control window opens, so a slow reader slows its own producer: the
-//! backlog stays on disk and memory per subscriber is bounded by `depth × max_batch` entries. When the
-//! producer has caught up it waits on the store's head watch for the next commit (live tail). A failed
-//! send means the subscriber left, and the producer stops.
+//! backlog stays on disk and memory per subscriber is bounded by `depth` batches of at most
+//! [`MAX_BATCH_BYTES`]. When the producer has caught up it waits on the store's head watch for the
+//! next commit (live tail). A failed send means the subscriber left, and the producer stops.
 
 use std::{pin::Pin, time::Duration};
 
@@ -26,6 +26,11 @@ use crate::{status::FieldViolations, store::Store};
 pub const DEFAULT_MAX_BATCH: u32 = 256;
 /// Upper bound on entries per batch, whatever the subscriber asks for.
 pub const MAX_MAX_BATCH: u32 = 1000;
+/// Encoded bytes per batch at most (one larger entry still goes alone). Keeps every batch far below
+/// gRPC's default 4 MiB message limit whatever the orders look like: a maximal order is ~10 KiB.
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Largest message a subscriber accepts; above [`MAX_BATCH_BYTES`] plus one maximal entry.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Batches buffered between a subscriber's producer task and its HTTP/2 stream.
 pub const SUBSCRIBE_CHANNEL_DEPTH: usize = 2;
 /// Longest accepted consumer name.
@@ -63,7 +68,7 @@ impl EventLog for EventLogService {
         let from = request.from_offset;
         // Refuse an impossible start now rather than as the stream's first item.
         let store = self.store.clone();
-        blocking(move || store.read_log(from, 0)).await??;
+        blocking(move || store.read_log(from, 0, 0)).await??;
 
         let (tx, rx) = mpsc::channel(SUBSCRIBE_CHANNEL_DEPTH);
         tokio::spawn(produce(
@@ -131,7 +136,8 @@ async fn produce(
         let head = *head_rx.borrow_and_update();
         if next < head {
             let reader = store.clone();
-            let batch = match blocking(move || reader.read_log(next, max_batch)).await {
+            let read = move || reader.read_log(next, max_batch, MAX_BATCH_BYTES);
+            let batch = match blocking(read).await {
                 Ok(Ok(entries)) => entries,
                 Ok(Err(e)) => {
                     let _ = tx.send(Err(e.into())).await;

@@ -26,7 +26,7 @@ pub mod telemetry;
 pub use config::{ServerArgs, UpstreamArgs, UpstreamUrl, parse_args};
 pub use server::{ServeError, StageServer, run_main};
 pub use shutdown::shutdown_on_signal;
-pub use status::{FieldViolations, NumericPage};
+pub use status::{FieldViolations, NumericPage, PageFill};
 pub use store::{Store, StoreError, Txn, decode_record};
 pub use subscription::{Apply, Subscription};
 

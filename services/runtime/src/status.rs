@@ -68,6 +68,41 @@ impl FieldViolations {
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
+/// Encoded bytes of one page at most (a single larger row still goes alone): far below gRPC's
+/// default 4 MiB message limit, so any client can read any page.
+pub const MAX_PAGE_BYTES: usize = 1024 * 1024;
+
+/// Decides, row by row, whether a page being filled has room: at most `max_rows` rows and
+/// [`MAX_PAGE_BYTES`] encoded bytes, but always at least one row.
+#[derive(Debug)]
+pub struct PageFill {
+    max_rows: usize,
+    rows: usize,
+    bytes: usize,
+}
+
+impl PageFill {
+    pub fn new(max_rows: usize) -> Self {
+        PageFill {
+            max_rows,
+            rows: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Whether a row of `bytes` encoded bytes still fits; counts it if so.
+    pub fn admit(&mut self, bytes: usize) -> bool {
+        let full = self.rows == self.max_rows
+            || (self.rows > 0 && self.bytes.saturating_add(bytes) > MAX_PAGE_BYTES);
+        if full {
+            return false;
+        }
+        self.rows += 1;
+        self.bytes = self.bytes.saturating_add(bytes);
+        true
+    }
+}
+
 /// A validated page request over a numeric key: how many rows and the first key to return.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NumericPage {
@@ -130,6 +165,20 @@ mod tests {
             .map(|v| v.field)
             .collect();
         assert_eq!(fields, vec!["customer_id", "lines[0].quantity"]);
+    }
+
+    #[test]
+    fn pages_fill_by_rows_and_bytes() {
+        let mut fill = PageFill::new(3);
+        assert!(fill.admit(10) && fill.admit(10) && fill.admit(10));
+        assert!(!fill.admit(10));
+        let mut fill = PageFill::new(100);
+        assert!(fill.admit(MAX_PAGE_BYTES * 2), "a first row always fits");
+        assert!(!fill.admit(1));
+        let mut fill = PageFill::new(100);
+        assert!(fill.admit(MAX_PAGE_BYTES - 10));
+        assert!(!fill.admit(11));
+        assert!(fill.admit(10));
     }
 
     #[test]

@@ -263,8 +263,15 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// Up to `max` entries from `from`, in offset order. `from == next_offset` gives an empty batch.
-    pub fn read_log(&self, from: u64, max: usize) -> Result<Vec<LogEntry>, StoreError> {
+    /// Entries from `from` in offset order: at most `max` of them, and no more once their encoded
+    /// size reaches `max_bytes` (but always at least one, whatever its size). `from == next_offset`
+    /// gives an empty batch.
+    pub fn read_log(
+        &self,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<LogEntry>, StoreError> {
         let read = self.inner.db.begin_read()?;
         let (first, next) = log_bounds(&read)?;
         if from < first {
@@ -281,9 +288,14 @@ impl Store {
         }
         let outbox = read.open_table(OUTBOX)?;
         let mut entries = Vec::with_capacity(max.min((next - from) as usize));
+        let mut size = 0usize;
         for row in outbox.range(from..)?.take(max) {
             let (offset, bytes) = row?;
             let offset = offset.value();
+            size = size.saturating_add(bytes.value().len());
+            if size > max_bytes && !entries.is_empty() {
+                break;
+            }
             let event = Event::decode(bytes.value())
                 .map_err(|source| StoreError::Corrupt { offset, source })?;
             entries.push(LogEntry {
@@ -436,7 +448,7 @@ mod tests {
         let store = open(&dir);
         assert_eq!(store.next_offset(), 2);
         assert_eq!(store.consumed_offset("up").unwrap(), 7);
-        let entries = store.read_log(0, 10).unwrap();
+        let entries = store.read_log(0, 10, usize::MAX).unwrap();
         let ids: Vec<_> = entries
             .iter()
             .map(|e| (e.offset, e.event.as_ref().unwrap().order_id.as_str()))
@@ -456,7 +468,7 @@ mod tests {
         assert!(result.is_err());
         assert_eq!(store.next_offset(), 0);
         assert_eq!(store.consumed_offset("up").unwrap(), 0);
-        assert!(store.read_log(0, 10).unwrap().is_empty());
+        assert!(store.read_log(0, 10, usize::MAX).unwrap().is_empty());
     }
 
     #[test]
@@ -474,17 +486,17 @@ mod tests {
         assert_eq!(store.trim(4, 100).unwrap(), 4);
         assert_eq!(store.bounds().unwrap(), (4, 10));
         assert!(matches!(
-            store.read_log(3, 1),
+            store.read_log(3, 1, usize::MAX),
             Err(StoreError::Truncated {
                 requested: 3,
                 first: 4
             })
         ));
         assert!(matches!(
-            store.read_log(11, 1),
+            store.read_log(11, 1, usize::MAX),
             Err(StoreError::BeyondHead { .. })
         ));
-        assert_eq!(store.read_log(4, 100).unwrap().len(), 6);
+        assert_eq!(store.read_log(4, 100, usize::MAX).unwrap().len(), 6);
         // Trimming everything keeps the head where it was, across a reopen too.
         assert_eq!(store.trim(100, 100).unwrap(), 6);
         drop(store);
@@ -494,6 +506,25 @@ mod tests {
             .write(|txn| Ok::<_, StoreError>(txn.append(&event("x"))))
             .unwrap();
         assert_eq!(next, 10);
+    }
+
+    #[test]
+    fn batches_stop_at_the_byte_limit_but_never_starve() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let big = "x".repeat(1000);
+        store
+            .write(|txn| {
+                for _ in 0..10 {
+                    txn.append(&event(&big));
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        // Each entry encodes to a little over 1000 bytes.
+        assert_eq!(store.read_log(0, 100, 3500).unwrap().len(), 3);
+        assert_eq!(store.read_log(0, 100, 10).unwrap().len(), 1);
+        assert_eq!(store.read_log(0, 2, usize::MAX).unwrap().len(), 2);
     }
 
     #[test]

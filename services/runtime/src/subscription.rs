@@ -154,7 +154,8 @@ impl<A: Apply> Subscription<A> {
             channel = self.upstream.connect() => channel?,
             () = shutdown.cancelled() => return Ok(()),
         };
-        let mut client = EventLogClient::new(channel);
+        let mut client = EventLogClient::new(channel)
+            .max_decoding_message_size(crate::eventlog::MAX_MESSAGE_BYTES);
         let mut stream = client
             .subscribe(SubscribeRequest {
                 from_offset: next,

@@ -3,7 +3,7 @@
 use std::ops::Bound;
 
 use orderflow_proto::v1::{GetStockRequest, ListStockRequest, ListStockResponse, StockItem};
-use orderflow_runtime::{FieldViolations, Store, StoreError, decode_record, status};
+use orderflow_runtime::{FieldViolations, PageFill, Store, StoreError, decode_record, status};
 use tonic::Status;
 
 use crate::items::{self, ITEMS, ITEMS_NAME};
@@ -42,9 +42,10 @@ pub(crate) async fn list_stock(
                 };
                 let mut items: Vec<StockItem> = Vec::with_capacity(size);
                 let mut more = false;
+                let mut fill = PageFill::new(size);
                 for row in table.range::<&str>((start, Bound::Unbounded))? {
                     let (sku, bytes) = row?;
-                    if items.len() == size {
+                    if !fill.admit(bytes.value().len()) {
                         more = true;
                         break;
                     }
