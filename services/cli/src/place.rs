@@ -42,15 +42,20 @@ pub async fn place(
             eprintln!("accepted at offset {}", response.offset);
             Ok(())
         }
-        Err(status) => {
-            eprintln!("{:?}: {}", status.code(), status.message());
-            if let Some(bad) = status.get_details_bad_request() {
+        Err(status) => match status.get_details_bad_request() {
+            Some(bad) => {
+                eprintln!("the receiver refused the order ({:?}):", status.code());
                 for violation in bad.field_violations {
                     eprintln!("  {}: {}", violation.field, violation.description);
                 }
+                bail!("the order was not accepted")
             }
-            bail!("the order was not accepted")
-        }
+            None => bail!(
+                "the order was not accepted ({:?}): {}",
+                status.code(),
+                status.message()
+            ),
+        },
     }
 }
 
