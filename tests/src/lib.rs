@@ -66,6 +66,7 @@ fn ensure_built() -> &'static PathBuf {
                     .iter()
                     .flat_map(|s| ["-p".to_owned(), format!("orderflow-{s}")]),
             )
+            .args(["-p", "orderflow-cli"])
             .env("CARGO_TARGET_DIR", dir.parent().unwrap())
             .status()
             .expect("running cargo build for the stage binaries");
