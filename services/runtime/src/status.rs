@@ -37,10 +37,6 @@ impl FieldViolations {
         self.violations.push((field.into(), description.into()));
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.violations.is_empty()
-    }
-
     /// `Ok(())` when nothing was recorded, else `INVALID_ARGUMENT` naming every bad field.
     pub fn check(self) -> Result<(), Status> {
         if self.violations.is_empty() {

@@ -36,7 +36,7 @@
 //! `outbox.first` when retention emptied the log), so no in-memory state needs to survive.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -120,7 +120,6 @@ pub struct Store {
 
 struct Inner {
     db: Database,
-    path: PathBuf,
     /// Held by the single writer from `begin_write` until the new head is published.
     write_lock: Mutex<()>,
     /// `next_offset` of the outbox, published after every commit that appended.
@@ -149,17 +148,11 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
-                path: path.to_owned(),
                 write_lock: Mutex::new(()),
                 head: watch::Sender::new(next),
                 commits: std::sync::atomic::AtomicU64::new(0),
             }),
         })
-    }
-
-    /// Path of the database file.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
     }
 
     /// Durable (fsynced) commits since the store was opened.
