@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut prost_config = prost_build::Config::new();
     prost_config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
+        .codec_path("crate::codec::StrictCodec")
         .file_descriptor_set_path(out_dir.join("orderflow_descriptor.bin"))
         .compile_with_config(prost_config, PROTOS, &["."])?;
     Ok(())

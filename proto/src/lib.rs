@@ -7,7 +7,9 @@
 //! - [`v1`]: everything generated from the `.proto` files, one module for the package.
 //! - [`FILE_DESCRIPTOR_SET`]: what the reflection service registers.
 //! - [`money`]: display of [`v1::Money`] in major units, for humans.
+//! - [`codec`]: prost encoding with `INVALID_ARGUMENT` for malformed messages.
 
+pub mod codec;
 pub mod money;
 
 /// Generated code for the `orderflow.v1` package.

@@ -6,6 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod otlp;
+pub mod webhook;
+
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -20,7 +23,7 @@ use futures::{StreamExt, stream};
 use nix::{sys::signal, unistd::Pid};
 use orderflow_proto::v1::{
     GetOrderRequest, HeadRequest, Invoice, ListInvoicesRequest, ListNotificationsRequest,
-    ListStockRequest, Notification, OrderLine, PlaceOrderRequest, StockItem,
+    ListStockRequest, Notification, Order, OrderLine, PlaceOrderRequest, StockItem,
     event_log_client::EventLogClient, invoice_creator_client::InvoiceCreatorClient,
     notifier_client::NotifierClient, order_receiver_client::OrderReceiverClient,
     stock_checker_client::StockCheckerClient,
@@ -49,7 +52,7 @@ pub fn binary(name: &str) -> PathBuf {
     ensure_built().join(name)
 }
 
-/// Builds the stage binaries and the CLI once per test process.
+/// Builds the workspace's binaries (stages, CLI, test OTLP sink) once per test process.
 fn ensure_built() -> &'static PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
@@ -60,13 +63,16 @@ fn ensure_built() -> &'static PathBuf {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let status = std::process::Command::new(cargo)
             .current_dir(workspace)
-            .args(["build", "--quiet", "--bins", "--profile", profile])
-            .args(
-                STAGES
-                    .iter()
-                    .flat_map(|s| ["-p".to_owned(), format!("orderflow-{s}")]),
-            )
-            .args(["-p", "orderflow-cli"])
+            // The whole workspace, as `.ci/run` builds it first: the same features, so this
+            // finds everything built.
+            .args([
+                "build",
+                "--quiet",
+                "--workspace",
+                "--bins",
+                "--profile",
+                profile,
+            ])
             .env("CARGO_TARGET_DIR", dir.parent().unwrap())
             .status()
             .expect("running cargo build for the stage binaries");
@@ -75,30 +81,62 @@ fn ensure_built() -> &'static PathBuf {
     })
 }
 
+/// Free loopback ports, found by binding and releasing them: for stages that must know each other's
+/// addresses before any of them starts (stock and invoice point at each other).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let probes: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("binding a probe port"))
+        .collect();
+    let mut ports = [0; N];
+    for (port, probe) in ports.iter_mut().zip(&probes) {
+        *port = probe.local_addr().expect("probe address").port();
+    }
+    ports
+}
+
 /// One running (or stopped) stage process.
 pub struct Stage {
     pub name: &'static str,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     extra_args: Vec<String>,
+    env: Vec<(String, String)>,
+    /// The CA to trust when the stage serves TLS.
+    tls_ca: Option<PathBuf>,
+    /// What the stage printed at start besides its gRPC address: `metrics`, `http` → URL.
+    announced: HashMap<String, String>,
     child: Option<Child>,
     starts: u32,
 }
 
 impl Stage {
-    /// Starts `orderflow-<name>` on `listen` with `data_dir` and `extra_args`, and waits until it
-    /// prints the address it listens on.
+    /// Starts `orderflow-<name>` on `listen` with `data_dir` and `extra_args` (metrics on a free
+    /// port), and waits until it prints the address it listens on.
     pub async fn start(
         name: &'static str,
         listen: &str,
         data_dir: &Path,
         extra_args: Vec<String>,
     ) -> anyhow::Result<Stage> {
+        Self::start_with_env(name, listen, data_dir, extra_args, Vec::new()).await
+    }
+
+    /// [`Stage::start`] with extra environment variables.
+    pub async fn start_with_env(
+        name: &'static str,
+        listen: &str,
+        data_dir: &Path,
+        extra_args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Stage> {
         let mut stage = Stage {
             name,
             addr: "127.0.0.1:0".parse()?,
             data_dir: data_dir.to_owned(),
+            tls_ca: tls_ca_of(&extra_args),
             extra_args,
+            env,
+            announced: HashMap::new(),
             child: None,
             starts: 0,
         };
@@ -119,8 +157,10 @@ impl Stage {
             .arg(listen)
             .arg("--data-dir")
             .arg(&self.data_dir)
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
@@ -128,28 +168,78 @@ impl Stage {
             .with_context(|| format!("starting {}", binary.display()))?;
         let stdout = child.stdout.take().context("no stdout")?;
         let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .with_context(|| format!("{} did not start in time", self.name))??
-            .with_context(|| {
-                format!(
-                    "{} exited before listening; see its log in {}",
-                    self.name,
-                    self.data_dir.display()
-                )
-            })?;
-        let addr = line
-            .rsplit(' ')
-            .next()
-            .and_then(|a| a.parse().ok())
-            .with_context(|| format!("unexpected first line from {}: {line}", self.name))?;
-        self.addr = addr;
+        // `<binary> <what> on <url>` lines, then `<binary> listening on <addr>` when ready.
+        let prefix = format!("orderflow-{} ", self.name);
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+                .await
+                .with_context(|| format!("{} did not start in time", self.name))??
+                .with_context(|| {
+                    format!(
+                        "{} exited before listening; see its log in {}",
+                        self.name,
+                        self.data_dir.display()
+                    )
+                })?;
+            let rest = line
+                .strip_prefix(&prefix)
+                .with_context(|| format!("unexpected line from {}: {line}", self.name))?;
+            let (what, address) = rest
+                .split_once(" on ")
+                .with_context(|| format!("unexpected line from {}: {line}", self.name))?;
+            if what == "listening" {
+                self.addr = address
+                    .parse()
+                    .with_context(|| format!("unexpected address from {}: {line}", self.name))?;
+                break;
+            }
+            self.announced.insert(what.to_owned(), address.to_owned());
+        }
         self.child = Some(child);
         Ok(())
     }
 
+    /// The stage's gRPC URL (`https://` when it serves TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// URL of the stage's Prometheus metrics.
+    pub fn metrics_url(&self) -> Option<&str> {
+        self.announced.get("metrics").map(String::as_str)
+    }
+
+    /// Base URL of the receiver's HTTP door.
+    pub fn http_url(&self) -> Option<&str> {
+        self.announced.get("http").map(String::as_str)
+    }
+
+    /// Everything the stage has logged, over all its starts.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .filter_map(|n| {
+                std::fs::read_to_string(self.data_dir.join(format!("{}-{n}.log", self.name))).ok()
+            })
+            .collect()
+    }
+
+    /// The stage's Prometheus metrics, scraped now.
+    pub async fn scrape(&self) -> anyhow::Result<Metrics> {
+        let url = self.metrics_url().context("the stage serves no metrics")?;
+        let text = reqwest::get(url).await?.error_for_status()?.text().await?;
+        Ok(Metrics(text))
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn pid(&self) -> Option<Pid> {
@@ -225,11 +315,21 @@ impl Stage {
             .ok()
     }
 
+    /// A channel to the stage, trusting the test CA when it serves TLS.
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
+        let mut endpoint = Channel::from_shared(self.url())
             .unwrap()
-            .connect_timeout(Duration::from_secs(5))
-            .connect_lazy()
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(ca) = &self.tls_ca {
+            let pem = std::fs::read(ca).unwrap();
+            endpoint = endpoint
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+                )
+                .unwrap();
+        }
+        endpoint.connect_lazy()
     }
 
     /// `next_offset` of the stage's outbox.
@@ -240,57 +340,186 @@ impl Stage {
 }
 
 /// Options for a test pipeline.
+#[derive(Default)]
 pub struct PipelineOptions {
     /// TOML catalog for the stock stage.
     pub catalog: String,
     pub tax_rate_bps: u32,
     /// Start the notifier too.
     pub with_notifier: bool,
+    /// Extra flags per stage.
+    pub receiver_args: Vec<String>,
+    pub stock_args: Vec<String>,
+    pub invoice_args: Vec<String>,
+    pub notifier_args: Vec<String>,
+    /// Environment variables of every stage (OTEL_*, say).
+    pub env: Vec<(String, String)>,
+    /// Serve TLS everywhere and link the stages over https:// with these files.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A test CA and a server certificate it signed for `localhost` and `127.0.0.1`, as PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Generates them into `dir`.
+    pub fn generate(dir: &Path) -> anyhow::Result<TlsFiles> {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "orderflow test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+        let key = KeyPair::generate()?;
+        let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?
+            .signed_by(&key, &ca)?;
+        let files = TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        };
+        std::fs::write(&files.ca, ca.pem())?;
+        std::fs::write(&files.cert, cert.pem())?;
+        std::fs::write(&files.key, key.serialize_pem())?;
+        Ok(files)
+    }
+
+    /// The flags that make a stage serve TLS and trust the CA.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            self.cert.display().to_string(),
+            "--tls-key".into(),
+            self.key.display().to_string(),
+            "--tls-ca".into(),
+            self.ca.display().to_string(),
+        ]
+    }
+}
+
+/// The `--tls-ca` among a stage's flags, when it serves TLS.
+fn tls_ca_of(args: &[String]) -> Option<PathBuf> {
+    if !args.iter().any(|a| a == "--tls-cert") {
+        return None;
+    }
+    args.windows(2)
+        .find(|w| w[0] == "--tls-ca")
+        .map(|w| PathBuf::from(&w[1]))
 }
 
 /// The four stages as separate processes, in one temporary directory.
 pub struct Pipeline {
     pub stages: Vec<Stage>,
     pub dir: tempfile::TempDir,
-    upstream_of_notifier: String,
+    ports: [u16; 4],
+    notifier_args: Vec<String>,
+    env: Vec<(String, String)>,
+    tls: Option<TlsFiles>,
+}
+
+/// A temporary directory for a test's stages; kept (and its path printed) when
+/// `ORDERFLOW_E2E_KEEP` is set, to read the stage logs after a failure.
+pub fn temp_dir() -> anyhow::Result<tempfile::TempDir> {
+    let keep = std::env::var_os("ORDERFLOW_E2E_KEEP").is_some();
+    let dir = tempfile::Builder::new()
+        .prefix("orderflow-e2e-")
+        .disable_cleanup(keep)
+        .tempdir()?;
+    if keep {
+        eprintln!(
+            "keeping the stages' data and logs in {}",
+            dir.path().display()
+        );
+    }
+    Ok(dir)
+}
+
+fn local(tls: &Option<TlsFiles>, port: u16) -> String {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    format!("{scheme}://127.0.0.1:{port}")
 }
 
 impl Pipeline {
     pub async fn start(options: PipelineOptions) -> anyhow::Result<Pipeline> {
-        let dir = tempfile::tempdir()?;
+        let dir = temp_dir()?;
         let catalog = dir.path().join("catalog.toml");
         std::fs::write(&catalog, &options.catalog)?;
-        let any = "127.0.0.1:0";
-        let receiver = Stage::start("receiver", any, &dir.path().join("receiver"), vec![]).await?;
-        let stock = Stage::start(
+        let ports = free_ports::<4>();
+        let [receiver_port, stock_port, invoice_port, notifier_port] = ports;
+        let listen = |port: u16| format!("127.0.0.1:{port}");
+        let tls_args = options.tls.as_ref().map(TlsFiles::args).unwrap_or_default();
+        let with = |mut base: Vec<String>, extra: &[String]| {
+            base.extend(tls_args.iter().cloned());
+            base.extend(extra.iter().cloned());
+            base
+        };
+        let receiver = Stage::start_with_env(
+            "receiver",
+            &listen(receiver_port),
+            &dir.path().join("receiver"),
+            with(
+                vec![
+                    "--http-listen".into(),
+                    "127.0.0.1:0".into(),
+                    "--stock-url".into(),
+                    local(&options.tls, stock_port),
+                    "--invoice-url".into(),
+                    local(&options.tls, invoice_port),
+                    "--notifier-url".into(),
+                    local(&options.tls, notifier_port),
+                ],
+                &options.receiver_args,
+            ),
+            options.env.clone(),
+        )
+        .await?;
+        let stock = Stage::start_with_env(
             "stock",
-            any,
+            &listen(stock_port),
             &dir.path().join("stock"),
-            vec![
-                "--upstream".into(),
-                receiver.url(),
-                "--catalog".into(),
-                catalog.display().to_string(),
-            ],
+            with(
+                vec![
+                    "--upstream".into(),
+                    local(&options.tls, receiver_port),
+                    "--invoice-url".into(),
+                    local(&options.tls, invoice_port),
+                    "--catalog".into(),
+                    catalog.display().to_string(),
+                ],
+                &options.stock_args,
+            ),
+            options.env.clone(),
         )
         .await?;
-        let invoice = Stage::start(
+        let invoice = Stage::start_with_env(
             "invoice",
-            any,
+            &listen(invoice_port),
             &dir.path().join("invoice"),
-            vec![
-                "--upstream".into(),
-                stock.url(),
-                "--tax-rate-bps".into(),
-                options.tax_rate_bps.to_string(),
-            ],
+            with(
+                vec![
+                    "--upstream".into(),
+                    local(&options.tls, stock_port),
+                    "--tax-rate-bps".into(),
+                    options.tax_rate_bps.to_string(),
+                ],
+                &options.invoice_args,
+            ),
+            options.env.clone(),
         )
         .await?;
-        let upstream_of_notifier = invoice.url();
         let mut pipeline = Pipeline {
             stages: vec![receiver, stock, invoice],
             dir,
-            upstream_of_notifier,
+            ports,
+            notifier_args: options.notifier_args,
+            env: options.env,
+            tls: options.tls,
         };
         if options.with_notifier {
             pipeline.start_notifier().await?;
@@ -300,11 +529,15 @@ impl Pipeline {
 
     /// Starts the notifier (when the pipeline was started without it).
     pub async fn start_notifier(&mut self) -> anyhow::Result<()> {
-        let notifier = Stage::start(
+        let mut args = vec!["--upstream".into(), local(&self.tls, self.ports[2])];
+        args.extend(self.tls.as_ref().map(TlsFiles::args).unwrap_or_default());
+        args.extend(self.notifier_args.iter().cloned());
+        let notifier = Stage::start_with_env(
             "notifier",
-            "127.0.0.1:0",
+            &format!("127.0.0.1:{}", self.ports[3]),
             &self.dir.path().join("notifier"),
-            vec!["--upstream".into(), self.upstream_of_notifier.clone()],
+            args,
+            self.env.clone(),
         )
         .await?;
         self.stages.push(notifier);
@@ -343,22 +576,7 @@ impl Pipeline {
 
     /// Every notification, through the paged RPC.
     pub async fn notifications(&self) -> anyhow::Result<Vec<Notification>> {
-        let client = self.notifier().await;
-        all_pages(|page_token| {
-            let mut client = client.clone();
-            async move {
-                let page = client
-                    .list_notifications(ListNotificationsRequest {
-                        page_size: 1000,
-                        page_token,
-                        order_id: String::new(),
-                    })
-                    .await?
-                    .into_inner();
-                Ok((page.notifications, page.next_page_token))
-            }
-        })
-        .await
+        notifications(self.notifier().await).await
     }
 
     /// Every invoice, through the paged RPC.
@@ -382,22 +600,44 @@ impl Pipeline {
 
     /// The catalog, by sku.
     pub async fn stock_levels(&self) -> anyhow::Result<HashMap<String, StockItem>> {
-        let client = self.stock().await;
-        let items = all_pages(|page_token| {
-            let mut client = client.clone();
-            async move {
-                let page = client
-                    .list_stock(ListStockRequest {
-                        page_size: 1000,
-                        page_token,
-                    })
-                    .await?
-                    .into_inner();
-                Ok((page.items, page.next_page_token))
+        stock_levels(self.stock().await).await
+    }
+
+    /// The order and its progress, as the receiver knows it.
+    pub async fn order(&self, order_id: &str) -> anyhow::Result<Order> {
+        self.receiver()
+            .await
+            .get_order(GetOrderRequest {
+                order_id: order_id.into(),
+            })
+            .await?
+            .into_inner()
+            .order
+            .context("GetOrder without order")
+    }
+
+    /// Waits until the receiver reports every one of `orders` terminal.
+    pub async fn wait_for_terminal(
+        &self,
+        orders: &[String],
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Order>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut done = Vec::with_capacity(orders.len());
+        for id in orders {
+            loop {
+                let order = self.order(id).await?;
+                if order.terminal {
+                    done.push(order);
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!("order {id} is still {:?} after {timeout:?}", order.status());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-        })
-        .await?;
-        Ok(items.into_iter().map(|i| (i.sku.clone(), i)).collect())
+        }
+        Ok(done)
     }
 
     /// Lines of an order as the receiver stored it.
@@ -436,7 +676,7 @@ impl Pipeline {
 }
 
 /// Follows `next_page_token` from the first page to the last, collecting every row.
-async fn all_pages<T, F, Fut>(mut fetch: F) -> anyhow::Result<Vec<T>>
+pub async fn all_pages<T, F, Fut>(mut fetch: F) -> anyhow::Result<Vec<T>>
 where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<(Vec<T>, String)>>,
@@ -450,6 +690,34 @@ where
             return Ok(rows);
         }
         token = next;
+    }
+}
+
+/// A Prometheus text exposition.
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The sum of the samples of `name` whose labels include every `key="value"` of `labels`;
+    /// `None` when there is no such sample.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut found = None;
+        for line in self.0.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (metric, label_text) = series.split_once('{').unwrap_or((series, ""));
+            if metric != name {
+                continue;
+            }
+            if labels
+                .iter()
+                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
+            {
+                let value: f64 = value.parse().ok()?;
+                *found.get_or_insert(0.0) += value;
+            }
+        }
+        found
     }
 }
 
@@ -476,6 +744,7 @@ pub async fn place_all(
                     .place_order(PlaceOrderRequest {
                         customer_id: customer,
                         lines: lines.clone(),
+                        idempotency_key: String::new(),
                     })
                     .await
                     .map(|r| r.into_inner().order_id);
@@ -485,6 +754,46 @@ pub async fn place_all(
         .buffer_unordered(concurrency)
         .collect()
         .await
+}
+
+/// Every notification a notifier recorded, through the paged RPC.
+pub async fn notifications(client: NotifierClient<Channel>) -> anyhow::Result<Vec<Notification>> {
+    all_pages(|page_token| {
+        let mut client = client.clone();
+        async move {
+            let page = client
+                .list_notifications(ListNotificationsRequest {
+                    page_size: 1000,
+                    page_token,
+                    order_id: String::new(),
+                })
+                .await?
+                .into_inner();
+            Ok((page.notifications, page.next_page_token))
+        }
+    })
+    .await
+}
+
+/// A stock stage's catalog, by sku.
+pub async fn stock_levels(
+    client: StockCheckerClient<Channel>,
+) -> anyhow::Result<HashMap<String, StockItem>> {
+    let items = all_pages(|page_token| {
+        let mut client = client.clone();
+        async move {
+            let page = client
+                .list_stock(ListStockRequest {
+                    page_size: 1000,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            Ok((page.items, page.next_page_token))
+        }
+    })
+    .await?;
+    Ok(items.into_iter().map(|i| (i.sku.clone(), i)).collect())
 }
 
 /// A line of `quantity` units of `sku`.

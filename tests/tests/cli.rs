@@ -1,9 +1,10 @@
 //! The `orderflow` command as a user runs it: the demo (the main job) completes with a consistent
-//! report, and `place` accepts a good order and explains a bad one.
+//! report, `place` accepts a good order and explains a bad one, the operator commands work, and
+//! `load` counts what the pipeline really did.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use orderflow_e2e::{Pipeline, PipelineOptions, binary, catalog};
 use orderflow_proto::v1::GetOrderRequest;
@@ -45,8 +46,10 @@ fn demo_runs_every_order_to_a_terminal_state() {
     let accepted = report_number(&stdout, "orders accepted");
     let confirmed = report_number(&stdout, "confirmed");
     let rejected = report_number(&stdout, "rejected");
+    // The demo's gateway declines a few payments: those orders end told that payment failed.
+    let unpaid = report_number(&stdout, "payment failed");
     assert_eq!(accepted, 40);
-    assert_eq!(confirmed + rejected, 40, "{stdout}");
+    assert_eq!(confirmed + rejected + unpaid, 40, "{stdout}");
     for step in ["received", "reserved", "invoiced", "notified"] {
         assert!(stdout.contains(step), "no {step} line:\n{stdout}");
     }
@@ -65,6 +68,7 @@ async fn place_accepts_good_orders_and_explains_bad_ones() {
         catalog: catalog(&[("A", 100, 5)]),
         tax_rate_bps: 0,
         with_notifier: true,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -149,6 +153,54 @@ fn bad_configuration_names_the_flag_and_the_variable() {
             env: &[],
             mentions: &["--catalog", "ORDERFLOW_CATALOG", "/no/such/catalog.toml"],
         },
+        BadSetting {
+            binary: "orderflow-notifier",
+            args: &["--sink", "webhook"],
+            env: &[],
+            mentions: &["--webhook-url", "ORDERFLOW_WEBHOOK_URL"],
+        },
+        BadSetting {
+            binary: "orderflow-notifier",
+            args: &[],
+            env: &[
+                ("ORDERFLOW_SINK", "file"),
+                ("ORDERFLOW_SINK_FILE", "/no/such/dir/n.jsonl"),
+            ],
+            mentions: &["--sink-file", "ORDERFLOW_SINK_FILE", "/no/such/dir/n.jsonl"],
+        },
+        BadSetting {
+            binary: "orderflow-invoice",
+            args: &["--gateway-decline-rate", "2"],
+            env: &[],
+            mentions: &[
+                "--gateway-decline-rate",
+                "ORDERFLOW_GATEWAY_DECLINE_RATE",
+                "0.0 to 1.0",
+            ],
+        },
+        BadSetting {
+            binary: "orderflow-receiver",
+            args: &[],
+            env: &[("ORDERFLOW_ADMIN_TOKEN", "short")],
+            mentions: &["--admin-token", "ORDERFLOW_ADMIN_TOKEN", "at least 8"],
+        },
+        BadSetting {
+            binary: "orderflow-stock",
+            args: &[
+                "--tls-cert",
+                "/no/such/cert.pem",
+                "--tls-key",
+                "/no/such/key.pem",
+            ],
+            env: &[],
+            mentions: &["--tls-cert", "ORDERFLOW_TLS_CERT", "/no/such/cert.pem"],
+        },
+        BadSetting {
+            binary: "orderflow-receiver",
+            args: &["--metrics-listen", "nowhere"],
+            env: &[],
+            mentions: &["--metrics-listen", "ORDERFLOW_METRICS_LISTEN"],
+        },
     ];
     for case in cases {
         let output = Command::new(binary(case.binary))
@@ -168,4 +220,257 @@ fn bad_configuration_names_the_flag_and_the_variable() {
             );
         }
     }
+}
+
+/// Runs `orderflow` against a pipeline's stages; returns (success, stdout, stderr).
+fn orderflow(pipeline: &Pipeline, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(binary("orderflow"))
+        .args(args)
+        .args(["--receiver", &pipeline.stage("receiver").url()])
+        .args(["--stock", &pipeline.stage("stock").url()])
+        .args(["--invoice", &pipeline.stage("invoice").url()])
+        .args(["--notifier", &pipeline.stage("notifier").url()])
+        .env("NO_COLOR", "1")
+        .env_remove("ORDERFLOW_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operators_manage_stock_faults_dead_letters_and_follow_orders() {
+    const TOKEN: &str = "operator-token";
+    let webhook = orderflow_e2e::webhook::Webhook::start(orderflow_e2e::webhook::Mode::Refuse)
+        .await
+        .unwrap();
+    let token = vec!["--admin-token".to_owned(), TOKEN.to_owned()];
+    let mut notifier_args = token.clone();
+    notifier_args.extend([
+        "--sink".into(),
+        "webhook".into(),
+        "--webhook-url".into(),
+        webhook.url(),
+    ]);
+    let pipeline = Pipeline::start(PipelineOptions {
+        catalog: catalog(&[("A", 1250, 5)]),
+        with_notifier: true,
+        stock_args: token.clone(),
+        invoice_args: token,
+        notifier_args,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Stock: list, get, and set (an admin command: refused without the token).
+    let (ok, out, _) = orderflow(&pipeline, &["stock", "list"]);
+    assert!(
+        ok && out.contains("Item A") && out.contains("12.50 EUR"),
+        "{out}"
+    );
+    let (ok, _, err) = orderflow(
+        &pipeline,
+        &[
+            "stock",
+            "set",
+            "MUG",
+            "--name",
+            "Mug",
+            "--price",
+            "12.99",
+            "--currency",
+            "EUR",
+            "--available",
+            "3",
+        ],
+    );
+    assert!(
+        !ok && err.contains("Unauthenticated") && err.contains("--admin-token"),
+        "{err}"
+    );
+    let (ok, out, err) = orderflow(
+        &pipeline,
+        &[
+            "stock",
+            "set",
+            "MUG",
+            "--name",
+            "Mug",
+            "--price",
+            "12.99",
+            "--currency",
+            "EUR",
+            "--available",
+            "3",
+            "--admin-token",
+            TOKEN,
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("MUG") && out.contains("12.99 EUR"), "{out}");
+    let (ok, out, _) = orderflow(&pipeline, &["stock", "get", "MUG"]);
+    assert!(ok && out.contains("Mug"), "{out}");
+    let (ok, _, err) = orderflow(
+        &pipeline,
+        &[
+            "stock",
+            "set",
+            "MUG",
+            "--price",
+            "1.999",
+            "--currency",
+            "EUR",
+            "--admin-token",
+            TOKEN,
+        ],
+    );
+    assert!(!ok && err.contains("decimal places"), "{err}");
+
+    // Faults: show, set (admin), show again.
+    let (ok, out, _) = orderflow(&pipeline, &["faults", "show"]);
+    assert!(ok && out.contains("decline rate            0"), "{out}");
+    let (ok, out, err) = orderflow(
+        &pipeline,
+        &["faults", "set", "--latency", "2ms", "--admin-token", TOKEN],
+    );
+    assert!(
+        ok && out.contains("latency                 2ms"),
+        "{out}{err}"
+    );
+
+    // An order whose notification the webhook refuses: get, watch and the dead letter queue.
+    let (ok, order_id, err) =
+        orderflow(&pipeline, &["place", "--customer", "ops", "--line", "A=2"]);
+    assert!(ok, "{err}");
+    let order_id = order_id.trim().to_owned();
+    pipeline
+        .wait_for_terminal(std::slice::from_ref(&order_id), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let (ok, out, _) = orderflow(&pipeline, &["watch", &order_id]);
+    assert!(ok, "{out}");
+    for status in ["ACCEPTED", "RESERVED", "INVOICED", "DEAD_LETTERED"] {
+        assert!(out.contains(status), "{status} missing from\n{out}");
+    }
+    let (ok, out, _) = orderflow(&pipeline, &["get", &order_id]);
+    assert!(
+        ok && out.contains("DEAD_LETTERED (terminal)") && out.contains("invoice   #1"),
+        "{out}"
+    );
+    let (ok, out, _) = orderflow(&pipeline, &["get", &order_id, "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(ok && json["status"] == "DEAD_LETTERED", "{out}");
+    let (ok, out, _) = orderflow(&pipeline, &["dlq", "list"]);
+    assert!(
+        ok && out.contains(&order_id)
+            && out.contains("refused by the sink")
+            && out.contains("1 dead letter(s)"),
+        "{out}"
+    );
+    webhook.set_mode(orderflow_e2e::webhook::Mode::Accept);
+    let (ok, _, err) = orderflow(&pipeline, &["dlq", "replay", "--all"]);
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    let (ok, out, err) = orderflow(
+        &pipeline,
+        &["dlq", "replay", "--all", "--admin-token", TOKEN],
+    );
+    assert!(ok && out.contains("replayed 1"), "{out}{err}");
+    let (ok, out, _) = orderflow(&pipeline, &["watch", &order_id]);
+    assert!(ok && out.contains("NOTIFIED"), "{out}");
+    let (ok, _, err) = orderflow(&pipeline, &["get", "no-such-order"]);
+    assert!(!ok && err.contains("NotFound"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn load_counts_every_order_and_reports_its_latencies() {
+    use orderflow_proto::v1::NotificationKind;
+
+    let pipeline = Pipeline::start(PipelineOptions {
+        catalog: catalog(&[("A", 1000, 100_000), ("B", 250, 100_000)]),
+        with_notifier: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Closed loop, a fixed number of orders, a hot SKU and a share that will be rejected.
+    let (ok, out, err) = orderflow(
+        &pipeline,
+        &[
+            "load",
+            "--concurrency",
+            "16",
+            "--orders",
+            "300",
+            "--skus",
+            "A,B",
+            "--hot-sku",
+            "A",
+            "--hot-share",
+            "0.5",
+            "--reject-share",
+            "0.2",
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["sent"], 300, "{report}");
+    assert_eq!(report["accepted"], 300, "{report}");
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    assert_eq!(report["notified"], 300, "{report}");
+    for histogram in ["accept_latency_us", "placed_to_notified_us"] {
+        let h = &report[histogram];
+        assert_eq!(h["count"], 300, "{histogram}: {report}");
+        let (p50, p99, max) = (
+            h["p50"].as_u64().unwrap(),
+            h["p99"].as_u64().unwrap(),
+            h["max"].as_u64().unwrap(),
+        );
+        assert!(0 < p50 && p50 <= p99 && p99 <= max, "{histogram}: {report}");
+    }
+
+    // What the load generator counted is what the pipeline did: one notification per order, the
+    // rejected share rejected (unknown SKU) and the rest confirmed.
+    let notifications = pipeline.notifications().await.unwrap();
+    assert_eq!(notifications.len(), 300);
+    let orders: std::collections::HashSet<_> =
+        notifications.iter().map(|n| n.order_id.clone()).collect();
+    assert_eq!(orders.len(), 300);
+    let rejected = notifications
+        .iter()
+        .filter(|n| n.kind() == NotificationKind::Rejected)
+        .count();
+    let confirmed = notifications
+        .iter()
+        .filter(|n| n.kind() == NotificationKind::Confirmed)
+        .count();
+    assert!(rejected > 0 && confirmed > 0, "{rejected} / {confirmed}");
+    assert_eq!(rejected + confirmed, 300);
+
+    // Open loop with a count, without following the notifier; bad shapes are refused up front.
+    let (ok, out, err) = orderflow(
+        &pipeline,
+        &[
+            "load",
+            "--rate",
+            "500",
+            "--orders",
+            "100",
+            "--skus",
+            "A",
+            "--no-notified",
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["accepted"], 100, "{report}");
+    assert!(report["notified"].is_null(), "{report}");
+    let (ok, _, err) = orderflow(&pipeline, &["load", "--rate", "0", "--orders", "1"]);
+    assert!(!ok && err.contains("--rate"), "{err}");
 }

@@ -7,6 +7,11 @@
 //! when the victim is the receiver) is frozen with SIGSTOP while 8,000 orders are accepted; it is
 //! then thawed and killed right after its first group commit (at most ~3,000 events), so it dies in
 //! the middle of its backlog, with more orders still arriving.
+//!
+//! One run adds payment faults (30 % transient, 5 % declines) and kills the invoice stage while
+//! captures are being retried: every order still reaches exactly one terminal state, the gateway
+//! charged each order at most once (the retries and the restart reuse the order's idempotency key),
+//! each invoice matches its capture, and every capture of an order that was not invoiced is voided.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,7 +21,9 @@ use std::{
 };
 
 use orderflow_e2e::{Pipeline, PipelineOptions, Placed, catalog, line, place_all};
-use orderflow_proto::v1::{NotificationKind, OrderLine};
+use orderflow_proto::v1::{
+    ListCapturesRequest, ListDeadLettersRequest, NotificationKind, OrderLine, SetFaultsRequest,
+};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 const BACKLOG_ORDERS: usize = 8_000;
@@ -51,13 +58,27 @@ fn orders(n: usize, seed: u64) -> Vec<Vec<OrderLine>> {
         .collect()
 }
 
-async fn crash_and_recover(victim: &'static str) {
+/// Payment faults for the run with a flaky gateway.
+const PAYMENT_FAULTS: &[&str] = &[
+    "--gateway-transient-failure-rate",
+    "0.3",
+    "--gateway-decline-rate",
+    "0.05",
+    "--payment-backoff-min",
+    "5ms",
+    "--payment-backoff-max",
+    "50ms",
+];
+
+async fn crash_and_recover(victim: &'static str, invoice_args: &[&str]) {
     let mut items: Vec<(&str, i64, u64)> = SKUS.iter().map(|s| (*s, 199, PLENTY)).collect();
     items.push((SCARCE, 4_999, SCARCE_UNITS));
     let mut pipeline = Pipeline::start(PipelineOptions {
         catalog: catalog(&items),
         tax_rate_bps: 1_900,
         with_notifier: true,
+        invoice_args: invoice_args.iter().map(|a| (*a).to_owned()).collect(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -197,24 +218,146 @@ async fn crash_and_recover(victim: &'static str) {
             .any(|n| n.kind() == NotificationKind::Rejected),
         "the scarce item never ran out; the run did not exercise rejections"
     );
+    if !invoice_args.is_empty() {
+        check_payments(&pipeline, &notifications, &invoices).await;
+    }
+}
+
+/// The gateway charged every order at most once; each invoice is its order's capture; every
+/// capture of an order that failed payment is voided once the gateway answers reliably.
+async fn check_payments(
+    pipeline: &Pipeline,
+    notifications: &[orderflow_proto::v1::Notification],
+    invoices: &[orderflow_proto::v1::Invoice],
+) {
+    let failed: HashSet<&str> = notifications
+        .iter()
+        .filter(|n| n.kind() == NotificationKind::PaymentFailed)
+        .map(|n| n.order_id.as_str())
+        .collect();
+    assert!(!failed.is_empty(), "no payment failed at 5 % declines");
+    let mut invoice = pipeline.invoice().await;
+    invoice
+        .set_faults(SetFaultsRequest {
+            transient_failure_rate: Some(0.0),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let letters = loop {
+        let mut letters = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = invoice
+                .list_dead_letters(ListDeadLettersRequest {
+                    page_size: 1000,
+                    page_token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            letters.extend(page.dead_letters);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        if letters.iter().all(|l| l.resolved_at.is_some()) {
+            break letters;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refunds never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let dead: HashSet<&str> = letters.iter().map(|l| l.order_id.as_str()).collect();
+    assert_eq!(
+        dead, failed,
+        "the dead letters are exactly the failed payments"
+    );
+
+    let mut captures = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = invoice
+            .list_captures(ListCapturesRequest {
+                page_size: 1000,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        captures.extend(page.captures);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    let mut per_order: HashMap<&str, &orderflow_proto::v1::Capture> = HashMap::new();
+    for capture in &captures {
+        assert!(
+            per_order
+                .insert(capture.order_id.as_str(), capture)
+                .is_none(),
+            "order {} was charged twice",
+            capture.order_id
+        );
+    }
+    for invoice in invoices {
+        let capture = per_order
+            .get(invoice.order_id.as_str())
+            .unwrap_or_else(|| panic!("invoice {} has no capture", invoice.number));
+        assert_eq!(
+            invoice.payment.as_ref().map(|p| p.capture_id.as_str()),
+            Some(capture.capture_id.as_str())
+        );
+        assert_eq!(capture.amount, invoice.total);
+        assert!(capture.voided_at.is_none());
+    }
+    let invoiced: HashSet<&str> = invoices.iter().map(|i| i.order_id.as_str()).collect();
+    for capture in captures
+        .iter()
+        .filter(|c| !invoiced.contains(c.order_id.as_str()))
+    {
+        assert!(
+            capture.voided_at.is_some(),
+            "capture {} of failed order {} was not voided",
+            capture.capture_id,
+            capture.order_id
+        );
+    }
+    eprintln!(
+        "{} captures for {} invoices; {} payments failed, {} of them had been captured and were voided",
+        captures.len(),
+        invoices.len(),
+        failed.len(),
+        captures.len() - invoices.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_receiver_mid_stream() {
-    crash_and_recover("receiver").await;
+    crash_and_recover("receiver", &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_stock_mid_stream() {
-    crash_and_recover("stock").await;
+    crash_and_recover("stock", &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_invoice_mid_stream() {
-    crash_and_recover("invoice").await;
+    crash_and_recover("invoice", &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_notifier_mid_stream() {
-    crash_and_recover("notifier").await;
+    crash_and_recover("notifier", &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_invoice_while_payments_fail_and_retry() {
+    crash_and_recover("invoice", PAYMENT_FAULTS).await;
 }

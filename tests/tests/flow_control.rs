@@ -22,6 +22,7 @@ async fn backlog_waits_on_disk_and_drains() {
         catalog: catalog(&[("A", 100, 10_000_000), ("B", 250, 10_000_000)]),
         tax_rate_bps: 2_000,
         with_notifier: false,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -140,6 +141,7 @@ async fn largest_orders_drain_from_a_backlog() {
         catalog: named_catalog(&items),
         tax_rate_bps: 2_000,
         with_notifier: true,
+        ..Default::default()
     })
     .await
     .unwrap();

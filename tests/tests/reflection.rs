@@ -85,6 +85,7 @@ async fn every_binary_serves_reflection_and_health() {
         catalog: catalog(&[("A", 100, 1)]),
         tax_rate_bps: 0,
         with_notifier: true,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -92,7 +93,7 @@ async fn every_binary_serves_reflection_and_health() {
         (
             "receiver",
             "orderflow.v1.OrderReceiver",
-            &["GetOrder", "PlaceOrder"],
+            &["GetOrder", "PlaceOrder", "WatchOrder"],
         ),
         (
             "stock",
@@ -102,9 +103,20 @@ async fn every_binary_serves_reflection_and_health() {
         (
             "invoice",
             "orderflow.v1.InvoiceCreator",
-            &["GetInvoice", "ListInvoices"],
+            &[
+                "GetFaults",
+                "GetInvoice",
+                "ListCaptures",
+                "ListDeadLetters",
+                "ListInvoices",
+                "SetFaults",
+            ],
         ),
-        ("notifier", "orderflow.v1.Notifier", &["ListNotifications"]),
+        (
+            "notifier",
+            "orderflow.v1.Notifier",
+            &["ListDeadLetters", "ListNotifications", "ReplayDeadLetters"],
+        ),
     ];
     for (stage, service, methods) in expected {
         let addr = pipeline.stage(stage).addr.to_string();

@@ -16,7 +16,7 @@ use anyhow::Context;
 use console::{Style, style};
 use hdrhistogram::Histogram;
 use orderflow_proto::v1::{
-    AckRequest, Event, HeadRequest, ListStockRequest, OrderLine, PlaceOrderRequest, StockItem,
+    AckRequest, Event, HeadRequest, NotificationKind, OrderLine, PlaceOrderRequest, StockItem,
     SubscribeRequest, event::Kind, event_log_client::EventLogClient,
     order_receiver_client::OrderReceiverClient, stock_checker_client::StockCheckerClient,
 };
@@ -199,6 +199,7 @@ async fn customer(
         let request = PlaceOrderRequest {
             customer_id: name.clone(),
             lines: basket(),
+            idempotency_key: String::new(),
         };
         match client.place_order(request).await {
             Ok(_) => accepted.fetch_add(1, Ordering::Relaxed),
@@ -274,32 +275,22 @@ async fn watch(
 }
 
 async fn list_stock(pipeline: &Pipeline) -> anyhow::Result<Vec<StockItem>> {
-    let mut client = StockCheckerClient::connect(format!("http://{}", pipeline.stock)).await?;
-    let mut items = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_stock(ListStockRequest {
-                page_size: 1000,
-                page_token,
-            })
-            .await?
-            .into_inner();
-        items.extend(page.items);
-        if page.next_page_token.is_empty() {
-            return Ok(items);
-        }
-        page_token = page.next_page_token;
-    }
+    let client = StockCheckerClient::connect(format!("http://{}", pipeline.stock)).await?;
+    crate::stock::list_all(&client).await
 }
 
 /// Counts and latencies, printed as the final report.
 struct Report {
     confirmed: u64,
     rejected: u64,
+    payment_failed: u64,
+    dead_lettered: u64,
     /// Orders each stage's log has shown so far (receiver, stock, invoice, notifier): the four
     /// streams are independent, so the demo ends only when all of them have caught up.
     shown: [u64; 4],
+    /// Payment failures the invoice log showed, and releases of their stock the stock log showed.
+    failed_payments_shown: u64,
+    releases_shown: u64,
     latency_us: Histogram<u64>,
 }
 
@@ -308,19 +299,24 @@ impl Report {
         Ok(Report {
             confirmed: 0,
             rejected: 0,
+            payment_failed: 0,
+            dead_lettered: 0,
             shown: [0; 4],
+            failed_payments_shown: 0,
+            releases_shown: 0,
             // 1 µs to 10 min at 3 significant digits.
             latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)?,
         })
     }
 
     fn finished(&self) -> u64 {
-        self.confirmed + self.rejected
+        self.confirmed + self.rejected + self.payment_failed + self.dead_lettered
     }
 
-    /// Whether every stage has shown its step for `orders` orders.
+    /// Whether every stage has shown its step for `orders` orders, and every failed payment's stock
+    /// release.
     fn all_shown(&self, orders: u64) -> bool {
-        self.shown.iter().all(|&n| n >= orders)
+        self.shown.iter().all(|&n| n >= orders) && self.releases_shown >= self.failed_payments_shown
     }
 
     fn record(&mut self, started: Instant, step: Step) {
@@ -328,7 +324,8 @@ impl Report {
         let stage = ["receiver", "stock", "invoice", "notifier"]
             .iter()
             .position(|s| *s == step.stage);
-        if let (Some(i), Some(_)) = (stage, &event.kind) {
+        let first_step = !matches!(event.kind, Some(Kind::StockReleased(_)) | None);
+        if let (Some(i), true) = (stage, first_step) {
             self.shown[i] += 1;
         }
         let short = short_id(&event.order_id);
@@ -369,21 +366,58 @@ impl Report {
                     .total
                     .as_ref()
                     .map_or_else(String::new, ToString::to_string);
+                let attempts = invoice.payment.as_ref().map_or(1, |p| p.attempts);
+                let retried = if attempts > 1 {
+                    format!(", paid on attempt {attempts}")
+                } else {
+                    String::new()
+                };
                 (
                     "invoiced",
                     Style::new().magenta(),
-                    format!("#{:<5} total {total}", invoice.number),
+                    format!("#{:<5} total {total}{retried}", invoice.number),
+                )
+            }
+            Some(Kind::PaymentFailed(failed)) => {
+                self.failed_payments_shown += 1;
+                (
+                    "unpaid",
+                    Style::new().red(),
+                    format!(
+                        "payment failed after {} attempt(s): {}",
+                        failed.attempts, failed.last_error
+                    ),
+                )
+            }
+            Some(Kind::StockReleased(released)) => {
+                self.releases_shown += 1;
+                (
+                    "released",
+                    Style::new().blue(),
+                    format!("{} line(s) back in stock", released.lines.len()),
+                )
+            }
+            Some(Kind::NotificationDeadLettered(dead)) => {
+                self.dead_lettered += 1;
+                let reason = dead
+                    .dead_letter
+                    .as_ref()
+                    .map_or_else(String::new, |d| d.reason.clone());
+                (
+                    "undelivered",
+                    Style::new().red(),
+                    format!("dead-lettered: {reason}"),
                 )
             }
             Some(Kind::CustomerNotified(notified)) => {
                 let Some(notification) = &notified.notification else {
                     return;
                 };
-                let confirmed = notification.invoice_number != 0;
-                if confirmed {
-                    self.confirmed += 1;
-                } else {
-                    self.rejected += 1;
+                let kind = notification.kind();
+                match kind {
+                    NotificationKind::Confirmed => self.confirmed += 1,
+                    NotificationKind::PaymentFailed => self.payment_failed += 1,
+                    _ => self.rejected += 1,
                 }
                 if let (Some(placed), Some(at)) = (event.placed_at, event.at) {
                     let micros = (at.seconds - placed.seconds) * 1_000_000
@@ -393,10 +427,10 @@ impl Report {
                 (
                     "notified",
                     Style::new().green(),
-                    if confirmed {
-                        "confirmed".into()
-                    } else {
-                        "told it was rejected".into()
+                    match kind {
+                        NotificationKind::Confirmed => "confirmed".into(),
+                        NotificationKind::PaymentFailed => "told payment failed".into(),
+                        _ => "told it was rejected".into(),
                     },
                 )
             }
@@ -406,7 +440,7 @@ impl Report {
             "{}  {}  {}  {}",
             style(at).dim(),
             style(short).yellow(),
-            color.apply_to(format!("{label:<9}")),
+            color.apply_to(format!("{label:<11}")),
             detail
         );
     }
@@ -424,6 +458,13 @@ impl Report {
         }
         println!("confirmed           {:>8}", style(self.confirmed).green());
         println!("rejected            {:>8}", style(self.rejected).red());
+        println!(
+            "payment failed      {:>8}",
+            style(self.payment_failed).red()
+        );
+        if self.dead_lettered > 0 {
+            println!("dead-lettered       {:>8}", style(self.dead_lettered).red());
+        }
         println!(
             "throughput          {:>8.1} orders/s notified over {:.1} s",
             self.finished() as f64 / elapsed.as_secs_f64().max(0.001),

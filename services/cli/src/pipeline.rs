@@ -1,5 +1,6 @@
 //! The four stages in one process, wired to each other over loopback gRPC exactly as separate
-//! processes would be.
+//! processes would be: stock reads the receiver's and the invoice stage's logs, invoice reads stock's,
+//! the notifier reads invoice's, and the receiver follows all three for order progress.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -7,7 +8,9 @@ use std::{
 };
 
 use anyhow::Context;
-use orderflow_runtime::{ServeError, ServerArgs, UpstreamArgs, UpstreamUrl};
+use orderflow_invoice::{GatewayArgs, PaymentRetryArgs};
+use orderflow_notifier::{DeliveryRetryArgs, SinkArgs};
+use orderflow_runtime::{ServeError, ServerArgs, UpstreamArgs, UpstreamUrl, config::OptionalAddr};
 use orderflow_stock::CatalogSource;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +24,14 @@ pub struct PipelineConfig {
     pub ports: [u16; 4],
     pub catalog: CatalogSource,
     pub tax_rate_bps: u32,
+    pub gateway: GatewayArgs,
+    pub payment_retry: PaymentRetryArgs,
+    pub sink: SinkArgs,
+    pub delivery_retry: DeliveryRetryArgs,
+    /// Metrics of all four stages on one address.
+    pub metrics: Option<SocketAddr>,
+    /// The receiver's HTTP/JSON door.
+    pub http: Option<SocketAddr>,
 }
 
 /// A running in-process pipeline.
@@ -29,58 +40,89 @@ pub struct Pipeline {
     pub stock: SocketAddr,
     pub invoice: SocketAddr,
     pub notifier: SocketAddr,
+    /// Other addresses served (metrics, HTTP door), as `(what, address)`.
+    pub announced: Vec<(&'static str, String)>,
     shutdown: CancellationToken,
     stages: Vec<(&'static str, JoinHandle<Result<(), ServeError>>)>,
 }
 
-fn url(addr: SocketAddr) -> anyhow::Result<UpstreamArgs> {
-    let upstream: UpstreamUrl = format!("http://{addr}")
+fn url(addr: SocketAddr) -> anyhow::Result<UpstreamUrl> {
+    format!("http://{addr}")
         .parse()
-        .map_err(|e: String| anyhow::anyhow!(e))?;
-    Ok(UpstreamArgs { upstream })
+        .map_err(|e: String| anyhow::anyhow!(e))
+}
+
+/// The four stages' addresses: the given ports, or free ones found by binding and releasing them.
+fn addresses(host: IpAddr, ports: [u16; 4]) -> anyhow::Result<[SocketAddr; 4]> {
+    let mut held = Vec::new();
+    let mut out = [SocketAddr::new(host, 0); 4];
+    for (addr, port) in out.iter_mut().zip(ports) {
+        *addr = if port == 0 {
+            let probe = std::net::TcpListener::bind((host, 0)).context("finding a free port")?;
+            let found = probe.local_addr()?;
+            held.push(probe);
+            found
+        } else {
+            SocketAddr::new(host, port)
+        };
+    }
+    Ok(out)
 }
 
 impl Pipeline {
-    /// Binds all four stages (upstream first, so each downstream knows its upstream's address) and
-    /// starts serving; returns once every socket is bound and every store open.
+    /// Binds all four stages and starts serving; returns once every socket is bound and every store
+    /// open.
     pub async fn start(config: PipelineConfig) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
-        let server = |port: u16, stage: &str| {
-            ServerArgs::new(
-                SocketAddr::new(config.host, port),
-                config.data_dir.join(stage),
-            )
-        };
-        let receiver = orderflow_receiver::bind(orderflow_receiver::Config::new(server(
-            config.ports[0],
-            orderflow_receiver::STAGE,
-        )))
-        .await
-        .context("starting the receiver")?;
-        let receiver_addr = receiver.local_addr();
-        let stock = orderflow_stock::bind(orderflow_stock::Config::new(
-            server(config.ports[1], orderflow_stock::STAGE),
-            url(receiver_addr)?,
-            config.catalog.clone(),
-        ))
-        .await
-        .context("starting the stock checker")?;
-        let stock_addr = stock.local_addr();
-        let invoice = orderflow_invoice::bind(orderflow_invoice::Config::new(
-            server(config.ports[2], orderflow_invoice::STAGE),
+        let [receiver_addr, stock_addr, invoice_addr, notifier_addr] =
+            addresses(config.host, config.ports)?;
+        let server =
+            |addr: SocketAddr, stage: &str| ServerArgs::new(addr, config.data_dir.join(stage));
+        let mut receiver_args = server(receiver_addr, orderflow_receiver::STAGE);
+        receiver_args.metrics_listen = OptionalAddr(config.metrics);
+        let mut receiver_config = orderflow_receiver::Config::new(receiver_args).following(
             url(stock_addr)?,
-            config.tax_rate_bps,
-        ))
-        .await
-        .context("starting the invoice creator")?;
-        let invoice_addr = invoice.local_addr();
-        let notifier = orderflow_notifier::bind(orderflow_notifier::Config::new(
-            server(config.ports[3], orderflow_notifier::STAGE),
+            url(invoice_addr)?,
+            url(notifier_addr)?,
+        );
+        receiver_config.http_listen = OptionalAddr(config.http);
+        let receiver = orderflow_receiver::bind(receiver_config)
+            .await
+            .context("starting the receiver")?;
+        let stock = orderflow_stock::bind(orderflow_stock::Config::new(
+            server(stock_addr, orderflow_stock::STAGE),
+            UpstreamArgs {
+                upstream: url(receiver_addr)?,
+            },
+            config.catalog.clone(),
             url(invoice_addr)?,
         ))
         .await
-        .context("starting the notifier")?;
-        let notifier_addr = notifier.local_addr();
+        .context("starting the stock checker")?;
+        let mut invoice_config = orderflow_invoice::Config::new(
+            server(invoice_addr, orderflow_invoice::STAGE),
+            UpstreamArgs {
+                upstream: url(stock_addr)?,
+            },
+            config.tax_rate_bps,
+        );
+        invoice_config.gateway = config.gateway.clone();
+        invoice_config.retry = config.payment_retry.clone();
+        let invoice = orderflow_invoice::bind(invoice_config)
+            .await
+            .context("starting the invoice creator")?;
+        let mut notifier_config = orderflow_notifier::Config::new(
+            server(notifier_addr, orderflow_notifier::STAGE),
+            UpstreamArgs {
+                upstream: url(invoice_addr)?,
+            },
+        );
+        notifier_config.sink = config.sink.clone();
+        notifier_config.retry = config.delivery_retry.clone();
+        let notifier = orderflow_notifier::bind(notifier_config)
+            .await
+            .context("starting the notifier")?;
+        let announced = receiver.announced().to_vec();
         let stages = [
             ("receiver", receiver),
             ("stock", stock),
@@ -95,6 +137,7 @@ impl Pipeline {
             stock: stock_addr,
             invoice: invoice_addr,
             notifier: notifier_addr,
+            announced,
             shutdown,
             stages,
         })

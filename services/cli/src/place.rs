@@ -1,10 +1,11 @@
 //! `orderflow place`: one order, for people without grpcurl.
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use orderflow_proto::v1::{
     OrderLine, PlaceOrderRequest, order_receiver_client::OrderReceiverClient,
 };
-use tonic_types::StatusExt;
+
+use crate::client::{Connect, Stage, refused};
 
 /// A `sku=qty` command-line value.
 pub fn parse_line(s: &str) -> Result<OrderLine, String> {
@@ -22,40 +23,37 @@ pub fn parse_line(s: &str) -> Result<OrderLine, String> {
 }
 
 pub async fn place(
-    receiver: String,
+    connect: &Connect,
     customer: String,
     lines: Vec<OrderLine>,
+    idempotency_key: Option<String>,
 ) -> anyhow::Result<()> {
-    let mut client = OrderReceiverClient::connect(receiver.clone())
-        .await
-        .with_context(|| format!("cannot reach the receiver at {receiver} (--receiver)"))?;
+    let mut client = OrderReceiverClient::new(connect.channel(Stage::Receiver).await?);
     let response = client
         .place_order(PlaceOrderRequest {
             customer_id: customer,
             lines,
+            idempotency_key: idempotency_key.unwrap_or_default(),
         })
         .await;
     match response {
         Ok(response) => {
             let response = response.into_inner();
             println!("{}", response.order_id);
-            eprintln!("accepted at offset {}", response.offset);
+            if response.replayed {
+                eprintln!(
+                    "already placed with this idempotency key (offset {})",
+                    response.offset
+                );
+            } else {
+                eprintln!("accepted at offset {}", response.offset);
+            }
             Ok(())
         }
-        Err(status) => match status.get_details_bad_request() {
-            Some(bad) => {
-                eprintln!("the receiver refused the order ({:?}):", status.code());
-                for violation in bad.field_violations {
-                    eprintln!("  {}: {}", violation.field, violation.description);
-                }
-                bail!("the order was not accepted")
-            }
-            None => bail!(
-                "the order was not accepted ({:?}): {}",
-                status.code(),
-                status.message()
-            ),
-        },
+        Err(status) => {
+            eprintln!("{:#}", refused("placing the order", status));
+            bail!("the order was not accepted")
+        }
     }
 }
 

@@ -1,7 +1,12 @@
-//! `GetInvoice` and `ListInvoices`.
+//! `GetInvoice`, `ListInvoices` and `ListDeadLetters`.
 
-use orderflow_proto::v1::{GetInvoiceRequest, Invoice, ListInvoicesRequest, ListInvoicesResponse};
-use orderflow_runtime::{FieldViolations, NumericPage, PageFill, Store, StoreError, decode_record};
+use orderflow_proto::v1::{
+    GetInvoiceRequest, Invoice, ListDeadLettersRequest, ListDeadLettersResponse,
+    ListInvoicesRequest, ListInvoicesResponse,
+};
+use orderflow_runtime::{
+    FieldViolations, NumericPage, Store, StoreError, dead_letters, decode_record, status,
+};
 use tonic::Status;
 
 use crate::invoicing::{BY_ORDER, INVOICES, INVOICES_NAME};
@@ -32,7 +37,7 @@ pub(crate) async fn get_invoice(
         .await?;
     invoice.ok_or_else(|| {
         Status::not_found(format!(
-            "no invoice for order {} (unknown, rejected or not invoiced yet)",
+            "no invoice for order {} (unknown, rejected, payment failed or not paid yet)",
             request.order_id
         ))
     })
@@ -46,18 +51,8 @@ pub(crate) async fn list_invoices(
     store
         .call(move |store| {
             store.read(|read| {
-                let table = read.open_table(INVOICES)?;
-                let mut invoices: Vec<Invoice> = Vec::with_capacity(page.size);
-                let mut next_page_token = String::new();
-                let mut fill = PageFill::new(page.size);
-                for row in table.range(page.start..)? {
-                    let (number, bytes) = row?;
-                    if !fill.admit(bytes.value().len()) {
-                        next_page_token = number.value().to_string();
-                        break;
-                    }
-                    invoices.push(decode_record(INVOICES_NAME, number.value(), bytes.value())?);
-                }
+                let (invoices, next_page_token) =
+                    status::read_numeric_page(read, INVOICES, INVOICES_NAME, page)?;
                 Ok::<_, StoreError>(ListInvoicesResponse {
                     invoices,
                     next_page_token,
@@ -65,4 +60,11 @@ pub(crate) async fn list_invoices(
             })
         })
         .await
+}
+
+pub(crate) async fn list_dead_letters(
+    store: &Store,
+    request: ListDeadLettersRequest,
+) -> Result<ListDeadLettersResponse, Status> {
+    dead_letters::list(store, request).await
 }

@@ -1,35 +1,46 @@
-//! Turning stock events into invoices.
+//! Turning stock events into payments to capture.
 //!
-//! Tables: `invoices` (number → encoded `Invoice`), `invoice_by_order` (order id → number) and
-//! `invoice_counter` (`next` → the number the next invoice gets). All three move in the batch's one
-//! transaction, with the consumed offset, so numbers are gap-free and never reused across crashes.
+//! Tables: `invoices` (number → encoded `Invoice`) and `invoice_by_order` (order id → number), written
+//! when a payment is captured (see `payments`); `payment.pending`, the retry queue's table, written
+//! here. For each `StockReserved` this prices the order and schedules its payment, in the batch's one
+//! transaction with the consumed offset: a reservation is scheduled exactly once and survives any
+//! crash. `OrderRejected` is passed on for the notifier.
 
-use orderflow_proto::v1::{Invoice, InvoiceCreated, LogEntry, event::Kind};
-use orderflow_runtime::{Apply, Store, StoreError, Txn, follow_up, now_timestamp};
-use prost::Message;
+use orderflow_proto::v1::{Invoice, LogEntry, event::Kind};
+use orderflow_runtime::{
+    Apply, RetryQueue, Store, StoreError, Txn, follow_up, record_processed, telemetry,
+};
 use redb::{ReadableTable, TableDefinition};
 
-use crate::pricing::price;
+use crate::{
+    STAGE,
+    gateway::SimulatedGateway,
+    payments::{FAILED_BY_ORDER, PaymentTask, Payments},
+    pricing::price,
+};
 
 pub(crate) const INVOICES: TableDefinition<u64, &[u8]> = TableDefinition::new("invoices");
 pub(crate) const INVOICES_NAME: &str = "invoices";
 pub(crate) const BY_ORDER: TableDefinition<&str, u64> = TableDefinition::new("invoice_by_order");
-const COUNTER: TableDefinition<&str, u64> = TableDefinition::new("invoice_counter");
-const NEXT_NUMBER: &str = "next";
+
+/// The stage's payment queue.
+pub(crate) type PaymentQueue = RetryQueue<Payments<SimulatedGateway>>;
 
 /// Creates the tables so that queries on a new store find them empty.
-pub(crate) fn create_tables(store: &Store) -> Result<(), StoreError> {
+pub(crate) fn create_tables(store: &Store, queue: &PaymentQueue) -> Result<(), StoreError> {
     store.write(|txn| {
         txn.redb().open_table(INVOICES)?;
         txn.redb().open_table(BY_ORDER)?;
-        txn.redb().open_table(COUNTER)?;
-        Ok(())
+        crate::payments::create_tables(txn)?;
+        queue.create_table(txn)?;
+        queue.handler().refunds.create_table(txn)
     })
 }
 
-/// Invoices `StockReserved`, passes `OrderRejected` on, ignores the rest.
+/// Schedules payment for `StockReserved`, passes `OrderRejected` on, ignores the rest.
 pub(crate) struct InvoiceCreator {
     pub tax_rate_bps: u32,
+    pub payments: PaymentQueue,
 }
 
 impl Apply for InvoiceCreator {
@@ -39,43 +50,70 @@ impl Apply for InvoiceCreator {
         };
         match &event.kind {
             Some(Kind::StockReserved(reserved)) => {
-                let invoice = {
-                    let mut by_order = txn.redb().open_table(BY_ORDER)?;
-                    if by_order.get(event.order_id.as_str())?.is_some() {
-                        // Already invoiced: an upstream duplicate must not bill twice.
-                        tracing::warn!(order_id = %event.order_id, "duplicate reservation ignored");
-                        return Ok(());
-                    }
-                    let mut counter = txn.redb().open_table(COUNTER)?;
-                    let number = counter.get(NEXT_NUMBER)?.map_or(1, |v| v.value());
-                    counter.insert(NEXT_NUMBER, number + 1)?;
-                    let priced = price(&reserved.lines, self.tax_rate_bps);
-                    let invoice = Invoice {
-                        number,
-                        order_id: event.order_id.clone(),
-                        customer_id: event.customer_id.clone(),
-                        lines: priced.lines,
-                        subtotal: Some(priced.subtotal),
-                        tax_rate_bps: self.tax_rate_bps,
-                        tax: Some(priced.tax),
-                        total: Some(priced.total),
-                        created_at: Some(now_timestamp()),
-                    };
-                    by_order.insert(event.order_id.as_str(), number)?;
-                    txn.redb()
-                        .open_table(INVOICES)?
-                        .insert(number, invoice.encode_to_vec().as_slice())?;
-                    invoice
+                let settled = txn
+                    .redb()
+                    .open_table(BY_ORDER)?
+                    .get(event.order_id.as_str())?
+                    .is_some()
+                    || txn
+                        .redb()
+                        .open_table(FAILED_BY_ORDER)?
+                        .get(event.order_id.as_str())?
+                        .is_some();
+                if settled {
+                    // An upstream duplicate must not bill twice.
+                    tracing::warn!(order_id = %event.order_id, "duplicate reservation ignored");
+                    return Ok(());
+                }
+                let span = telemetry::order_span(
+                    STAGE,
+                    "price order",
+                    &event.order_id,
+                    &event.customer_id,
+                    &event.trace_context,
+                );
+                let priced = price(&reserved.lines, self.tax_rate_bps);
+                let invoice = Invoice {
+                    number: 0,
+                    order_id: event.order_id.clone(),
+                    customer_id: event.customer_id.clone(),
+                    lines: priced.lines,
+                    subtotal: Some(priced.subtotal),
+                    tax_rate_bps: self.tax_rate_bps,
+                    tax: Some(priced.tax),
+                    total: Some(priced.total),
+                    created_at: None,
+                    payment: None,
                 };
-                txn.append(&follow_up(
-                    event,
-                    Kind::InvoiceCreated(InvoiceCreated {
-                        invoice: Some(invoice),
-                    }),
-                ));
+                let task = PaymentTask {
+                    reserved: Some(event.clone()),
+                    invoice: Some(invoice),
+                };
+                self.payments.enqueue(
+                    txn,
+                    &event.order_id,
+                    &event.customer_id,
+                    &task,
+                    telemetry::inject(&span),
+                )?;
+                span.record("outcome", "payment scheduled");
+                record_processed(STAGE, "payment scheduled", event);
             }
             Some(Kind::OrderRejected(rejected)) => {
-                txn.append(&follow_up(event, Kind::OrderRejected(rejected.clone())));
+                let span = telemetry::order_span(
+                    STAGE,
+                    "pass rejection on",
+                    &event.order_id,
+                    &event.customer_id,
+                    &event.trace_context,
+                );
+                span.record("outcome", "rejected");
+                record_processed(STAGE, "rejection passed on", event);
+                txn.append(&follow_up(
+                    event,
+                    telemetry::inject(&span),
+                    Kind::OrderRejected(rejected.clone()),
+                ));
             }
             _ => {}
         }

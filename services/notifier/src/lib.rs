@@ -1,40 +1,53 @@
 //! The **notifier**: consumes the invoice stage's log and tells each customer how their order ended
-//! — confirmed with its invoice, or rejected with the reason per line. Every message is delivered
-//! through a sink (the structured log), recorded, and announced as the terminal `CustomerNotified`
-//! event, in the batch's one transaction.
+//! — confirmed with its invoice, rejected with the reason per line, or not paid. Every message goes
+//! through a sink (the structured log, a webhook, or a JSON-lines file) with retries, backoff and
+//! bounded concurrency; what cannot be delivered becomes a durable dead letter that an operator can
+//! list and replay. A delivered message is recorded and announced as the terminal
+//! `CustomerNotified` event.
 //!
 //! # Layout
-//! - [`Config`]: flags and env vars.
-//! - `render`: the customer-facing text of confirmations and rejections.
-//! - `notifying`: the `Apply` for invoice events, the log sink and the notification tables.
-//! - `list_notifications`: `ListNotifications`; `service` only delegates.
+//! - [`Config`]: flags and env vars, including the sink and the retry policy.
+//! - `render`: the customer-facing text of confirmations, rejections and payment failures.
+//! - `notifying`: the `Apply` for invoice events (schedule a delivery) and the stage's tables.
+//! - `delivery`: delivery attempts and settling them (record, or dead-letter).
+//! - `sinks`: log, webhook and file.
+//! - `list_notifications`, `dead_letters`: the RPCs; `service` only delegates.
 
+mod dead_letters;
+mod delivery;
 mod list_notifications;
 mod notifying;
 mod render;
 mod service;
+mod sinks;
 
-use std::sync::Arc;
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use clap::Parser;
+use clap::{Args, Parser};
 use orderflow_proto::v1::notifier_server::NotifierServer;
-use orderflow_runtime::{ServeError, ServerArgs, StageServer, Subscription, UpstreamArgs};
+use orderflow_runtime::{
+    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, RetryPolicy, RetryQueue, ServeError, ServerArgs,
+    StageServer, Subscription, UpstreamArgs,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 pub use render::reason as describe_rejection;
+pub use sinks::SinkKind;
 
 /// Name of the stage: its store file, logs and health.
 pub const STAGE: &str = "notifier";
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50054;
+/// Default metrics port.
+pub const DEFAULT_METRICS_PORT: u16 = 9454;
 
 /// Configuration of `orderflow-notifier`.
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "orderflow-notifier",
     version,
-    about = "orderflow notifier: tells customers whether their order was confirmed or rejected"
+    about = "orderflow notifier: tells customers how their order ended, with retries and dead letters"
 )]
 pub struct Config {
     #[command(flatten)]
@@ -42,11 +55,101 @@ pub struct Config {
 
     #[command(flatten)]
     pub upstream: UpstreamArgs,
+
+    #[command(flatten)]
+    pub sink: SinkArgs,
+
+    #[command(flatten)]
+    pub retry: DeliveryRetryArgs,
+}
+
+/// Where notifications go.
+#[derive(Args, Debug, Clone)]
+pub struct SinkArgs {
+    /// Where to deliver notifications
+    #[arg(long, env = "ORDERFLOW_SINK", value_enum, default_value_t = SinkKind::Log)]
+    pub sink: SinkKind,
+
+    /// URL the webhook sink POSTs each notification to
+    #[arg(long, env = "ORDERFLOW_WEBHOOK_URL", value_name = "URL")]
+    pub webhook_url: Option<String>,
+
+    /// How long one webhook call may take before it counts as a (retried) timeout
+    #[arg(long, env = "ORDERFLOW_WEBHOOK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub webhook_timeout: Duration,
+
+    /// File the file sink appends JSON lines to
+    #[arg(long, env = "ORDERFLOW_SINK_FILE", value_name = "PATH")]
+    pub sink_file: Option<PathBuf>,
+}
+
+impl Default for SinkArgs {
+    fn default() -> Self {
+        SinkArgs {
+            sink: SinkKind::Log,
+            webhook_url: None,
+            webhook_timeout: Duration::from_secs(5),
+            sink_file: None,
+        }
+    }
+}
+
+/// How deliveries are retried.
+#[derive(Args, Debug, Clone)]
+pub struct DeliveryRetryArgs {
+    /// Delivery attempts per notification at most, the first included
+    #[arg(long = "delivery-max-attempts", env = "ORDERFLOW_DELIVERY_MAX_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=100), value_name = "N")]
+    pub max_attempts: u32,
+
+    /// Pause before the first retry; it doubles per attempt, with jitter
+    #[arg(long = "delivery-backoff-min", env = "ORDERFLOW_DELIVERY_BACKOFF_MIN", default_value = "200ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub backoff_min: Duration,
+
+    /// Longest pause between two attempts (a longer Retry-After is still honoured, up to 1 h)
+    #[arg(long = "delivery-backoff-max", env = "ORDERFLOW_DELIVERY_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub backoff_max: Duration,
+
+    /// Deliveries in flight at most
+    #[arg(long = "delivery-concurrency", env = "ORDERFLOW_DELIVERY_CONCURRENCY", default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000), value_name = "N")]
+    pub concurrency: usize,
+
+    /// Notifications waiting for delivery at most before the stage stops reading the invoice log
+    #[arg(long = "delivery-max-pending", env = "ORDERFLOW_DELIVERY_MAX_PENDING", default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000), value_name = "N")]
+    pub max_pending: usize,
+}
+
+impl Default for DeliveryRetryArgs {
+    fn default() -> Self {
+        DeliveryRetryArgs {
+            max_attempts: 8,
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            concurrency: 64,
+            max_pending: 10_000,
+        }
+    }
+}
+
+impl DeliveryRetryArgs {
+    fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            backoff_min: self.backoff_min,
+            backoff_max: self.backoff_max.max(self.backoff_min),
+            concurrency: self.concurrency,
+            max_pending: self.max_pending,
+        }
+    }
 }
 
 impl Config {
     pub fn new(server: ServerArgs, upstream: UpstreamArgs) -> Self {
-        Config { server, upstream }
+        Config {
+            server,
+            upstream,
+            sink: SinkArgs::default(),
+            retry: DeliveryRetryArgs::default(),
+        }
     }
 
     /// From the command line and `ORDERFLOW_*` variables; exits with a message on a bad value.
@@ -54,6 +157,7 @@ impl Config {
         orderflow_runtime::parse_args(&[
             ("listen", format!("0.0.0.0:{DEFAULT_PORT}")),
             ("data_dir", format!("data/{STAGE}")),
+            ("metrics_listen", format!("0.0.0.0:{DEFAULT_METRICS_PORT}")),
             ("upstream", "http://127.0.0.1:50053".to_owned()),
         ])
     }
@@ -61,28 +165,64 @@ impl Config {
 
 /// Opens the notifier store and binds the socket.
 pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
-    let server = StageServer::bind(STAGE, config.server).await?;
+    let sink = sinks::Sink::new(
+        config.sink.sink,
+        config.sink.webhook_url.as_deref(),
+        config.sink.webhook_timeout,
+        config.sink.sink_file.as_deref(),
+    )
+    .map_err(ServeError::Config)?;
+    let tls = config.server.client_tls().map_err(ServeError::config)?;
+    let upstream = config
+        .upstream
+        .upstream
+        .endpoint(&tls)
+        .map_err(ServeError::config)?;
+    let server = StageServer::bind(STAGE, config.server)
+        .await?
+        .retain_for(&["receiver"])
+        .await?;
+    let deliveries = RetryQueue::new(
+        STAGE,
+        "delivery",
+        server.store().clone(),
+        Arc::new(delivery::Deliveries { sink }),
+        config.retry.policy(),
+    );
+    let tables = deliveries.clone();
     server
         .store()
-        .call(notifying::create_tables)
+        .call(move |store| notifying::create_tables(store, &tables))
         .await
         .map_err(|status| {
             ServeError::Config(format!("cannot prepare the store: {}", status.message()))
         })?;
-    let service = service::NotifierService::new(server.store().clone());
-    let subscription = Subscription {
-        consumer: STAGE.to_owned(),
-        upstream_name: "invoice".to_owned(),
-        upstream: config.upstream.upstream.endpoint(),
-        store: server.store().clone(),
-        applier: Arc::new(notifying::Notifier),
-    };
+    let service = service::NotifierService::new(
+        server.store().clone(),
+        deliveries.clone(),
+        server.admin_guard(),
+    );
+    let subscription = Subscription::new(
+        STAGE,
+        "invoice",
+        upstream,
+        server.store().clone(),
+        Arc::new(notifying::Notifier {
+            deliveries: deliveries.clone(),
+        }),
+    )
+    .with_admission(deliveries.admission());
     Ok(server
         .with_service(
-            Routes::new(NotifierServer::new(service)),
+            Routes::new(
+                NotifierServer::new(service)
+                    .max_decoding_message_size(MAX_REQUEST_BYTES)
+                    .max_encoding_message_size(MAX_RESPONSE_BYTES),
+            ),
             "orderflow.v1.Notifier",
         )
-        .with_task(move |shutdown| tokio::spawn(subscription.run(shutdown))))
+        .with_task(move |shutdown| tokio::spawn(subscription.run(shutdown)))
+        .with_task(move |shutdown| tokio::spawn(deliveries.run(shutdown))))
 }
 
 /// Runs the notifier until `shutdown`.

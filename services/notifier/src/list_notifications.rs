@@ -1,7 +1,7 @@
-//! `ListNotifications`: every notification by id, or those of one order.
+//! `ListNotifications`: every delivered notification by id, or those of one order.
 
-use orderflow_proto::v1::{ListNotificationsRequest, ListNotificationsResponse, Notification};
-use orderflow_runtime::{NumericPage, PageFill, Store, StoreError, decode_record};
+use orderflow_proto::v1::{ListNotificationsRequest, ListNotificationsResponse};
+use orderflow_runtime::{NumericPage, Store, StoreError, decode_record, status};
 use tonic::Status;
 
 use crate::notifying::{BY_ORDER, NOTIFICATIONS, NOTIFICATIONS_NAME};
@@ -15,38 +15,24 @@ pub(crate) async fn list_notifications(
     store
         .call(move |store| {
             store.read(|read| {
-                let table = read.open_table(NOTIFICATIONS)?;
-                let mut notifications: Vec<Notification> = Vec::new();
-                let mut next_page_token = String::new();
-                if !order_id.is_empty() {
-                    if let Some(id) = read.open_table(BY_ORDER)?.get(order_id.as_str())? {
-                        let id = id.value();
-                        if let Some(bytes) = table.get(id)? {
-                            notifications.push(decode_record(
-                                NOTIFICATIONS_NAME,
-                                id,
-                                bytes.value(),
-                            )?);
-                        }
-                    }
-                } else {
-                    let mut fill = PageFill::new(page.size);
-                    for row in table.range(page.start..)? {
-                        let (id, bytes) = row?;
-                        if !fill.admit(bytes.value().len()) {
-                            next_page_token = id.value().to_string();
-                            break;
-                        }
-                        notifications.push(decode_record(
-                            NOTIFICATIONS_NAME,
-                            id.value(),
-                            bytes.value(),
-                        )?);
+                if order_id.is_empty() {
+                    let (notifications, next_page_token) =
+                        status::read_numeric_page(read, NOTIFICATIONS, NOTIFICATIONS_NAME, page)?;
+                    return Ok(ListNotificationsResponse {
+                        notifications,
+                        next_page_token,
+                    });
+                }
+                let mut notifications = Vec::new();
+                if let Some(id) = read.open_table(BY_ORDER)?.get(order_id.as_str())? {
+                    let id = id.value();
+                    if let Some(bytes) = read.open_table(NOTIFICATIONS)?.get(id)? {
+                        notifications.push(decode_record(NOTIFICATIONS_NAME, id, bytes.value())?);
                     }
                 }
                 Ok::<_, StoreError>(ListNotificationsResponse {
                     notifications,
-                    next_page_token,
+                    next_page_token: String::new(),
                 })
             })
         })

@@ -1,41 +1,50 @@
-//! Turning invoice-stage events into customer notifications.
+//! Turning invoice-stage events into deliveries to make.
 //!
-//! Tables: `notifications` (id → encoded `Notification`, the id being the offset of its
-//! `CustomerNotified` event) and `notification_by_order` (order id → id). Both move in the batch's one
-//! transaction with the consumed offset, so each order is recorded and announced exactly once.
-//!
-//! Delivery to the log sink happens inside the transaction, before the commit: if the process dies
-//! between the two, the batch is applied again after restart and the log line is written again —
-//! at-least-once for the sink, exactly once for the record and the event.
+//! For each `InvoiceCreated`, `OrderRejected` or `PaymentFailed` this renders the customer's message
+//! and schedules its delivery (`delivery.pending`, the retry queue's table), in the batch's one
+//! transaction with the consumed offset: every order is scheduled exactly once, whatever crashes.
+//! Delivering, recording and announcing happen when the delivery settles (see `delivery`).
 
-use orderflow_proto::v1::{
-    CustomerNotified, LogEntry, Notification, NotificationKind, event::Kind,
-};
-use orderflow_runtime::{Apply, Store, StoreError, Txn, follow_up, now_timestamp};
-use prost::Message;
+use orderflow_proto::v1::{LogEntry, Notification, NotificationKind, event::Kind};
+use orderflow_runtime::{Apply, RetryQueue, Store, StoreError, Txn, record_processed, telemetry};
 use redb::{ReadableTable, TableDefinition};
 
-use crate::render;
+use crate::{
+    STAGE,
+    delivery::{Deliveries, DeliveryTask, idempotency_key},
+    render,
+};
 
 pub(crate) const NOTIFICATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("notifications");
 pub(crate) const NOTIFICATIONS_NAME: &str = "notifications";
 pub(crate) const BY_ORDER: TableDefinition<&str, u64> =
     TableDefinition::new("notification_by_order");
+/// Dead letter id → encoded `DeliveryTask`, what a replay delivers.
+pub(crate) const DEAD_LETTER_TASKS: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("dead_letter_tasks");
+/// order id → dead letter id.
+pub(crate) const DEAD_LETTER_BY_ORDER: TableDefinition<&str, u64> =
+    TableDefinition::new("dead_letter_by_order");
 
-/// Name of the only sink of this version.
-const LOG_SINK: &str = "log";
+/// The stage's delivery queue.
+pub(crate) type DeliveryQueue = RetryQueue<Deliveries>;
 
 /// Creates the tables so that queries on a new store find them empty.
-pub(crate) fn create_tables(store: &Store) -> Result<(), StoreError> {
+pub(crate) fn create_tables(store: &Store, queue: &DeliveryQueue) -> Result<(), StoreError> {
     store.write(|txn| {
         txn.redb().open_table(NOTIFICATIONS)?;
         txn.redb().open_table(BY_ORDER)?;
-        Ok(())
+        orderflow_runtime::dead_letters::create_table(txn)?;
+        txn.redb().open_table(DEAD_LETTER_TASKS)?;
+        txn.redb().open_table(DEAD_LETTER_BY_ORDER)?;
+        queue.create_table(txn)
     })
 }
 
-/// Notifies on `InvoiceCreated` and `OrderRejected`; ignores the rest.
-pub(crate) struct Notifier;
+/// Schedules a notification for every order that reached the end of the pipeline.
+pub(crate) struct Notifier {
+    pub deliveries: DeliveryQueue,
+}
 
 impl Apply for Notifier {
     fn apply(&self, txn: &mut Txn, entry: &LogEntry) -> Result<(), StoreError> {
@@ -59,48 +68,57 @@ impl Apply for Notifier {
                 render::rejection(&event.order_id, &rejected.lines),
                 0,
             ),
+            Some(Kind::PaymentFailed(failed)) => (
+                NotificationKind::PaymentFailed,
+                render::payment_failure(&event.order_id, failed),
+                0,
+            ),
             _ => return Ok(()),
         };
-        let mut by_order = txn.redb().open_table(BY_ORDER)?;
-        if by_order.get(event.order_id.as_str())?.is_some() {
+        let known = txn
+            .redb()
+            .open_table(BY_ORDER)?
+            .get(event.order_id.as_str())?
+            .is_some()
+            || txn
+                .redb()
+                .open_table(DEAD_LETTER_BY_ORDER)?
+                .get(event.order_id.as_str())?
+                .is_some();
+        if known {
             tracing::warn!(order_id = %event.order_id, "order already notified; duplicate ignored");
             return Ok(());
         }
+        let span = telemetry::order_span(
+            STAGE,
+            "notify customer",
+            &event.order_id,
+            &event.customer_id,
+            &event.trace_context,
+        );
         let notification = Notification {
-            id: txn.next_offset(),
+            id: 0,
             order_id: event.order_id.clone(),
             customer_id: event.customer_id.clone(),
             kind: kind.into(),
             message,
-            sink: LOG_SINK.to_owned(),
-            sent_at: Some(now_timestamp()),
-            attempts: 1,
+            sink: String::new(),
+            sent_at: None,
+            attempts: 0,
             invoice_number,
+            idempotency_key: idempotency_key(&event.order_id),
         };
-        deliver_to_log(&notification);
-        by_order.insert(event.order_id.as_str(), notification.id)?;
-        drop(by_order);
-        txn.redb()
-            .open_table(NOTIFICATIONS)?
-            .insert(notification.id, notification.encode_to_vec().as_slice())?;
-        txn.append(&follow_up(
-            event,
-            Kind::CustomerNotified(CustomerNotified {
-                notification: Some(notification),
-            }),
-        ));
+        let context = telemetry::inject(&span);
+        let task = DeliveryTask {
+            upstream: Some(event.clone()),
+            notification: Some(notification),
+            dead_letter_id: 0,
+            trace_context: context.clone(),
+        };
+        self.deliveries
+            .enqueue(txn, &event.order_id, &event.customer_id, &task, context)?;
+        span.record("outcome", "delivery scheduled");
+        record_processed(STAGE, "delivery scheduled", event);
         Ok(())
     }
-}
-
-/// The log sink: one structured line per message, target `orderflow::notification`.
-fn deliver_to_log(notification: &Notification) {
-    tracing::info!(
-        target: "orderflow::notification",
-        order_id = %notification.order_id,
-        customer_id = %notification.customer_id,
-        kind = notification.kind().as_str_name(),
-        message = %notification.message,
-        "customer notified"
-    );
 }

@@ -1,6 +1,8 @@
 //! The words the customer reads.
 
-use orderflow_proto::v1::{Invoice, LineRejection, RejectionReason};
+use orderflow_proto::v1::{
+    Invoice, LineRejection, PaymentFailed, PaymentFailureReason, RejectionReason,
+};
 
 /// "Your order … is confirmed: invoice #12, total 54.90 EUR (incl. 9.15 EUR tax)."
 pub(crate) fn confirmation(order_id: &str, invoice: &Invoice) -> String {
@@ -23,6 +25,18 @@ pub(crate) fn rejection(order_id: &str, lines: &[LineRejection]) -> String {
         "We could not accept your order {order_id}: {}. Nothing was charged.",
         reasons.join("; ")
     )
+}
+
+/// "We could not take payment for your order …: the card was declined. …"
+pub(crate) fn payment_failure(order_id: &str, failed: &PaymentFailed) -> String {
+    match failed.reason() {
+        PaymentFailureReason::Declined => format!(
+            "We could not take payment for your order {order_id}: your payment was declined. The items were released and nothing was charged."
+        ),
+        _ => format!(
+            "We could not take payment for your order {order_id}: our payment provider could not be reached. The items were released; should anything have been charged, it will be refunded."
+        ),
+    }
 }
 
 /// One line's reason, for the customer and for the CLI.
@@ -81,6 +95,14 @@ mod tests {
                 reason: RejectionReason::UnknownSku.into(),
             },
         ];
+        let declined = PaymentFailed {
+            reason: PaymentFailureReason::Declined.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            payment_failure("o3", &declined),
+            "We could not take payment for your order o3: your payment was declined. The items were released and nothing was charged."
+        );
         assert_eq!(
             rejection("o2", &lines),
             "We could not accept your order o2: LAMP: only 2 left (you asked for 3); GPU: out of stock; X: no such item. Nothing was charged."

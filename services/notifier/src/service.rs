@@ -1,18 +1,28 @@
 //! The `Notifier` tonic service: delegates each RPC to its own module.
 
 use orderflow_proto::v1::{
-    ListNotificationsRequest, ListNotificationsResponse, notifier_server::Notifier,
+    ListDeadLettersRequest, ListDeadLettersResponse, ListNotificationsRequest,
+    ListNotificationsResponse, ReplayDeadLettersRequest, ReplayDeadLettersResponse,
+    notifier_server::Notifier,
 };
-use orderflow_runtime::Store;
+use orderflow_runtime::{AdminGuard, Store, respond};
 use tonic::{Request, Response, Status};
+
+use crate::notifying::DeliveryQueue;
 
 pub(crate) struct NotifierService {
     store: Store,
+    deliveries: DeliveryQueue,
+    admin: AdminGuard,
 }
 
 impl NotifierService {
-    pub(crate) fn new(store: Store) -> Self {
-        NotifierService { store }
+    pub(crate) fn new(store: Store, deliveries: DeliveryQueue, admin: AdminGuard) -> Self {
+        NotifierService {
+            store,
+            deliveries,
+            admin,
+        }
     }
 }
 
@@ -22,8 +32,30 @@ impl Notifier for NotifierService {
         &self,
         request: Request<ListNotificationsRequest>,
     ) -> Result<Response<ListNotificationsResponse>, Status> {
-        crate::list_notifications::list_notifications(&self.store, request.into_inner())
-            .await
-            .map(Response::new)
+        respond(
+            crate::list_notifications::list_notifications(&self.store, request.into_inner()).await,
+        )
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        respond(crate::dead_letters::list_dead_letters(&self.store, request.into_inner()).await)
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        request: Request<ReplayDeadLettersRequest>,
+    ) -> Result<Response<ReplayDeadLettersResponse>, Status> {
+        self.admin.check(request.metadata(), "ReplayDeadLetters")?;
+        respond(
+            crate::dead_letters::replay_dead_letters(
+                &self.store,
+                &self.deliveries,
+                request.into_inner(),
+            )
+            .await,
+        )
     }
 }

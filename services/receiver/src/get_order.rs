@@ -1,48 +1,108 @@
-//! `GetOrder`: the order as the receiver accepted it.
+//! `GetOrder` and `WatchOrder`: an order and its progress, once or as it moves.
 
-use orderflow_proto::v1::{GetOrderRequest, GetOrderResponse, Order};
-use orderflow_runtime::{FieldViolations, Store, StoreError};
-use prost::Message;
+use std::sync::Arc;
+
+use orderflow_proto::v1::{GetOrderRequest, GetOrderResponse, Order, WatchOrderRequest};
+use orderflow_runtime::{FieldViolations, Store, StoreError, decode_record};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::intake::ORDERS;
+use crate::{
+    Receiver,
+    intake::{ORDERS, ORDERS_NAME},
+};
 
 pub(crate) async fn get_order(
     store: &Store,
     request: GetOrderRequest,
 ) -> Result<GetOrderResponse, Status> {
-    let mut violations = FieldViolations::new();
-    if request.order_id.is_empty() {
-        violations.add("order_id", "required");
-    }
-    violations.check()?;
-    let store = store.clone();
-    let id = request.order_id.clone();
-    let bytes = tokio::task::spawn_blocking(move || {
-        store.read(|read| {
-            let orders = match read.open_table(ORDERS) {
-                Ok(orders) => orders,
-                // No order was ever written.
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                Err(e) => return Err(StoreError::Storage(e.into())),
-            };
-            let row = orders
-                .get(id.as_str())
-                .map_err(|e| StoreError::Storage(e.into()))?;
-            Ok::<_, StoreError>(row.map(|v| v.value().to_vec()))
-        })
+    check_id(&request.order_id)?;
+    let order = read(store, &request.order_id).await?;
+    Ok(GetOrderResponse {
+        order: Some(order.ok_or_else(|| not_found(&request.order_id))?),
     })
-    .await
-    .map_err(|_| Status::internal("internal error"))??;
-    let Some(bytes) = bytes else {
-        return Err(Status::not_found(format!(
-            "no order with id {}",
-            request.order_id
-        )));
+}
+
+pub(crate) type OrderStream = ReceiverStream<Result<Order, Status>>;
+
+/// The order now, then after every change, until it is terminal, the caller leaves or the stage
+/// drains (then UNAVAILABLE, so the caller knows to watch again elsewhere).
+pub(crate) async fn watch_order(
+    receiver: Arc<Receiver>,
+    request: WatchOrderRequest,
+) -> Result<OrderStream, Status> {
+    check_id(&request.order_id)?;
+    let id = request.order_id;
+    // Subscribe before the first read, so no change in between is missed.
+    let mut changes = receiver.watchers.watch(&id);
+    let Some(first) = read(&receiver.store, &id).await? else {
+        drop(changes);
+        receiver.watchers.release(&id);
+        return Err(not_found(&id));
     };
-    let order = Order::decode(bytes.as_slice()).map_err(|e| {
-        tracing::error!(order_id = %request.order_id, error = %e, "stored order cannot be decoded");
-        Status::internal("internal storage error")
-    })?;
-    Ok(GetOrderResponse { order: Some(order) })
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut last = first;
+        let mut terminal = last.terminal;
+        if tx.send(Ok(last.clone())).await.is_err() {
+            terminal = true;
+        }
+        while !terminal {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                () = tx.closed() => break,
+                () = receiver.draining.cancelled() => {
+                    let _ = tx.send(Err(Status::unavailable("the receiver is shutting down; watch again"))).await;
+                    break;
+                }
+            }
+            match read(&receiver.store, &id).await {
+                Ok(Some(now)) if now != last => {
+                    terminal = now.terminal;
+                    if tx.send(Ok(now.clone())).await.is_err() {
+                        break;
+                    }
+                    last = now;
+                }
+                Ok(_) => {}
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
+            }
+        }
+        drop(changes);
+        receiver.watchers.release(&id);
+    });
+    Ok(ReceiverStream::new(rx))
+}
+
+fn check_id(order_id: &str) -> Result<(), Status> {
+    let mut violations = FieldViolations::new();
+    if order_id.is_empty() {
+        violations.add("order_id", "required");
+    } else if order_id.len() > 128 {
+        violations.add("order_id", "must be at most 128 bytes");
+    }
+    violations.check()
+}
+
+fn not_found(order_id: &str) -> Status {
+    Status::not_found(format!("no order with id {order_id}"))
+}
+
+pub(crate) async fn read(store: &Store, order_id: &str) -> Result<Option<Order>, Status> {
+    let id = order_id.to_owned();
+    store
+        .call(move |store| {
+            store.read(|read| {
+                let orders = read.open_table(ORDERS)?;
+                match orders.get(id.as_str())? {
+                    Some(bytes) => decode_record(ORDERS_NAME, &id, bytes.value()).map(Some),
+                    None => Ok::<_, StoreError>(None),
+                }
+            })
+        })
+        .await
 }

@@ -1,43 +1,68 @@
 //! The **receiver**: the door of the pipeline. `PlaceOrder` validates an order, makes its
 //! `OrderPlaced` event durable through group commit (concurrent calls share one fsync), and only then
-//! answers ACCEPTED. Its outbox is what the stock stage subscribes to.
+//! answers ACCEPTED. Its outbox is what the stock stage subscribes to. An idempotency key makes a
+//! retried call return the first call's order; a backlog the next stage has not consumed beyond
+//! `--max-backlog` turns new orders away with RESOURCE_EXHAUSTED, losing nothing already accepted.
 //!
-//! It does not check stock, price or notify: it only promises that an accepted order is on disk and
-//! will flow downstream.
+//! It also follows every order to its end: it subscribes to the stock, invoice and notifier logs (as
+//! any downstream would; no stage ever calls it) and keeps each order's progress, which `GetOrder`
+//! returns and `WatchOrder` streams. The same door is open over HTTP/JSON (`POST /v1/orders`,
+//! `GET /v1/orders/{id}`).
+//!
+//! It does not check stock, price or notify: it promises that an accepted order is on disk and will
+//! flow downstream.
 //!
 //! # Layout
 //! - [`Config`]: flags and env vars.
-//! - `intake`: the group-commit writer, the only code that writes orders.
+//! - `intake`: the group-commit writer, the only code that writes new orders and idempotency keys.
 //! - `validate`: the rules of a well-formed order, as field violations.
-//! - `place_order`, `get_order`: one file per RPC; `service` only delegates.
+//! - `progress`: order progress from the downstream logs, and the watchers waiting for it.
+//! - `place_order`, `get_order` (with `WatchOrder`): one file per RPC; `service` only delegates.
+//! - `http`: the HTTP/JSON door over the same functions.
 
 mod get_order;
+mod http;
 mod intake;
 mod place_order;
+mod progress;
 mod service;
 mod validate;
 
+use std::{sync::Arc, time::Duration};
+
 use clap::Parser;
 use orderflow_proto::v1::order_receiver_server::OrderReceiverServer;
-use orderflow_runtime::{ServeError, ServerArgs, StageServer};
+use orderflow_runtime::{
+    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, ServeError, ServerArgs, StageServer, Subscription,
+    UpstreamUrl, config::OptionalAddr,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-pub use validate::{MAX_CUSTOMER_ID, MAX_LINES, MAX_QUANTITY, MAX_SKU_CHARS};
+pub use http::order_json;
+pub use validate::{MAX_CUSTOMER_ID, MAX_IDEMPOTENCY_KEY, MAX_LINES, MAX_QUANTITY, MAX_SKU_CHARS};
 
 /// Name of the stage: its store file, logs and health.
 pub const STAGE: &str = "receiver";
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50051;
+/// Default port of the HTTP/JSON door.
+pub const DEFAULT_HTTP_PORT: u16 = 8080;
+/// Default metrics port.
+pub const DEFAULT_METRICS_PORT: u16 = 9451;
 /// Orders written in one group commit at most.
 pub const DEFAULT_MAX_COMMIT_BATCH: usize = 1000;
+/// Unconsumed orders at most before `PlaceOrder` answers RESOURCE_EXHAUSTED.
+pub const DEFAULT_MAX_BACKLOG: u64 = 1_000_000;
+/// How long an idempotency key is remembered.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// Configuration of `orderflow-receiver`.
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "orderflow-receiver",
     version,
-    about = "orderflow receiver: accepts orders and makes them durable"
+    about = "orderflow receiver: accepts orders, makes them durable and follows them to the end"
 )]
 pub struct Config {
     #[command(flatten)]
@@ -46,15 +71,75 @@ pub struct Config {
     /// Orders written in one group commit (one fsync) at most
     #[arg(long, env = "ORDERFLOW_MAX_COMMIT_BATCH", default_value_t = DEFAULT_MAX_COMMIT_BATCH, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000), value_name = "N")]
     pub max_commit_batch: usize,
+
+    /// Orders accepted but not yet consumed downstream at most; beyond it PlaceOrder answers
+    /// RESOURCE_EXHAUSTED with a retry hint
+    #[arg(long, env = "ORDERFLOW_MAX_BACKLOG", default_value_t = DEFAULT_MAX_BACKLOG, value_parser = clap::value_parser!(u64).range(1..), value_name = "N")]
+    pub max_backlog: u64,
+
+    /// How long an idempotency key is remembered
+    #[arg(long, env = "ORDERFLOW_IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub idempotency_window: Duration,
+
+    /// Address of the HTTP/JSON door (POST /v1/orders, GET /v1/orders/{id}), or `none`
+    #[arg(long, env = "ORDERFLOW_HTTP_LISTEN", value_name = "ADDR|none")]
+    pub http_listen: OptionalAddr,
+
+    /// The stock stage, whose log tells the receiver about reservations and rejections (`none`: do
+    /// not follow orders)
+    #[arg(long, env = "ORDERFLOW_STOCK_URL", value_name = "URL|none")]
+    pub stock_url: DownstreamUrl,
+
+    /// The invoice stage, whose log tells about invoices and payment failures (`none`: do not follow)
+    #[arg(long, env = "ORDERFLOW_INVOICE_URL", value_name = "URL|none")]
+    pub invoice_url: DownstreamUrl,
+
+    /// The notifier, whose log tells about notifications and dead letters (`none`: do not follow)
+    #[arg(long, env = "ORDERFLOW_NOTIFIER_URL", value_name = "URL|none")]
+    pub notifier_url: DownstreamUrl,
+}
+
+/// The URL of a stage the receiver follows, or `none`.
+#[derive(Debug, Clone)]
+pub struct DownstreamUrl(pub Option<UpstreamUrl>);
+
+impl std::str::FromStr for DownstreamUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" | "" => Ok(DownstreamUrl(None)),
+            url => url.parse().map(|u| DownstreamUrl(Some(u))),
+        }
+    }
 }
 
 impl Config {
-    /// Defaults for a receiver started from code.
+    /// Defaults for a receiver started from code: no HTTP door, not following any stage.
     pub fn new(server: ServerArgs) -> Self {
         Config {
             server,
             max_commit_batch: DEFAULT_MAX_COMMIT_BATCH,
+            max_backlog: DEFAULT_MAX_BACKLOG,
+            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
+            http_listen: OptionalAddr(None),
+            stock_url: DownstreamUrl(None),
+            invoice_url: DownstreamUrl(None),
+            notifier_url: DownstreamUrl(None),
         }
+    }
+
+    /// Follow orders through the stages at these addresses.
+    pub fn following(
+        mut self,
+        stock: UpstreamUrl,
+        invoice: UpstreamUrl,
+        notifier: UpstreamUrl,
+    ) -> Self {
+        self.stock_url = DownstreamUrl(Some(stock));
+        self.invoice_url = DownstreamUrl(Some(invoice));
+        self.notifier_url = DownstreamUrl(Some(notifier));
+        self
     }
 
     /// From the command line and `ORDERFLOW_*` variables; exits with a message on a bad value.
@@ -62,22 +147,126 @@ impl Config {
         orderflow_runtime::parse_args(&[
             ("listen", format!("0.0.0.0:{DEFAULT_PORT}")),
             ("data_dir", format!("data/{STAGE}")),
+            ("metrics_listen", format!("0.0.0.0:{DEFAULT_METRICS_PORT}")),
+            ("http_listen", format!("0.0.0.0:{DEFAULT_HTTP_PORT}")),
+            ("stock_url", "http://127.0.0.1:50052".to_owned()),
+            ("invoice_url", "http://127.0.0.1:50053".to_owned()),
+            ("notifier_url", "http://127.0.0.1:50054".to_owned()),
         ])
     }
 }
 
-/// Opens the receiver's store and binds its socket; serve the result with [`StageServer::serve`].
+/// What the RPCs and the HTTP door share.
+pub(crate) struct Receiver {
+    pub intake: intake::Intake,
+    pub store: orderflow_runtime::Store,
+    pub watchers: Arc<progress::Watchers>,
+    pub max_backlog: u64,
+    /// Cancelled when the stage drains: open watches end.
+    pub draining: CancellationToken,
+}
+
+/// Opens the receiver's store and binds its sockets; serve the result with [`StageServer::serve`].
 pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
-    let server = StageServer::bind(STAGE, config.server).await?;
-    let (intake, writer) = intake::Intake::start(server.store().clone(), config.max_commit_batch);
-    let service = service::OrderReceiverService::new(intake, server.store().clone());
+    let client_tls = config.server.client_tls().map_err(ServeError::config)?;
+    let mut server = StageServer::bind(STAGE, config.server.clone())
+        .await?
+        .retain_for(&["stock"])
+        .await?;
+    let store = server.store().clone();
+    store
+        .call(|store| {
+            store.write(|txn| {
+                txn.redb().open_table(intake::ORDERS)?;
+                intake::create_tables(txn)
+            })
+        })
+        .await
+        .map_err(|status| {
+            ServeError::config(format!("cannot prepare the store: {}", status.message()))
+        })?;
+    let (intake, writer) = intake::Intake::start(
+        store.clone(),
+        config.max_commit_batch,
+        config.idempotency_window,
+    );
+    let watchers = Arc::new(progress::Watchers::default());
+    let draining = CancellationToken::new();
+    let receiver = Arc::new(Receiver {
+        intake,
+        store: store.clone(),
+        watchers: watchers.clone(),
+        max_backlog: config.max_backlog,
+        draining: draining.clone(),
+    });
+
+    let mut followed = Vec::new();
+    for (name, url) in [
+        ("stock", &config.stock_url),
+        ("invoice", &config.invoice_url),
+        ("notifier", &config.notifier_url),
+    ] {
+        if let Some(url) = &url.0 {
+            let endpoint = url.endpoint(&client_tls).map_err(ServeError::config)?;
+            followed.push(
+                Subscription::new(
+                    STAGE,
+                    format!("progress.{name}"),
+                    endpoint,
+                    store.clone(),
+                    Arc::new(progress::Progress::new(name, watchers.clone())),
+                )
+                // Progress is derived from the other stages' logs: a crash may roll it back with its
+                // offsets, to be derived again, so it need not cost an fsync per batch.
+                .lazy(),
+            );
+        }
+    }
+
+    if let Some(addr) = config.http_listen.0 {
+        let door = http::Door::bind(addr, server.tls_identity().cloned(), receiver.clone())
+            .await
+            .map_err(ServeError::config)?;
+        let scheme = if server.tls_identity().is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        server = server.announce("http", format!("{scheme}://{}", door.local_addr()));
+        let grace = config.server.shutdown_grace;
+        server = server.with_task(move |shutdown| tokio::spawn(door.serve(shutdown, grace)));
+    }
+
+    let service = service::OrderReceiverService::new(receiver);
+    let mut server = server.with_service(
+        Routes::new(
+            OrderReceiverServer::new(service)
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+        ),
+        "orderflow.v1.OrderReceiver",
+    );
+    for subscription in followed {
+        server = server.with_task(move |shutdown| tokio::spawn(subscription.run(shutdown)));
+    }
+    let sweeper_store = store.clone();
+    let window = config.idempotency_window;
     Ok(server
-        .with_service(
-            Routes::new(OrderReceiverServer::new(service)),
-            "orderflow.v1.OrderReceiver",
-        )
-        // The writer ends by itself once the service (the last sender) is gone, after committing
-        // every order it was handed.
+        .with_task(move |shutdown| {
+            tokio::spawn(intake::sweep_idempotency_keys(
+                sweeper_store,
+                window,
+                shutdown,
+            ))
+        })
+        .with_task(move |shutdown| {
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                draining.cancel();
+            })
+        })
+        // The writer ends by itself once the service and the HTTP door (its senders) are gone, after
+        // committing every order it was handed.
         .with_task(move |_| writer))
 }
 

@@ -1,43 +1,122 @@
-//! `PlaceOrder`: validate, stamp, make durable, answer.
+//! `PlaceOrder`: validate, check the backlog, stamp, make durable (or find the order an earlier call
+//! with the same idempotency key made), answer.
+
+use std::time::{Duration, Instant};
 
 use orderflow_proto::v1::{
-    Event, Order, OrderPlaced, OrderStatus, PlaceOrderRequest, PlaceOrderResponse, event,
+    Event, Order, OrderPlaced, OrderStatus, OrderTransition, PlaceOrderRequest, PlaceOrderResponse,
+    event,
 };
-use tonic::Status;
+use orderflow_runtime::{metrics as names, telemetry};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{intake::Intake, validate::validate};
+use crate::{
+    Receiver, STAGE,
+    intake::{NewOrder, request_hash, scoped_key},
+    validate::validate,
+};
+
+/// How long a caller refused for backlog is told to wait before retrying.
+const BACKLOG_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 pub(crate) async fn place_order(
-    intake: &Intake,
+    receiver: &Receiver,
+    request: PlaceOrderRequest,
+) -> Result<PlaceOrderResponse, Status> {
+    let started = Instant::now();
+    let result = place(receiver, request).await;
+    match &result {
+        Ok(_) => metrics::histogram!(names::PLACE_ORDER_SECONDS, "stage" => STAGE)
+            .record(started.elapsed().as_secs_f64()),
+        Err(status) => metrics::counter!(
+            names::ORDERS_REFUSED,
+            "stage" => STAGE,
+            "code" => format!("{:?}", status.code())
+        )
+        .increment(1),
+    }
+    result
+}
+
+async fn place(
+    receiver: &Receiver,
     request: PlaceOrderRequest,
 ) -> Result<PlaceOrderResponse, Status> {
     validate(&request)?;
+    let backlog = receiver.store.unconsumed();
+    if backlog >= receiver.max_backlog {
+        return Err(backlog_full(backlog, receiver.max_backlog));
+    }
+    let span = tracing::Span::current();
     let order_id = uuid::Uuid::now_v7().to_string();
     let placed_at = orderflow_runtime::now_timestamp();
     let customer_id = request.customer_id.trim().to_owned();
+    span.record("order.id", order_id.as_str());
+    span.record("customer.id", customer_id.as_str());
+    let idempotency = (!request.idempotency_key.is_empty()).then(|| {
+        (
+            scoped_key(&customer_id, &request.idempotency_key),
+            request_hash(&request),
+        )
+    });
     let order = Order {
         order_id: order_id.clone(),
         customer_id: customer_id.clone(),
         lines: request.lines.clone(),
         placed_at: Some(placed_at),
         status: OrderStatus::Accepted.into(),
-        offset: 0,
+        transitions: vec![OrderTransition {
+            status: OrderStatus::Accepted.into(),
+            at: Some(placed_at),
+            stage: STAGE.into(),
+        }],
+        ..Default::default()
     };
     let event = Event {
         order_id: order_id.clone(),
         customer_id,
         at: Some(placed_at),
         placed_at: Some(placed_at),
-        trace_context: Default::default(),
+        trace_context: telemetry::inject(&span),
         kind: Some(event::Kind::OrderPlaced(OrderPlaced {
             lines: request.lines,
         })),
     };
-    let offset = intake.submit(order, event).await?;
-    tracing::debug!(order_id = %order_id, offset, "order accepted");
+    let accepted = receiver
+        .intake
+        .submit(NewOrder {
+            order,
+            event,
+            idempotency,
+        })
+        .await?;
+    if accepted.replayed {
+        span.record("order.id", accepted.order_id.as_str());
+        tracing::debug!(order_id = %accepted.order_id, "idempotent retry answered with the first order");
+    } else {
+        metrics::counter!(names::EVENTS_PROCESSED, "stage" => STAGE, "outcome" => "accepted")
+            .increment(1);
+        tracing::debug!(order_id = %accepted.order_id, offset = accepted.offset, "order accepted");
+    }
     Ok(PlaceOrderResponse {
-        order_id,
+        order_id: accepted.order_id,
         status: OrderStatus::Accepted.into(),
-        offset,
+        offset: accepted.offset,
+        replayed: accepted.replayed,
     })
+}
+
+/// RESOURCE_EXHAUSTED with a google.rpc.RetryInfo.
+fn backlog_full(backlog: u64, max: u64) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_retry_info(Some(BACKLOG_RETRY_AFTER));
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!(
+            "the pipeline is behind: {backlog} accepted orders are not consumed yet (limit {max}, --max-backlog); retry in {} s",
+            BACKLOG_RETRY_AFTER.as_secs()
+        ),
+        details,
+    )
 }

@@ -1,22 +1,23 @@
 //! The `OrderReceiver` tonic service: delegates each RPC to its own module.
 
+use std::sync::Arc;
+
 use orderflow_proto::v1::{
-    GetOrderRequest, GetOrderResponse, PlaceOrderRequest, PlaceOrderResponse,
+    GetOrderRequest, GetOrderResponse, PlaceOrderRequest, PlaceOrderResponse, WatchOrderRequest,
     order_receiver_server::OrderReceiver,
 };
-use orderflow_runtime::Store;
+use orderflow_runtime::respond;
 use tonic::{Request, Response, Status};
 
-use crate::intake::Intake;
+use crate::{Receiver, get_order::OrderStream};
 
 pub(crate) struct OrderReceiverService {
-    intake: Intake,
-    store: Store,
+    receiver: Arc<Receiver>,
 }
 
 impl OrderReceiverService {
-    pub(crate) fn new(intake: Intake, store: Store) -> Self {
-        OrderReceiverService { intake, store }
+    pub(crate) fn new(receiver: Arc<Receiver>) -> Self {
+        OrderReceiverService { receiver }
     }
 }
 
@@ -26,17 +27,22 @@ impl OrderReceiver for OrderReceiverService {
         &self,
         request: Request<PlaceOrderRequest>,
     ) -> Result<Response<PlaceOrderResponse>, Status> {
-        crate::place_order::place_order(&self.intake, request.into_inner())
-            .await
-            .map(Response::new)
+        respond(crate::place_order::place_order(&self.receiver, request.into_inner()).await)
     }
 
     async fn get_order(
         &self,
         request: Request<GetOrderRequest>,
     ) -> Result<Response<GetOrderResponse>, Status> {
-        crate::get_order::get_order(&self.store, request.into_inner())
-            .await
-            .map(Response::new)
+        respond(crate::get_order::get_order(&self.receiver.store, request.into_inner()).await)
+    }
+
+    type WatchOrderStream = OrderStream;
+
+    async fn watch_order(
+        &self,
+        request: Request<WatchOrderRequest>,
+    ) -> Result<Response<Self::WatchOrderStream>, Status> {
+        respond(crate::get_order::watch_order(self.receiver.clone(), request.into_inner()).await)
     }
 }

@@ -14,6 +14,8 @@ pub const MAX_LINES: usize = 100;
 pub const MAX_QUANTITY: u32 = 10_000;
 /// Longest sku, in characters.
 pub const MAX_SKU_CHARS: usize = 64;
+/// Longest idempotency key, in characters (visible ASCII only).
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 
 /// Checks `request` against every rule; `Err` is INVALID_ARGUMENT naming each bad field.
 pub fn validate(request: &PlaceOrderRequest) -> Result<(), tonic::Status> {
@@ -59,6 +61,18 @@ pub fn validate(request: &PlaceOrderRequest) -> Result<(), tonic::Status> {
             );
         }
     }
+    let key = &request.idempotency_key;
+    if key.len() > MAX_IDEMPOTENCY_KEY {
+        violations.add(
+            "idempotency_key",
+            format!("must be at most {MAX_IDEMPOTENCY_KEY} characters"),
+        );
+    } else if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        violations.add(
+            "idempotency_key",
+            "may only contain visible ASCII characters",
+        );
+    }
     violations.check()
 }
 
@@ -96,6 +110,7 @@ mod tests {
         let ok = || PlaceOrderRequest {
             customer_id: "alice".into(),
             lines: vec![line("A", 1), line("B", MAX_QUANTITY)],
+            idempotency_key: String::new(),
         };
         let cases: Vec<(&str, PlaceOrderRequest, Vec<&str>)> = vec![
             ("valid", ok(), vec![]),
@@ -155,6 +170,30 @@ mod tests {
                     ..ok()
                 },
                 vec!["lines[2].sku"],
+            ),
+            (
+                "idempotency key too long",
+                PlaceOrderRequest {
+                    idempotency_key: "k".repeat(MAX_IDEMPOTENCY_KEY + 1),
+                    ..ok()
+                },
+                vec!["idempotency_key"],
+            ),
+            (
+                "idempotency key with a space",
+                PlaceOrderRequest {
+                    idempotency_key: "a b".into(),
+                    ..ok()
+                },
+                vec!["idempotency_key"],
+            ),
+            (
+                "128-character idempotency key is fine",
+                PlaceOrderRequest {
+                    idempotency_key: "k".repeat(MAX_IDEMPOTENCY_KEY),
+                    ..ok()
+                },
+                vec![],
             ),
             (
                 "64 multibyte characters is fine",

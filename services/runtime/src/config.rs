@@ -9,12 +9,12 @@ use std::{
 };
 
 use clap::{
-    Args, Parser,
+    Args, Parser, Subcommand,
     error::{ContextKind, ContextValue},
 };
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 
-use crate::eventlog::Retention;
+use crate::{auth::AdminToken, eventlog::Retention, telemetry::LogFormat, tls};
 
 /// Entries an outbox keeps at most, acknowledged or not.
 pub const DEFAULT_RETENTION_MAX_ENTRIES: u64 = 10_000_000;
@@ -39,6 +39,107 @@ pub struct ServerArgs {
     /// How long to wait for in-flight requests and streams on SIGTERM before closing them
     #[arg(long, env = "ORDERFLOW_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub shutdown_grace: Duration,
+
+    /// Consumers the outbox is kept for even before they first acknowledge (comma-separated, or
+    /// `none`); any other consumer is kept for once it acknowledges. Default: the stages that read
+    /// this stage's log
+    #[arg(long, env = "ORDERFLOW_RETAIN_FOR", value_name = "NAMES", value_parser = parse_consumers)]
+    pub retain_for: Option<Vec<String>>,
+
+    /// Address to serve Prometheus metrics on (`GET /metrics`), or `none`
+    #[arg(
+        long,
+        env = "ORDERFLOW_METRICS_LISTEN",
+        default_value = "none",
+        value_name = "ADDR|none"
+    )]
+    pub metrics_listen: OptionalAddr,
+
+    /// Log line format on stderr
+    #[arg(long, env = "ORDERFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Token that admin RPCs (SetStock, SetFaults, ReplayDeadLetters) require as
+    /// `authorization: Bearer <token>`; unset: admin RPCs are open
+    #[arg(
+        long,
+        env = "ORDERFLOW_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<AdminToken>,
+
+    /// PEM certificate chain to serve TLS with (needs --tls-key)
+    #[arg(
+        long,
+        env = "ORDERFLOW_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert
+    #[arg(
+        long,
+        env = "ORDERFLOW_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s) to trust when connecting to other stages over https:// (default: the
+    /// public web roots)
+    #[arg(long, env = "ORDERFLOW_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<StageCommand>,
+}
+
+/// What a stage binary can do besides serving.
+#[derive(Subcommand, Debug, Clone)]
+pub enum StageCommand {
+    /// Ask the stage configured by these flags and variables (on its --listen port, over TLS if it
+    /// serves TLS) whether it is SERVING; exit 0 if so, 1 otherwise. For container health checks.
+    Health {
+        /// Give up after this long
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+/// `a,b,c` (or `none`) as consumer names.
+fn parse_consumers(s: &str) -> Result<Vec<String>, String> {
+    if s.trim() == "none" {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = s
+        .split(',')
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty())
+        .collect();
+    if names.iter().any(|n| n.len() > 128) {
+        return Err("a consumer name has at most 128 bytes".into());
+    }
+    Ok(names)
+}
+
+/// A socket address, or `none` for "do not serve this".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+impl FromStr for OptionalAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" | "off" | "" => Ok(OptionalAddr(None)),
+            addr => addr
+                .parse()
+                .map(|a| OptionalAddr(Some(a)))
+                .map_err(|e| format!("expected HOST:PORT or `none`: {e}")),
+        }
+    }
 }
 
 impl ServerArgs {
@@ -50,7 +151,20 @@ impl ServerArgs {
             data_dir: data_dir.into(),
             retention_max_entries: DEFAULT_RETENTION_MAX_ENTRIES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            retain_for: None,
+            metrics_listen: OptionalAddr(None),
+            log_format: LogFormat::Text,
+            admin_token: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            command: None,
         }
+    }
+
+    /// The TLS settings for connections to other stages (`--tls-ca`).
+    pub fn client_tls(&self) -> Result<ClientTlsConfig, String> {
+        tls::client_config(self.tls_ca.as_deref())
     }
 
     pub fn retention(&self) -> Retention {
@@ -74,16 +188,10 @@ pub struct UpstreamArgs {
 pub struct UpstreamUrl(String);
 
 impl UpstreamUrl {
-    /// A tonic endpoint for it, with connect timeout and keep-alives set.
-    pub fn endpoint(&self) -> Endpoint {
-        // Validated in `from_str`, so building the endpoint again cannot fail.
-        Endpoint::from_shared(self.0.clone())
-            .unwrap_or_else(|_| Endpoint::from_static("http://invalid.invalid"))
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
+    /// A tonic endpoint for it, with connect timeout and keep-alives set, and `tls` applied when the
+    /// URL is `https://`.
+    pub fn endpoint(&self, tls: &ClientTlsConfig) -> Result<Endpoint, String> {
+        tls::endpoint(&self.0, tls)
     }
 
     pub fn as_str(&self) -> &str {

@@ -195,8 +195,14 @@ pub struct Retention {
 const TRIM_CHUNK: u64 = 10_000;
 
 /// Deletes outbox entries every registered consumer has acknowledged, and any beyond
-/// `retention.max_entries`, until `shutdown`.
-pub async fn run_retention(store: Store, retention: Retention, shutdown: CancellationToken) {
+/// `retention.max_entries`, until `shutdown`; reports the outbox's size and backlog as metrics on the
+/// same tick.
+pub async fn run_retention(
+    stage: &'static str,
+    store: Store,
+    retention: Retention,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(retention.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -204,8 +210,9 @@ pub async fn run_retention(store: Store, retention: Retention, shutdown: Cancell
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let store = store.clone();
+        let reader = store.clone();
         let trimmed = blocking(move || -> Result<u64, crate::store::StoreError> {
+            let store = reader;
             let (first, next) = store.bounds()?;
             let acked = store.consumers()?.into_iter().map(|(_, o)| o).min();
             let by_ack = acked.unwrap_or(first);
@@ -226,6 +233,14 @@ pub async fn run_retention(store: Store, retention: Retention, shutdown: Cancell
             Ok(Ok(0)) | Err(_) => {}
             Ok(Ok(n)) => tracing::debug!(entries = n, "retention trimmed the outbox"),
             Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
+        }
+        let reader = store.clone();
+        if let Ok(Ok((first, next))) = blocking(move || reader.bounds()).await {
+            metrics::gauge!(crate::metrics::OUTBOX_ENTRIES, "stage" => stage)
+                .set((next - first) as f64);
+            metrics::gauge!(crate::metrics::OUTBOX_NEXT_OFFSET, "stage" => stage).set(next as f64);
+            metrics::gauge!(crate::metrics::BACKLOG, "stage" => stage)
+                .set(store.unconsumed() as f64);
         }
     }
 }

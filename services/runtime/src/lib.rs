@@ -14,26 +14,40 @@
 //! - [`status`]: gRPC statuses for store errors and field violations; paging.
 //! - [`shutdown`], [`telemetry`]: signals and logging.
 
+pub mod auth;
 pub mod config;
+pub mod dead_letters;
 pub mod eventlog;
+pub mod group_commit;
+pub mod health;
+pub mod metrics;
+pub mod retry;
 pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod store;
 pub mod subscription;
 pub mod telemetry;
+pub mod tls;
 
-pub use config::{ServerArgs, UpstreamArgs, UpstreamUrl, parse_args};
-pub use server::{ServeError, StageServer, run_main};
+pub use auth::{AdminGuard, AdminToken};
+pub use config::{ServerArgs, StageCommand, UpstreamArgs, UpstreamUrl, parse_args};
+pub use group_commit::GroupCommit;
+pub use retry::{Attempt, Failure, Handler, Outcome, RetryPolicy, RetryQueue};
+pub use server::{
+    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, ServeError, StageServer, respond, run_main,
+};
 pub use shutdown::shutdown_on_signal;
 pub use status::{FieldViolations, NumericPage, PageFill};
-pub use store::{Store, StoreError, Txn, decode_record};
-pub use subscription::{Apply, Subscription};
+pub use store::{Commit, Store, StoreError, Txn, decode_record};
+pub use subscription::{Admission, Apply, Subscription};
 
-/// The event a stage emits about the order `upstream` is about: same order, customer, placement time
-/// and trace context, stamped now, with the stage's own payload.
+/// The event a stage emits about the order `upstream` is about: same order, customer and placement
+/// time, stamped now, with the stage's own payload and `trace_context` — that of the stage's span for
+/// this order ([`telemetry::inject`]), so the next stage's span becomes its child.
 pub fn follow_up(
     upstream: &orderflow_proto::v1::Event,
+    trace_context: std::collections::HashMap<String, String>,
     kind: orderflow_proto::v1::event::Kind,
 ) -> orderflow_proto::v1::Event {
     orderflow_proto::v1::Event {
@@ -41,9 +55,46 @@ pub fn follow_up(
         customer_id: upstream.customer_id.clone(),
         at: Some(now_timestamp()),
         placed_at: upstream.placed_at,
-        trace_context: upstream.trace_context.clone(),
+        trace_context,
         kind: Some(kind),
     }
+}
+
+/// Counts an event processed by `stage` with `outcome`, and the time since `upstream` was committed.
+pub fn record_processed(
+    stage: &'static str,
+    outcome: &'static str,
+    upstream: &orderflow_proto::v1::Event,
+) {
+    ::metrics::counter!(metrics::EVENTS_PROCESSED, "stage" => stage, "outcome" => outcome)
+        .increment(1);
+    if let Some(at) = upstream
+        .at
+        .and_then(|at| std::time::SystemTime::try_from(at).ok())
+        && let Ok(elapsed) = std::time::SystemTime::now().duration_since(at)
+    {
+        ::metrics::histogram!(metrics::HOP_SECONDS, "stage" => stage).record(elapsed.as_secs_f64());
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `error: cause: cause…` — the whole source chain in one line, since many transport errors say
+/// little more than "transport error" on their own.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The current time as a protobuf timestamp.

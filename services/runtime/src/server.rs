@@ -1,10 +1,15 @@
 //! A stage's gRPC server: the stage's own service plus what every stage serves the same way —
-//! `orderflow.v1.EventLog` over its outbox, `grpc.health.v1`, and reflection (v1 and v1alpha).
+//! `orderflow.v1.EventLog` over its outbox, `grpc.health.v1`, reflection (v1 and v1alpha), and
+//! Prometheus metrics on their own port.
 //!
-//! [`StageServer::bind`] opens the store and binds the socket (so callers learn the address before
-//! serving); [`StageServer::serve`] runs until the shutdown token is cancelled, then drains: health
-//! turns NOT_SERVING, the listener stops accepting, `Subscribe` streams end, in-flight calls finish
-//! within the grace period, and the stage's background tasks complete the batch they hold.
+//! [`StageServer::bind`] opens the store and binds the sockets (so callers learn the addresses
+//! before serving); [`StageServer::serve`] runs until the shutdown token is cancelled, then drains:
+//! health turns NOT_SERVING, the listener stops accepting, `Subscribe` streams end, in-flight calls
+//! finish within the grace period, and the stage's background tasks complete the batch they hold.
+//!
+//! Every call to the stage's own service runs in a server span named after the method, a child of
+//! the caller's span when the request carries `traceparent`. Health, reflection and `EventLog` calls
+//! (the pipeline's own plumbing) are not traced.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -12,14 +17,23 @@ use orderflow_proto::v1::event_log_server::EventLogServer;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{service::Routes, transport::Server};
+use tonic::{Response, Status, service::Routes, transport::Server};
 use tonic_health::ServingStatus;
 
 use crate::{
-    config::{ServerArgs, ensure_data_dir},
+    auth::AdminGuard,
+    config::{ServerArgs, StageCommand, ensure_data_dir},
     eventlog::{EventLogService, run_retention},
     store::{Store, StoreError},
+    telemetry::{self, Telemetry, TelemetryConfig},
+    tls::ServerIdentity,
 };
+
+/// Largest request any stage decodes: a maximal order is about 10 KiB. Larger: `OUT_OF_RANGE`
+/// naming the limit. Malformed: `INVALID_ARGUMENT`.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Largest response any stage encodes (pages and batches are capped far below it by byte size).
+pub const MAX_RESPONSE_BYTES: usize = crate::eventlog::MAX_MESSAGE_BYTES;
 
 /// Why a stage could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +55,13 @@ pub enum ServeError {
     Task(#[from] tokio::task::JoinError),
 }
 
+impl ServeError {
+    /// A start-up failure for a `String` message.
+    pub fn config(message: impl Into<String>) -> Self {
+        ServeError::Config(message.into())
+    }
+}
+
 /// Fully-qualified names of the services every stage serves besides its own.
 const EVENT_LOG_SERVICE: &str = "orderflow.v1.EventLog";
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
@@ -56,14 +77,19 @@ pub struct StageServer {
     args: ServerArgs,
     listener: TcpListener,
     local_addr: SocketAddr,
+    metrics: Option<TcpListener>,
+    identity: Option<ServerIdentity>,
     store: Store,
     service: Option<(Routes, &'static str)>,
     tasks: Vec<TaskStarter>,
+    announced: Vec<(&'static str, String)>,
 }
 
 impl StageServer {
     /// Opens `<data-dir>/<stage>.redb` (recovering from any crash) and binds `--listen`.
     pub async fn bind(stage: &'static str, args: ServerArgs) -> Result<Self, ServeError> {
+        let identity = ServerIdentity::load(args.tls_cert.as_deref(), args.tls_key.as_deref())
+            .map_err(ServeError::Config)?;
         ensure_data_dir(&args.data_dir).map_err(ServeError::Config)?;
         let path = args.data_dir.join(format!("{stage}.redb"));
         let store = {
@@ -84,15 +110,73 @@ impl StageServer {
             addr: args.listen,
             source,
         })?;
+        let mut announced = Vec::new();
+        let metrics = match args.metrics_listen.0 {
+            Some(addr) => {
+                let listener = crate::metrics::bind(addr)
+                    .await
+                    .map_err(ServeError::Config)?;
+                let bound = listener.local_addr().map_or(addr, |a| a);
+                announced.push(("metrics", format!("http://{bound}/metrics")));
+                Some(listener)
+            }
+            None => None,
+        };
         Ok(StageServer {
             stage,
             args,
             listener,
             local_addr,
+            metrics,
+            identity,
             store,
             service: None,
             tasks: Vec::new(),
+            announced,
         })
+    }
+
+    /// Keeps the outbox for `consumers` (the stages that read it) from now on, even before they
+    /// first acknowledge — unless `--retain-for` names others.
+    pub async fn retain_for(self, consumers: &[&str]) -> Result<Self, ServeError> {
+        let names: Vec<String> = match &self.args.retain_for {
+            Some(names) => names.clone(),
+            None => consumers.iter().map(|c| (*c).to_owned()).collect(),
+        };
+        self.store
+            .call(move |store| store.register_consumers(&names))
+            .await
+            .map_err(|status| {
+                ServeError::config(format!("cannot register consumers: {}", status.message()))
+            })?;
+        Ok(self)
+    }
+
+    /// Another address this stage serves on (its HTTP door, say), printed at start before the
+    /// `listening on` line.
+    pub fn announce(mut self, what: &'static str, address: String) -> Self {
+        self.announced.push((what, address));
+        self
+    }
+
+    /// What [`StageServer::announce`] collected, metrics first.
+    pub fn announced(&self) -> &[(&'static str, String)] {
+        &self.announced
+    }
+
+    /// The checker of admin RPCs for this stage's `--admin-token`.
+    pub fn admin_guard(&self) -> AdminGuard {
+        AdminGuard::new(self.args.admin_token.clone())
+    }
+
+    /// The TLS identity this stage serves with, if any (for extra listeners such as HTTP).
+    pub fn tls_identity(&self) -> Option<&ServerIdentity> {
+        self.identity.as_ref()
+    }
+
+    /// The stage's settings.
+    pub fn args(&self) -> &ServerArgs {
+        &self.args
     }
 
     /// The stage's own gRPC service (`routes`), whose fully-qualified name is `name`.
@@ -128,9 +212,12 @@ impl StageServer {
             args,
             listener,
             local_addr,
+            metrics,
+            identity,
             store,
             service,
             tasks,
+            announced: _,
         } = self;
         let (mut routes, service) = match service {
             Some((routes, name)) => (routes, name),
@@ -168,19 +255,23 @@ impl StageServer {
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
-            .add_service(EventLogServer::new(EventLogService::new(
-                store.clone(),
-                streams.clone(),
-            )));
+            .add_service(
+                EventLogServer::new(EventLogService::new(store.clone(), streams.clone()))
+                    .max_decoding_message_size(MAX_REQUEST_BYTES)
+                    .max_encoding_message_size(MAX_RESPONSE_BYTES),
+            );
         let tasks: Vec<_> = tasks
             .into_iter()
             .map(|start| start(shutdown.clone()))
             .collect();
         let retention = tokio::spawn(run_retention(
+            stage,
             store.clone(),
             args.retention(),
             shutdown.clone(),
         ));
+        let metrics =
+            metrics.map(|listener| tokio::spawn(crate::metrics::serve(listener, shutdown.clone())));
 
         tracing::info!(stage, addr = %local_addr, data_dir = %args.data_dir.display(), "serving");
         let drain = {
@@ -196,10 +287,15 @@ impl StageServer {
                 streams.cancel();
             }
         };
-        let server = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(identity) = &identity {
+            builder = builder.tls_config(identity.grpc())?;
+        }
+        let server = builder
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .trace_fn(move |request| rpc_span(stage, request))
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
         let grace = async {
@@ -217,6 +313,9 @@ impl StageServer {
             for task in tasks {
                 task.await?;
             }
+            if let Some(metrics) = metrics {
+                metrics.await?;
+            }
             retention.await
         };
         match tokio::time::timeout(args.shutdown_grace, finish).await {
@@ -231,10 +330,80 @@ impl StageServer {
     }
 }
 
-/// The whole life of a stage binary once its configuration is parsed: bind, print
-/// `<binary> listening on <addr>` on stdout (tests and scripts read it), serve until SIGINT/SIGTERM,
-/// drain. Startup errors are printed and give exit code 1.
+/// The server span of one call to the stage's own service: `otel.name` is the full method name,
+/// the parent is the caller's span when the request carries `traceparent`. Plumbing is not traced.
+fn rpc_span(stage: &'static str, request: &http::Request<()>) -> tracing::Span {
+    let path = request.uri().path();
+    let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
+        return tracing::Span::none();
+    };
+    if service.starts_with("grpc.") || service == EVENT_LOG_SERVICE {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %format_args!("{service}/{method}"),
+        otel.kind = "server",
+        otel.status_description = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        orderflow.stage = stage,
+        order.id = tracing::field::Empty,
+        customer.id = tracing::field::Empty,
+    );
+    telemetry::set_parent_from_headers(&span, request.headers());
+    span
+}
+
+/// Wraps an RPC's result into a response, recording its gRPC status code on the call's span. Server
+/// faults (INTERNAL, UNAVAILABLE, …) mark the span as an error; a caller's mistake does not.
+pub fn respond<T>(result: Result<T, Status>) -> Result<Response<T>, Status> {
+    let span = tracing::Span::current();
+    match &result {
+        Ok(_) => {
+            span.record("rpc.grpc.status_code", 0);
+        }
+        Err(status) => {
+            span.record("rpc.grpc.status_code", status.code() as i32);
+            if matches!(
+                status.code(),
+                tonic::Code::Unknown
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Unimplemented
+                    | tonic::Code::Internal
+                    | tonic::Code::Unavailable
+                    | tonic::Code::DataLoss
+            ) {
+                span.record("otel.status_description", status.message());
+            }
+        }
+    }
+    result.map(Response::new)
+}
+
+/// The whole life of a stage binary once its configuration is parsed: a `health` subcommand checks
+/// a running stage and exits; otherwise install logs and traces, bind, print the addresses (other
+/// listeners as `<binary> <what> on <addr>`, then `<binary> listening on <addr>` last — tests and
+/// scripts wait for it), serve until SIGINT/SIGTERM, drain, flush traces. Start-up errors are
+/// printed and give exit code 1.
 pub async fn run_main(
+    binary: &str,
+    stage: &'static str,
+    args: &ServerArgs,
+    bind: impl std::future::Future<Output = Result<StageServer, ServeError>>,
+) -> std::process::ExitCode {
+    if let Some(StageCommand::Health { timeout }) = &args.command {
+        return crate::health::check(binary, args, *timeout).await;
+    }
+    let telemetry: Telemetry = telemetry::init(&TelemetryConfig::stage(stage, args.log_format));
+    let code = serve_main(binary, bind).await;
+    telemetry.shutdown().await;
+    code
+}
+
+async fn serve_main(
     binary: &str,
     bind: impl std::future::Future<Output = Result<StageServer, ServeError>>,
 ) -> std::process::ExitCode {
@@ -246,6 +415,9 @@ pub async fn run_main(
             return std::process::ExitCode::FAILURE;
         }
     };
+    for (what, addr) in stage.announced() {
+        println!("{binary} {what} on {addr}");
+    }
     println!("{binary} listening on {}", stage.local_addr());
     match stage.serve(shutdown).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -128,6 +128,31 @@ impl NumericPage {
     }
 }
 
+/// One page of a table keyed by a `u64` id holding encoded `M`s: rows from `page.start`, as many as
+/// fit ([`PageFill`]), and the token of the next page (empty after the last).
+pub fn read_numeric_page<M: prost::Message + Default>(
+    read: &redb::ReadTransaction,
+    table: redb::TableDefinition<u64, &[u8]>,
+    name: &'static str,
+    page: NumericPage,
+) -> Result<(Vec<M>, String), StoreError> {
+    let table = read.open_table(table)?;
+    let mut rows = Vec::with_capacity(page.size.min(1024));
+    let mut fill = PageFill::new(page.size);
+    for row in redb::ReadableTable::range(&table, page.start..)? {
+        let (id, bytes) = row?;
+        if !fill.admit(bytes.value().len()) {
+            return Ok((rows, id.value().to_string()));
+        }
+        rows.push(crate::store::decode_record(
+            name,
+            id.value(),
+            bytes.value(),
+        )?);
+    }
+    Ok((rows, String::new()))
+}
+
 /// `page_size` as a row count, recording a violation when it is over [`MAX_PAGE_SIZE`].
 pub fn page_size_or_default(page_size: u32, violations: &mut FieldViolations) -> usize {
     match page_size {

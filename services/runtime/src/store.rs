@@ -126,13 +126,31 @@ struct Inner {
     head: watch::Sender<u64>,
     /// Durable commits since the store was opened.
     commits: std::sync::atomic::AtomicU64,
+    /// Lowest offset any registered consumer has acknowledged; `u64::MAX` while none has.
+    acked_floor: std::sync::atomic::AtomicU64,
+}
+
+/// How hard a write transaction commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// fsynced before `write` returns: survives a crash or power loss.
+    Durable,
+    /// Atomic but not fsynced: a crash loses it (and everything committed lazily after the last
+    /// durable commit) as a whole. Only for state that can be rebuilt from what stays durable, such as
+    /// a view derived from other stages' logs together with the offsets it was derived up to.
+    Lazy,
 }
 
 impl Store {
     /// Opens (or creates) the store at `path`, recovering from any crash.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, CACHE_BYTES)
+    }
+
+    /// [`Store::open`] with a page cache of `cache_bytes` instead of [`CACHE_BYTES`].
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
+            .set_cache_size(cache_bytes)
             .create(path)?;
         let txn = db.begin_write()?;
         {
@@ -143,6 +161,7 @@ impl Store {
         txn.commit()?;
         let read = db.begin_read()?;
         let (first, next) = log_bounds(&read)?;
+        let acked_floor = acked_floor(&read.open_table(CONSUMERS)?)?;
         drop(read);
         tracing::debug!(path = %path.display(), first, next, "store opened");
         Ok(Store {
@@ -151,6 +170,7 @@ impl Store {
                 write_lock: Mutex::new(()),
                 head: watch::Sender::new(next),
                 commits: std::sync::atomic::AtomicU64::new(0),
+                acked_floor: std::sync::atomic::AtomicU64::new(acked_floor),
             }),
         })
     }
@@ -187,6 +207,22 @@ impl Store {
         self.write_with(Durability::Immediate, f)
     }
 
+    /// [`Store::write`] with the given [`Commit`] strength.
+    pub fn write_as<T, E>(
+        &self,
+        commit: Commit,
+        f: impl FnOnce(&mut Txn) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let durability = match commit {
+            Commit::Durable => Durability::Immediate,
+            Commit::Lazy => Durability::None,
+        };
+        self.write_with(durability, f)
+    }
+
     fn write_with<T, E>(
         &self,
         durability: Durability,
@@ -204,12 +240,14 @@ impl Store {
             inner,
             next: self.next_offset(),
             pending: Vec::new(),
+            after_commit: Vec::new(),
         };
         let value = f(&mut txn)?;
         let Txn {
             inner,
             next,
             pending,
+            after_commit,
         } = txn;
         if !pending.is_empty() {
             let mut outbox = inner.open_table(OUTBOX).map_err(StoreError::from)?;
@@ -227,6 +265,9 @@ impl Store {
         }
         if !pending.is_empty() {
             self.inner.head.send_replace(next);
+        }
+        for hook in after_commit {
+            hook();
         }
         Ok(value)
     }
@@ -311,14 +352,60 @@ impl Store {
     /// Records that `consumer` has processed every entry below `offset`. Positions never move back.
     /// Not fsynced on its own: losing an ack in a crash only makes retention keep more.
     pub fn ack(&self, consumer: &str, offset: u64) -> Result<(), StoreError> {
-        self.write_with(Durability::None, |txn| {
+        let floor = self.write_with(Durability::None, |txn| {
             let mut consumers = txn.inner.open_table(CONSUMERS)?;
-            let current = consumers.get(consumer)?.map_or(0, |v| v.value());
-            if offset > current {
+            let current = consumers.get(consumer)?.map(|v| v.value());
+            if current.is_none_or(|current| offset > current) {
                 consumers.insert(consumer, offset)?;
             }
-            Ok::<_, StoreError>(())
-        })
+            acked_floor(&consumers)
+        })?;
+        self.inner
+            .acked_floor
+            .store(floor, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Entries no registered consumer has acknowledged yet, from the slowest consumer's point of
+    /// view: `next_offset − lowest acknowledged offset`, or the whole log while no consumer has
+    /// acknowledged anything. Cheap (no I/O): for per-request checks.
+    pub fn unconsumed(&self) -> u64 {
+        let floor = self
+            .inner
+            .acked_floor
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let next = self.next_offset();
+        if floor == u64::MAX {
+            // Nobody has acknowledged: everything retention still holds is unconsumed. The first
+            // offset is only known from disk; the log starts at 0 unless retention trimmed it, which
+            // needs an acknowledgement or the size bound, so `next` is the right count here.
+            next
+        } else {
+            next.saturating_sub(floor)
+        }
+    }
+
+    /// Registers each of `consumers` that has never acknowledged, at the log's first offset, so that
+    /// retention keeps everything for it from now on even before it connects.
+    pub fn register_consumers(&self, consumers: &[String]) -> Result<(), StoreError> {
+        let floor = self.write_with(Durability::Immediate, |txn| {
+            let first = txn
+                .inner
+                .open_table(META)?
+                .get(FIRST_OFFSET_KEY)?
+                .map_or(0, |v| v.value());
+            let mut table = txn.inner.open_table(CONSUMERS)?;
+            for consumer in consumers {
+                if table.get(consumer.as_str())?.is_none() {
+                    table.insert(consumer.as_str(), first)?;
+                }
+            }
+            acked_floor(&table)
+        })?;
+        self.inner
+            .acked_floor
+            .store(floor, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Every consumer that has acknowledged at least once, with its position.
@@ -364,6 +451,7 @@ pub struct Txn {
     inner: WriteTransaction,
     next: u64,
     pending: Vec<(u64, Vec<u8>)>,
+    after_commit: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 impl Txn {
@@ -385,12 +473,26 @@ impl Txn {
         self.next
     }
 
+    /// Runs `hook` once this transaction has committed (never if it fails): the place to tell
+    /// in-memory schedules and watchers about what is now on disk.
+    pub fn after_commit(&mut self, hook: impl FnOnce() + Send + 'static) {
+        self.after_commit.push(Box::new(hook));
+    }
+
     /// Records that every entry of `upstream` below `offset` has taken effect.
     pub fn set_consumed(&mut self, upstream: &str, offset: u64) -> Result<(), StoreError> {
         let mut meta = self.inner.open_table(META)?;
         meta.insert(upstream_key(upstream).as_str(), offset)?;
         Ok(())
     }
+}
+
+fn acked_floor(consumers: &impl ReadableTable<&'static str, u64>) -> Result<u64, StoreError> {
+    let mut floor = u64::MAX;
+    for row in consumers.iter()? {
+        floor = floor.min(row?.1.value());
+    }
+    Ok(floor)
 }
 
 fn upstream_key(upstream: &str) -> String {
@@ -447,6 +549,52 @@ mod tests {
             .map(|e| (e.offset, e.event.as_ref().unwrap().order_id.as_str()))
             .collect();
         assert_eq!(ids, vec![(0, "a"), (1, "b")]);
+    }
+
+    #[test]
+    fn hooks_run_only_after_a_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let hook = |ran: &std::sync::Arc<std::sync::atomic::AtomicU32>| {
+            let ran = ran.clone();
+            move || {
+                ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        };
+        store
+            .write(|txn| {
+                txn.after_commit(hook(&ran));
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        let failed = store.write(|txn| {
+            txn.after_commit(hook(&ran));
+            Err::<(), _>(StoreError::Poisoned)
+        });
+        assert!(failed.is_err());
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn unconsumed_follows_the_slowest_consumer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        store
+            .write(|txn| {
+                for i in 0..10 {
+                    txn.append(&event(&i.to_string()));
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        assert_eq!(store.unconsumed(), 10);
+        store.ack("stock", 7).unwrap();
+        assert_eq!(store.unconsumed(), 3);
+        store.ack("demo", 2).unwrap();
+        assert_eq!(store.unconsumed(), 8);
+        drop(store);
+        assert_eq!(open(&dir).unconsumed(), 8, "the floor is rebuilt on open");
     }
 
     #[test]
@@ -518,6 +666,33 @@ mod tests {
         assert_eq!(store.read_log(0, 100, 3500).unwrap().len(), 3);
         assert_eq!(store.read_log(0, 100, 10).unwrap().len(), 1);
         assert_eq!(store.read_log(0, 2, usize::MAX).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn registered_consumers_hold_the_log_until_they_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        store
+            .write(|txn| {
+                for i in 0..10 {
+                    txn.append(&event(&i.to_string()));
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        store
+            .register_consumers(&["notifier".into(), "stock".into()])
+            .unwrap();
+        store.ack("stock", 10).unwrap();
+        assert_eq!(
+            store.unconsumed(),
+            10,
+            "the notifier has not consumed anything"
+        );
+        // Registering again does not move a position.
+        store.ack("notifier", 4).unwrap();
+        store.register_consumers(&["notifier".into()]).unwrap();
+        assert_eq!(store.unconsumed(), 6);
     }
 
     #[test]

@@ -9,8 +9,16 @@
 //! Any failure — upstream down, stream broken, a gap in offsets — drops the stream and reconnects with
 //! exponential backoff and jitter, resuming from the committed offset. A batch is applied entirely or
 //! not at all, so a crash or reconnect at any point neither loses nor repeats an effect.
+//!
+//! A stage whose own work queue is full (payments waiting for the gateway, say) gives its
+//! subscription an [`Admission`]: the loop reads the next batch only while there is room, so the
+//! stream stalls, HTTP/2 flow control stops the upstream producer, and the backlog waits on the
+//! upstream's disk rather than in this stage's memory.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures::FutureExt;
 use orderflow_proto::v1::{
@@ -21,7 +29,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{eventlog::blocking, store::Store, store::StoreError, store::Txn};
+use crate::{
+    eventlog::blocking,
+    metrics as names,
+    store::{Commit, Store, StoreError, Txn},
+};
 
 /// Entries applied in one transaction at most when several batches are waiting.
 pub const MAX_ENTRIES_PER_COMMIT: usize = 2048;
@@ -42,7 +54,7 @@ pub trait Apply: Send + Sync + 'static {
 /// What went wrong with one connection to upstream (the loop logs it and reconnects).
 #[derive(Debug, thiserror::Error)]
 enum SubscriptionError {
-    #[error("cannot connect: {}", chain(.0))]
+    #[error("cannot connect: {}", crate::error_chain(.0))]
     Connect(#[from] tonic::transport::Error),
     #[error("upstream answered {}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
@@ -61,30 +73,90 @@ impl SubscriptionError {
     }
 }
 
-/// `error: cause: cause…`, since tonic's transport error alone only says "transport error".
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+/// How much work a stage holds that its subscription has handed it, against a limit: the
+/// subscription takes the next batch only while the count is under it. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    pending: Arc<watch::Sender<usize>>,
+    limit: usize,
+}
+
+impl Admission {
+    pub fn new(limit: usize) -> Self {
+        Admission {
+            pending: Arc::new(watch::Sender::new(0)),
+            limit: limit.max(1),
+        }
     }
-    text
+
+    /// `n` more units of work are held.
+    pub fn add(&self, n: usize) {
+        self.pending.send_modify(|p| *p += n);
+    }
+
+    /// `n` units of work are done.
+    pub fn remove(&self, n: usize) {
+        self.pending.send_modify(|p| *p = p.saturating_sub(n));
+    }
+
+    pub fn pending(&self) -> usize {
+        *self.pending.borrow()
+    }
+
+    /// Waits until the work held is under the limit.
+    pub async fn room(&self) {
+        let mut rx = self.pending.subscribe();
+        let _ = rx.wait_for(|p| *p < self.limit).await;
+    }
 }
 
 /// One stage's subscription to its upstream's log.
 pub struct Subscription<A> {
     /// Name under which this stage records its offset and acknowledges upstream (e.g. "stock").
-    pub consumer: String,
+    consumer: String,
     /// Key of the consumed offset in the store's meta table (e.g. "receiver").
-    pub upstream_name: String,
-    pub upstream: Endpoint,
-    pub store: Store,
-    pub applier: Arc<A>,
+    upstream_name: String,
+    upstream: Endpoint,
+    store: Store,
+    applier: Arc<A>,
+    commit: Commit,
+    admission: Option<Admission>,
 }
 
 impl<A: Apply> Subscription<A> {
+    /// `consumer` reads `upstream`'s log (recording its offset under `upstream_name`) and applies it to
+    /// `store` with `applier`, durably.
+    pub fn new(
+        consumer: impl Into<String>,
+        upstream_name: impl Into<String>,
+        upstream: Endpoint,
+        store: Store,
+        applier: Arc<A>,
+    ) -> Self {
+        Subscription {
+            consumer: consumer.into(),
+            upstream_name: upstream_name.into(),
+            upstream,
+            store,
+            applier,
+            commit: Commit::Durable,
+            admission: None,
+        }
+    }
+
+    /// Commits batches lazily ([`Commit::Lazy`]): for views derived from upstream that a crash may
+    /// roll back together with their offset, to be derived again.
+    pub fn lazy(mut self) -> Self {
+        self.commit = Commit::Lazy;
+        self
+    }
+
+    /// Reads the next batch only while `admission` has room.
+    pub fn with_admission(mut self, admission: Admission) -> Self {
+        self.admission = Some(admission);
+        self
+    }
+
     /// Consumes upstream until `shutdown`, reconnecting forever. Returns after finishing the batch in
     /// hand.
     pub async fn run(self, shutdown: CancellationToken) {
@@ -165,6 +237,12 @@ impl<A: Apply> Subscription<A> {
             .into_inner();
         tracing::info!(upstream = %self.upstream.uri(), from_offset = next, "subscribed upstream");
         loop {
+            if let Some(admission) = &self.admission {
+                tokio::select! {
+                    () = admission.room() => {}
+                    () = shutdown.cancelled() => return Ok(()),
+                }
+            }
             let batch = tokio::select! {
                 batch = stream.message() => batch?,
                 () = shutdown.cancelled() => return Ok(()),
@@ -173,12 +251,16 @@ impl<A: Apply> Subscription<A> {
                 return Err(SubscriptionError::Ended);
             };
             backoff.reset();
+            let mut head = batch.head;
             let mut entries = batch.entries;
             // Whatever is already waiting joins this commit: one fsync for all of it.
             let mut deferred_error = None;
             while entries.len() < MAX_ENTRIES_PER_COMMIT {
                 match stream.message().now_or_never() {
-                    Some(Ok(Some(more))) => entries.extend(more.entries),
+                    Some(Ok(Some(more))) => {
+                        head = head.max(more.head);
+                        entries.extend(more.entries);
+                    }
                     Some(Ok(None)) => {
                         deferred_error = Some(SubscriptionError::Ended);
                         break;
@@ -204,6 +286,12 @@ impl<A: Apply> Subscription<A> {
                 next = self.commit(entries, next).await?;
                 acked.send_replace(next);
             }
+            metrics::gauge!(
+                names::CONSUMER_LAG,
+                "stage" => self.consumer.clone(),
+                "upstream" => self.upstream_name.clone()
+            )
+            .set(head.saturating_sub(next) as f64);
             if let Some(e) = deferred_error {
                 return Err(e);
             }
@@ -212,12 +300,15 @@ impl<A: Apply> Subscription<A> {
 
     /// Applies `entries` (dense, starting at `next`) and records the new offset, in one transaction.
     async fn commit(&self, entries: Vec<LogEntry>, next: u64) -> Result<u64, SubscriptionError> {
-        let new_next = next + entries.len() as u64;
+        let count = entries.len();
+        let new_next = next + count as u64;
         let store = self.store.clone();
         let applier = self.applier.clone();
         let key = self.upstream_name.clone();
+        let commit = self.commit;
+        let started = Instant::now();
         blocking(move || {
-            store.write(|txn| {
+            store.write_as(commit, |txn| {
                 for entry in &entries {
                     applier.apply(txn, entry)?;
                 }
@@ -226,6 +317,10 @@ impl<A: Apply> Subscription<A> {
         })
         .await
         .map_err(SubscriptionError::Status)??;
+        let stage = self.consumer.clone();
+        metrics::histogram!(names::BATCH_COMMIT_SECONDS, "stage" => stage.clone())
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!(names::BATCH_ENTRIES, "stage" => stage).record(count as f64);
         Ok(new_next)
     }
 }

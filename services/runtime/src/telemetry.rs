@@ -1,18 +1,419 @@
-//! Logging set-up of every orderflow process: `tracing` to stderr, filtered by `RUST_LOG`.
+//! Logs and traces of every orderflow process.
+//!
+//! # Logs
+//! `tracing` to stderr, filtered by `RUST_LOG` (default `info`), as text or as one JSON object per
+//! line (`--log-format json`). Every line written inside a span carries that span's OpenTelemetry
+//! trace and span ids, so a log line leads to its trace in Jaeger.
+//!
+//! # Traces
+//! OpenTelemetry through `tracing-opentelemetry`, exported with OTLP over gRPC when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; otherwise spans get
+//! ids (for logs and propagation) but go nowhere. The standard variables apply: `OTEL_SERVICE_NAME`
+//! (default `orderflow-<stage>`), `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` (default
+//! parent-based always-on), `OTEL_BSP_*` for batching. Only spans of orderflow's own code are
+//! exported, never those of its libraries.
+//!
+//! A process running several stages (`orderflow demo`, `orderflow up`) still shows four services in
+//! Jaeger: spans carry `orderflow.stage`, and [`StageRouter`] exports each stage's spans under that
+//! stage's service name.
+//!
+//! The W3C trace context of an order travels inside its events ([`inject`], [`set_parent`]), so each
+//! stage's span for an order is a child of the previous stage's span: one trace per order.
 
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use std::{collections::HashMap, time::Duration};
 
-/// Installs the global subscriber: human-readable lines on stderr, `RUST_LOG` filtering with `info`
-/// as the default. Safe to call more than once (later calls do nothing).
-pub fn init_logging() {
-    init_logging_with_default("info");
+use opentelemetry::{
+    KeyValue,
+    propagation::{Extractor, Injector, TextMapPropagator},
+    trace::TracerProvider as _,
+};
+use opentelemetry_sdk::{
+    Resource,
+    error::OTelSdkResult,
+    propagation::TraceContextPropagator,
+    trace::{SdkTracerProvider, SpanData, SpanExporter},
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{
+    EnvFilter, Layer,
+    filter::filter_fn,
+    fmt::{self, FormatEvent, FormatFields, format::Writer},
+    prelude::*,
+    registry::LookupSpan,
+};
+
+/// Attribute naming the stage a span belongs to.
+pub const STAGE_ATTRIBUTE: &str = "orderflow.stage";
+/// The four stages, for per-stage service names.
+const STAGES: [&str; 4] = ["receiver", "stock", "invoice", "notifier"];
+/// Longest wait for the exporter to flush on shutdown: with no collector listening, the SDK's own
+/// flush would hang for its export timeout.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
-/// Like [`init_logging`], with `default` as the filter when `RUST_LOG` is unset.
+/// What a process needs to set up its logs and traces.
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// `service.name` when `OTEL_SERVICE_NAME` is unset, e.g. `orderflow-receiver`.
+    pub service_name: String,
+    /// Export each stage's spans under `orderflow-<stage>` (for a process running several stages).
+    pub service_per_stage: bool,
+    pub log_format: LogFormat,
+    /// The log filter when `RUST_LOG` is unset.
+    pub default_filter: String,
+}
+
+impl TelemetryConfig {
+    /// One stage per process: `orderflow-<stage>`, text logs at `info`.
+    pub fn stage(stage: &str, log_format: LogFormat) -> Self {
+        TelemetryConfig {
+            service_name: format!("orderflow-{stage}"),
+            service_per_stage: false,
+            log_format,
+            default_filter: "info".into(),
+        }
+    }
+}
+
+/// The installed telemetry; [`Telemetry::shutdown`] flushes the exporter.
+#[must_use = "call shutdown() before exiting, or buffered spans are lost"]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+    exporting: bool,
+}
+
+/// Installs the global subscriber and tracer provider. Must run inside a tokio runtime (the OTLP
+/// channel is created on it). Calling it again in the same process keeps the first subscriber.
+pub fn init(config: &TelemetryConfig) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let (provider, exporting, export_error) = tracer_provider(config);
+    let tracer = provider.tracer("orderflow");
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(&config.default_filter));
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_threads(false)
+        .with_location(false)
+        .with_filter(filter_fn(|meta| meta.target().starts_with("orderflow")));
+    let logs = match config.log_format {
+        LogFormat::Text => fmt::layer()
+            .event_format(WithTraceIds(fmt::format()))
+            .with_writer(std::io::stderr)
+            // Colours only for a person at a terminal, not in files and log collectors.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .boxed(),
+        LogFormat::Json => json_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_opentelemetry_ids(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .flatten_event(true)
+            .boxed(),
+    };
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(otel)
+        .with(logs)
+        .try_init()
+        .is_ok();
+    if let Some(error) = export_error {
+        tracing::warn!(error = %error, "cannot export traces; continuing without");
+    } else if exporting && installed {
+        tracing::info!("exporting traces over OTLP");
+    }
+    Telemetry {
+        provider,
+        exporting,
+    }
+}
+
+impl Telemetry {
+    /// Flushes buffered spans, waiting at most a few seconds (an absent collector must not hold the
+    /// process up).
+    pub async fn shutdown(self) {
+        let provider = self.provider;
+        let exporting = self.exporting;
+        let flush =
+            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(SHUTDOWN_FLUSH));
+        match tokio::time::timeout(SHUTDOWN_FLUSH + Duration::from_secs(1), flush).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) if exporting => tracing::warn!(error = %e, "trace flush failed"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("trace flush timed out; some spans were not exported"),
+        }
+    }
+}
+
+/// The OTLP endpoint from the standard variables, if one is set.
+fn otlp_endpoint() -> Option<String> {
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .into_iter()
+    .filter_map(|name| std::env::var(name).ok())
+    .find(|value| !value.trim().is_empty())
+}
+
+fn tracer_provider(config: &TelemetryConfig) -> (SdkTracerProvider, bool, Option<String>) {
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(config.service_name.clone());
+    }
+    let builder = SdkTracerProvider::builder().with_resource(resource.build());
+    if otlp_endpoint().is_none() {
+        return (builder.build(), false, None);
+    }
+    let exporter = || {
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+    };
+    let built = if config.service_per_stage {
+        STAGES
+            .iter()
+            .map(|stage| exporter().map(|e| (*stage, e)))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|stages| {
+                exporter()
+                    .map(|default| builder.with_batch_exporter(StageRouter { default, stages }))
+            })
+    } else {
+        exporter().map(|e| builder.with_batch_exporter(e))
+    };
+    match built {
+        Ok(builder) => (builder.build(), true, None),
+        Err(e) => (
+            SdkTracerProvider::builder().build(),
+            false,
+            Some(e.to_string()),
+        ),
+    }
+}
+
+/// Exports each stage's spans (by their [`STAGE_ATTRIBUTE`]) under the service `orderflow-<stage>`,
+/// the rest under the process's own service name.
+#[derive(Debug)]
+struct StageRouter<E> {
+    default: E,
+    stages: Vec<(&'static str, E)>,
+}
+
+impl<E: SpanExporter> SpanExporter for StageRouter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let mut by_stage: Vec<Vec<SpanData>> = self.stages.iter().map(|_| Vec::new()).collect();
+        let mut rest = Vec::new();
+        for span in batch {
+            let stage = span
+                .attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == STAGE_ATTRIBUTE)
+                .and_then(|kv| {
+                    let value = kv.value.as_str();
+                    self.stages.iter().position(|(s, _)| *s == value)
+                });
+            match stage {
+                Some(i) => by_stage[i].push(span),
+                None => rest.push(span),
+            }
+        }
+        let mut result = Ok(());
+        for ((_, exporter), spans) in self.stages.iter().zip(by_stage) {
+            if !spans.is_empty() {
+                result = result.and(exporter.export(spans).await);
+            }
+        }
+        if !rest.is_empty() {
+            result = result.and(self.default.export(rest).await);
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let mut result = self.default.shutdown_with_timeout(timeout);
+        for (_, exporter) in &self.stages {
+            result = result.and(exporter.shutdown_with_timeout(timeout));
+        }
+        result
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.default.set_resource(resource);
+        for (stage, exporter) in &mut self.stages {
+            let named = Resource::builder_empty()
+                .with_attributes(
+                    resource
+                        .iter()
+                        .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+                )
+                .with_service_name(format!("orderflow-{stage}"))
+                .build();
+            exporter.set_resource(&named);
+        }
+    }
+}
+
+/// The span of one stage's work on one order: named `name` in Jaeger, a child of the span whose
+/// context `parent` holds (the upstream event's), and never of whatever span is current — a batch or
+/// subscription must not adopt order spans. Fields to record later: `outcome`,
+/// `otel.status_description` (marks the span as an error), `invoice.number`.
+pub fn order_span(
+    stage: &'static str,
+    name: &'static str,
+    order_id: &str,
+    customer_id: &str,
+    parent: &HashMap<String, String>,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "order",
+        otel.name = name,
+        otel.status_description = tracing::field::Empty,
+        orderflow.stage = stage,
+        order.id = order_id,
+        customer.id = customer_id,
+        outcome = tracing::field::Empty,
+        invoice.number = tracing::field::Empty,
+    );
+    set_parent(&span, parent);
+    span
+}
+
+/// The W3C trace context (`traceparent`, `tracestate`) of `span`, to carry inside an event.
+pub fn inject(span: &tracing::Span) -> HashMap<String, String> {
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&span.context(), &mut MapInjector(&mut carrier));
+    carrier
+}
+
+/// Makes `span` a child of the span whose context `carrier` holds (from [`inject`]). A span with no
+/// usable context stays a root. Call it right after creating the span.
+pub fn set_parent(span: &tracing::Span, carrier: &HashMap<String, String>) {
+    if carrier.is_empty() {
+        return;
+    }
+    let parent = TraceContextPropagator::new().extract(&MapExtractor(carrier));
+    let _ = span.set_parent(parent);
+}
+
+/// Makes `span` a child of the caller's span when the request carries `traceparent` metadata.
+pub fn set_parent_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
+    if !headers.contains_key("traceparent") {
+        return;
+    }
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    let _ = span.set_parent(parent);
+}
+
+/// The trace id of `span`, when it has one (for tests and messages).
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
+}
+
+struct MapInjector<'a>(&'a mut HashMap<String, String>);
+
+impl Injector for MapInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+struct MapExtractor<'a>(&'a HashMap<String, String>);
+
+impl Extractor for MapExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// Text log lines with `trace_id=… span_id=…` of the current span in front of the fields.
+struct WithTraceIds<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &fmt::FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use opentelemetry::trace::TraceContextExt;
+        let ids = ctx.lookup_current().and_then(|span| {
+            tracing::dispatcher::get_default(|dispatch| {
+                let context = tracing_opentelemetry::get_otel_context(&span.id(), dispatch)?;
+                let otel_span = context.span();
+                let span_context = otel_span.span_context();
+                span_context
+                    .is_valid()
+                    .then(|| (span_context.trace_id(), span_context.span_id()))
+            })
+        });
+        if let Some((trace_id, span_id)) = ids {
+            write!(writer, "trace_id={trace_id} span_id={span_id} ")?;
+        }
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+/// Installs plain logging only (for short-lived client commands): text on stderr, `RUST_LOG` or
+/// `default`. Does nothing if a subscriber is already installed.
 pub fn init_logging_with_default(default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(fmt::layer().with_writer(std::io::stderr))
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn context_round_trips_through_an_event_map() {
+        let telemetry = init(&TelemetryConfig::stage("test", LogFormat::Text));
+        let parent = tracing::info_span!(target: "orderflow_test", "parent");
+        let carrier = inject(&parent);
+        assert!(carrier.contains_key("traceparent"), "{carrier:?}");
+        let child = tracing::info_span!(target: "orderflow_test", parent: None, "child");
+        set_parent(&child, &carrier);
+        assert_eq!(trace_id(&child), trace_id(&parent));
+        let other = tracing::info_span!(target: "orderflow_test", parent: None, "other");
+        assert_ne!(trace_id(&other), trace_id(&parent));
+        telemetry.shutdown().await;
+    }
 }

@@ -6,16 +6,21 @@
 //! interleaving of orders or admin `SetStock` calls can oversell: every check reads the state the
 //! previous reservation committed.
 //!
+//! It also consumes the invoice stage's log, for compensation: a `PaymentFailed` order's lines are
+//! given back (`StockReleased`), exactly once.
+//!
 //! # Layout
 //! - [`Config`], [`CatalogSource`]: flags and env vars; where the initial catalog comes from.
 //! - `items`: the `items` table and the rules of a valid catalog item.
 //! - `catalog`: catalog files (TOML or JSON) and the built-in demo catalog.
 //! - `reserve`: the all-or-nothing reservation, applied per `OrderPlaced`.
+//! - `release`: giving a failed payment's reservation back, per `PaymentFailed`.
 //! - `set_stock`, `get_stock`: one file per admin/query RPC; `service` only delegates.
 
 mod catalog;
 mod get_stock;
 mod items;
+mod release;
 mod reserve;
 mod service;
 mod set_stock;
@@ -24,7 +29,10 @@ use std::{path::PathBuf, str::FromStr, sync::Arc};
 
 use clap::Parser;
 use orderflow_proto::v1::stock_checker_server::StockCheckerServer;
-use orderflow_runtime::{ServeError, ServerArgs, StageServer, Subscription, UpstreamArgs};
+use orderflow_runtime::{
+    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, ServeError, ServerArgs, StageServer, Subscription,
+    UpstreamArgs, UpstreamUrl,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
@@ -35,6 +43,8 @@ pub use items::{MAX_AVAILABLE, MAX_NAME_CHARS, MAX_UNIT_PRICE_MINOR};
 pub const STAGE: &str = "stock";
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50052;
+/// Default metrics port.
+pub const DEFAULT_METRICS_PORT: u16 = 9452;
 
 /// Configuration of `orderflow-stock`.
 #[derive(Parser, Debug, Clone)]
@@ -59,14 +69,24 @@ pub struct Config {
         value_name = "PATH|demo|none"
     )]
     pub catalog: CatalogSource,
+
+    /// The invoice stage, whose `PaymentFailed` events give reservations back
+    #[arg(long, env = "ORDERFLOW_INVOICE_URL", value_name = "URL", value_parser = UpstreamUrl::from_str)]
+    pub invoice_url: UpstreamUrl,
 }
 
 impl Config {
-    pub fn new(server: ServerArgs, upstream: UpstreamArgs, catalog: CatalogSource) -> Self {
+    pub fn new(
+        server: ServerArgs,
+        upstream: UpstreamArgs,
+        catalog: CatalogSource,
+        invoice_url: UpstreamUrl,
+    ) -> Self {
         Config {
             server,
             upstream,
             catalog,
+            invoice_url,
         }
     }
 
@@ -75,7 +95,9 @@ impl Config {
         orderflow_runtime::parse_args(&[
             ("listen", format!("0.0.0.0:{DEFAULT_PORT}")),
             ("data_dir", format!("data/{STAGE}")),
+            ("metrics_listen", format!("0.0.0.0:{DEFAULT_METRICS_PORT}")),
             ("upstream", "http://127.0.0.1:50051".to_owned()),
+            ("invoice_url", "http://127.0.0.1:50053".to_owned()),
         ])
     }
 }
@@ -104,7 +126,20 @@ impl FromStr for CatalogSource {
 /// Opens the stock store, seeds the catalog and binds the socket.
 pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
     let entries = catalog::load(&config.catalog).map_err(ServeError::Config)?;
-    let server = StageServer::bind(STAGE, config.server).await?;
+    let tls = config.server.client_tls().map_err(ServeError::config)?;
+    let upstream = config
+        .upstream
+        .upstream
+        .endpoint(&tls)
+        .map_err(ServeError::config)?;
+    let invoice = config
+        .invoice_url
+        .endpoint(&tls)
+        .map_err(ServeError::config)?;
+    let server = StageServer::bind(STAGE, config.server)
+        .await?
+        .retain_for(&["invoice", "receiver"])
+        .await?;
     let seeded = server
         .store()
         .call(move |store| items::seed(store, &entries))
@@ -115,20 +150,32 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
     if seeded > 0 {
         tracing::info!(items = seeded, "catalog seeded");
     }
-    let service = service::StockCheckerService::new(server.store().clone());
-    let subscription = Subscription {
-        consumer: STAGE.to_owned(),
-        upstream_name: "receiver".to_owned(),
-        upstream: config.upstream.upstream.endpoint(),
-        store: server.store().clone(),
-        applier: Arc::new(reserve::Reserver),
-    };
+    let service = service::StockCheckerService::new(server.store().clone(), server.admin_guard());
+    let orders = Subscription::new(
+        STAGE,
+        "receiver",
+        upstream,
+        server.store().clone(),
+        Arc::new(reserve::Reserver),
+    );
+    let compensation = Subscription::new(
+        STAGE,
+        "invoice",
+        invoice,
+        server.store().clone(),
+        Arc::new(release::Releaser),
+    );
     Ok(server
         .with_service(
-            Routes::new(StockCheckerServer::new(service)),
+            Routes::new(
+                StockCheckerServer::new(service)
+                    .max_decoding_message_size(MAX_REQUEST_BYTES)
+                    .max_encoding_message_size(MAX_RESPONSE_BYTES),
+            ),
             "orderflow.v1.StockChecker",
         )
-        .with_task(move |shutdown| tokio::spawn(subscription.run(shutdown))))
+        .with_task(move |shutdown| tokio::spawn(orders.run(shutdown)))
+        .with_task(move |shutdown| tokio::spawn(compensation.run(shutdown))))
 }
 
 /// Runs the stock checker until `shutdown`.

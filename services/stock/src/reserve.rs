@@ -4,9 +4,12 @@ use orderflow_proto::v1::{
     LineRejection, LogEntry, OrderLine, OrderRejected, RejectionReason, ReservedLine, StockItem,
     StockReserved, event::Kind,
 };
-use orderflow_runtime::{Apply, StoreError, Txn, follow_up};
+use orderflow_runtime::{Apply, StoreError, Txn, follow_up, record_processed, telemetry};
 
-use crate::items::{self, ITEMS};
+use crate::{
+    STAGE,
+    items::{self, ITEMS},
+};
 
 /// Applies `OrderPlaced` events; ignores every other kind.
 pub(crate) struct Reserver;
@@ -19,17 +22,49 @@ impl Apply for Reserver {
         let Some(Kind::OrderPlaced(placed)) = &event.kind else {
             return Ok(());
         };
+        let span = telemetry::order_span(
+            STAGE,
+            "reserve stock",
+            &event.order_id,
+            &event.customer_id,
+            &event.trace_context,
+        );
+        let _entered = span.enter();
         let outcome = {
             let mut table = txn.redb().open_table(ITEMS)?;
             reserve(&mut table, &placed.lines)?
         };
         let kind = match outcome {
-            Ok(lines) => Kind::StockReserved(StockReserved { lines }),
-            Err(lines) => Kind::OrderRejected(OrderRejected { lines }),
+            Ok(lines) => {
+                span.record("outcome", "reserved");
+                record_processed(STAGE, "reserved", event);
+                Kind::StockReserved(StockReserved { lines })
+            }
+            Err(lines) => {
+                let reasons: Vec<String> = lines.iter().map(describe).collect();
+                span.record("outcome", "rejected");
+                span.record("otel.status_description", reasons.join("; ").as_str());
+                record_processed(STAGE, "rejected", event);
+                Kind::OrderRejected(OrderRejected { lines })
+            }
         };
-        txn.append(&follow_up(event, kind));
+        txn.append(&follow_up(event, telemetry::inject(&span), kind));
         Ok(())
     }
+}
+
+/// `KB-01: out of stock (2 of 3)` — a line's rejection for spans and logs.
+fn describe(line: &LineRejection) -> String {
+    let reason = match line.reason() {
+        RejectionReason::UnknownSku => "unknown sku",
+        RejectionReason::OutOfStock => "out of stock",
+        RejectionReason::MixedCurrency => "mixed currency",
+        RejectionReason::Unspecified => "unavailable",
+    };
+    format!(
+        "{}: {reason} ({} of {})",
+        line.sku, line.available, line.requested
+    )
 }
 
 /// Every line reserved, or why each failing line could not be.

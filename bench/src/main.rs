@@ -1,0 +1,732 @@
+//! The benchmark: `cargo run --release -p orderflow-bench` (BENCHMARKS.md has the results).
+//!
+//! In one run on one machine, with every server a separate release process:
+//! 1. the baseline: a bare tonic unary echo server answering `PlaceOrder` with no work, loaded by
+//!    the same `orderflow load` client at the same concurrency and message size;
+//! 2. `PlaceOrder` acceptance throughput of a receiver alone (durable: fsync'd group commits);
+//! 3. end-to-end sustained orders/s, accepted → notified, four stages, fsync on at every stage,
+//!    traces sampled at 1 % and exported to a live OTLP receiver;
+//! 4. accept and placed→notified latency percentiles at a fixed rate (open loop);
+//! 5. each stage's peak RSS with the notifier stopped and a backlog of events waiting for it;
+//! 6. the notifier's catch-up rate (events/s) when it comes back.
+//!
+//! It prints a table with each figure and its ratio to the baseline, and writes the figures as JSON.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use orderflow_e2e::otlp;
+use orderflow_proto::v1::{
+    GetOrderRequest, GetOrderResponse, HeadRequest, OrderStatus, PlaceOrderRequest,
+    PlaceOrderResponse, WatchOrderRequest,
+    event_log_client::EventLogClient,
+    order_receiver_server::{OrderReceiver, OrderReceiverServer},
+};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    net::TcpListener,
+    process::{Child, Command},
+};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+#[derive(Parser, Debug)]
+#[command(about = "orderflow measured against a bare tonic echo server, in one run")]
+struct Args {
+    /// Calls in flight for the throughput figures (echo, PlaceOrder and end to end alike)
+    #[arg(long, default_value_t = 128)]
+    concurrency: u64,
+    /// How long each throughput and latency measurement runs
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Orders per second for the latency figures (open loop)
+    #[arg(long, default_value_t = 5000.0)]
+    rate: f64,
+    /// Events left waiting for the stopped notifier
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog: u64,
+    /// A smoke run: 3 s measurements and a 20,000-event backlog (not figures for the record)
+    #[arg(long)]
+    quick: bool,
+    /// Where the JSON results go
+    #[arg(long, default_value = "target/bench/results.json")]
+    out: PathBuf,
+    #[command(subcommand)]
+    command: Option<Internal>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Internal {
+    /// The baseline server (started by the benchmark itself)
+    EchoServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+}
+
+/// `PlaceOrder` answered at once: tonic, prost and HTTP/2 with no work behind them.
+struct Echo;
+
+#[tonic::async_trait]
+impl OrderReceiver for Echo {
+    async fn place_order(
+        &self,
+        request: Request<PlaceOrderRequest>,
+    ) -> Result<Response<PlaceOrderResponse>, Status> {
+        let request = request.into_inner();
+        Ok(Response::new(PlaceOrderResponse {
+            order_id: format!("{:032x}", request.lines.len()),
+            status: OrderStatus::Accepted.into(),
+            offset: 0,
+            replayed: false,
+        }))
+    }
+
+    async fn get_order(
+        &self,
+        _: Request<GetOrderRequest>,
+    ) -> Result<Response<GetOrderResponse>, Status> {
+        Err(Status::unimplemented("echo server"))
+    }
+
+    type WatchOrderStream = tokio_stream::Empty<Result<orderflow_proto::v1::Order, Status>>;
+
+    async fn watch_order(
+        &self,
+        _: Request<WatchOrderRequest>,
+    ) -> Result<Response<Self::WatchOrderStream>, Status> {
+        Err(Status::unimplemented("echo server"))
+    }
+}
+
+async fn echo_server(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    println!("orderflow-bench listening on {}", listener.local_addr()?);
+    tonic::transport::Server::builder()
+        .add_service(OrderReceiverServer::new(Echo))
+        .serve_with_incoming(TcpListenerStream::new(listener))
+        .await?;
+    Ok(())
+}
+
+/// One server process of the run.
+struct Proc {
+    name: String,
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Proc {
+    /// Starts `binary args…` with its stderr in `log`, and waits for `… listening on <addr>`.
+    async fn start(
+        name: &str,
+        binary: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: &Path,
+    ) -> anyhow::Result<Proc> {
+        let mut child = Command::new(binary)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(log)?))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+                .await
+                .with_context(|| format!("{name} did not start"))??
+                .with_context(|| format!("{name} exited; see {}", log.display()))?;
+            if let Some((_, addr)) = line.split_once(" listening on ") {
+                let addr = addr.parse()?;
+                // Keep reading stdout so the process never blocks on a full pipe.
+                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+                return Ok(Proc {
+                    name: name.to_owned(),
+                    child,
+                    addr,
+                });
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Peak resident set size so far (VmHWM), in MiB.
+    fn peak_rss_mib(&self) -> Option<f64> {
+        let pid = self.child.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kib / 1024.0)
+    }
+
+    /// SIGTERM, then waits for the exit.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(status) => {
+                status?;
+            }
+            Err(_) => {
+                eprintln!("{} did not stop in 30 s; killing it", self.name);
+                self.child.kill().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Free loopback ports (bound, then released) for stages that must know each other's addresses.
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let probes = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(probes
+        .iter()
+        .filter_map(|p| p.local_addr().ok().map(|a| a.port()))
+        .collect())
+}
+
+/// Runs `orderflow load --json` and returns its summary.
+async fn load(
+    orderflow: &Path,
+    receiver: &str,
+    notifier: Option<&str>,
+    shape: &[String],
+) -> anyhow::Result<Value> {
+    let mut command = Command::new(orderflow);
+    command.args(["--receiver", receiver]);
+    if let Some(notifier) = notifier {
+        command.args(["--notifier", notifier]);
+    }
+    command.arg("load").args(shape).arg("--json");
+    if notifier.is_none() {
+        command.arg("--no-notified");
+    }
+    let output = command.stdin(Stdio::null()).output().await?;
+    if !output.status.success() {
+        bail!(
+            "orderflow load failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// `(head, acked offset of consumer)` of a stage's log.
+async fn log_position(url: &str, consumer: &str) -> anyhow::Result<(u64, u64)> {
+    let mut log = EventLogClient::connect(url.to_owned()).await?;
+    let head = log.head(HeadRequest {}).await?.into_inner();
+    let acked = head
+        .consumers
+        .iter()
+        .find(|c| c.consumer == consumer)
+        .map_or(0, |c| c.acked_offset);
+    Ok((head.next_offset, acked))
+}
+
+/// Builds the release binaries the run starts.
+fn build() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("executable directory")?.to_owned();
+    let profile = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("release");
+    if profile != "release" {
+        eprintln!("warning: not a release build; run `cargo run --release -p orderflow-bench`");
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace")?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let profile = if profile == "debug" { "dev" } else { profile };
+    let status = std::process::Command::new(cargo)
+        .current_dir(workspace)
+        .args(["build", "--quiet", "--bins", "--profile", profile])
+        .args(["-p", "orderflow-receiver", "-p", "orderflow-stock"])
+        .args(["-p", "orderflow-invoice", "-p", "orderflow-notifier"])
+        .args(["-p", "orderflow-cli"])
+        .status()?;
+    if !status.success() {
+        bail!("building the binaries failed");
+    }
+    Ok(dir)
+}
+
+/// A catalog with stock that never runs out during the run.
+fn bench_catalog(path: &Path) -> anyhow::Result<()> {
+    let mut toml = String::new();
+    for (i, price) in [8900, 2450, 12900, 990, 5900, 1500, 3300, 700]
+        .iter()
+        .enumerate()
+    {
+        toml.push_str(&format!(
+            "[[items]]\nsku = \"SKU-{i}\"\nname = \"Item {i}\"\nunit_price_minor = {price}\n\
+             currency = \"EUR\"\navailable = 1000000000000\n\n"
+        ));
+    }
+    std::fs::write(path, toml)?;
+    Ok(())
+}
+
+const SKUS: &str = "SKU-0,SKU-1,SKU-2,SKU-3,SKU-4,SKU-5,SKU-6,SKU-7";
+
+/// The four stages, started in order, each with its own data dir and fsync'd store.
+struct Pipeline {
+    receiver: Proc,
+    stock: Proc,
+    invoice: Proc,
+    notifier: Option<Proc>,
+    notifier_args: Vec<String>,
+    env: Vec<(String, String)>,
+    bin: PathBuf,
+    dir: PathBuf,
+}
+
+impl Pipeline {
+    async fn start(bin: &Path, dir: &Path, env: Vec<(String, String)>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let catalog = dir.join("catalog.toml");
+        bench_catalog(&catalog)?;
+        let ports = free_ports(4)?;
+        let url = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
+        let listen = |i: usize| format!("127.0.0.1:{}", ports[i]);
+        let common = |name: &str, port: usize| {
+            args(&[
+                "--listen",
+                &listen(port),
+                "--data-dir",
+                &dir.join(name).to_string_lossy(),
+                "--metrics-listen",
+                "none",
+            ])
+        };
+        let stage = |name: &str| bin.join(format!("orderflow-{name}"));
+        let log = |name: &str| dir.join(format!("{name}.log"));
+        let mut receiver_args = common("receiver", 0);
+        receiver_args.extend(args(&[
+            "--http-listen",
+            "none",
+            "--max-backlog",
+            "100000000",
+            "--stock-url",
+            &url(1),
+            "--invoice-url",
+            &url(2),
+            "--notifier-url",
+            &url(3),
+        ]));
+        let receiver = Proc::start(
+            "receiver",
+            &stage("receiver"),
+            &receiver_args,
+            &env,
+            &log("receiver"),
+        )
+        .await?;
+        let mut stock_args = common("stock", 1);
+        stock_args.extend(args(&[
+            "--upstream",
+            &url(0),
+            "--invoice-url",
+            &url(2),
+            "--catalog",
+            &catalog.to_string_lossy(),
+        ]));
+        let stock = Proc::start("stock", &stage("stock"), &stock_args, &env, &log("stock")).await?;
+        let mut invoice_args = common("invoice", 2);
+        invoice_args.extend(args(&["--upstream", &url(1), "--tax-rate-bps", "2000"]));
+        let invoice = Proc::start(
+            "invoice",
+            &stage("invoice"),
+            &invoice_args,
+            &env,
+            &log("invoice"),
+        )
+        .await?;
+        let mut notifier_args = common("notifier", 3);
+        notifier_args.extend(args(&["--upstream", &url(2)]));
+        let mut pipeline = Pipeline {
+            receiver,
+            stock,
+            invoice,
+            notifier: None,
+            notifier_args,
+            env,
+            bin: bin.to_owned(),
+            dir: dir.to_owned(),
+        };
+        pipeline.start_notifier().await?;
+        Ok(pipeline)
+    }
+
+    async fn start_notifier(&mut self) -> anyhow::Result<()> {
+        let n = std::fs::read_dir(&self.dir)?.count();
+        self.notifier = Some(
+            Proc::start(
+                "notifier",
+                &self.bin.join("orderflow-notifier"),
+                &self.notifier_args,
+                &self.env,
+                &self.dir.join(format!("notifier-{n}.log")),
+            )
+            .await?,
+        );
+        Ok(())
+    }
+
+    fn notifier_url(&self) -> Option<String> {
+        self.notifier.as_ref().map(Proc::url)
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        if let Some(notifier) = self.notifier {
+            notifier.stop().await?;
+        }
+        self.invoice.stop().await?;
+        self.stock.stop().await?;
+        self.receiver.stop().await
+    }
+}
+
+fn get(v: &Value, path: &[&str]) -> f64 {
+    let mut v = v;
+    for key in path {
+        v = &v[*key];
+    }
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+async fn run(mut a: Args) -> anyhow::Result<()> {
+    if a.quick {
+        a.duration = Duration::from_secs(3);
+        a.backlog = a.backlog.min(20_000);
+    }
+    let bin = build()?;
+    let orderflow = bin.join("orderflow");
+    let work = bin.join("bench-run");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let duration = format!("{}s", a.duration.as_secs().max(1));
+    let concurrency = a.concurrency.to_string();
+    let closed = args(&[
+        "--concurrency",
+        &concurrency,
+        "--duration",
+        &duration,
+        "--skus",
+        SKUS,
+    ]);
+    let mut results = BTreeMap::new();
+    let machine = machine();
+    eprintln!("machine: {machine}");
+
+    // 1. The baseline.
+    eprintln!("1/6 echo baseline ({concurrency} in flight, {duration})");
+    let echo = Proc::start(
+        "echo",
+        &std::env::current_exe()?,
+        &args(&["echo-server"]),
+        &[],
+        &work.join("echo.log"),
+    )
+    .await?;
+    let echo_run = load(&orderflow, &echo.url(), None, &closed).await?;
+    echo.stop().await?;
+    let baseline = get(&echo_run, &["accepted_per_second"]);
+    results.insert("echo", echo_run);
+
+    // 2. PlaceOrder alone.
+    eprintln!("2/6 PlaceOrder throughput, receiver alone");
+    let dir = work.join("intake");
+    std::fs::create_dir_all(&dir)?;
+    let receiver = Proc::start(
+        "receiver",
+        &bin.join("orderflow-receiver"),
+        &args(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &dir.join("receiver").to_string_lossy(),
+            "--metrics-listen",
+            "none",
+            "--http-listen",
+            "none",
+            "--max-backlog",
+            "1000000000",
+            "--stock-url",
+            "none",
+            "--invoice-url",
+            "none",
+            "--notifier-url",
+            "none",
+        ]),
+        &[],
+        &dir.join("receiver.log"),
+    )
+    .await?;
+    let intake = load(&orderflow, &receiver.url(), None, &closed).await?;
+    receiver.stop().await?;
+    results.insert("place_order", intake);
+
+    // 3.–6. The pipeline, tracing at 1 % to a live OTLP receiver.
+    let spans = Arc::new(AtomicU64::new(0));
+    let counted = spans.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let otlp_addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(otlp::serve(
+        listener,
+        Arc::new(move |batch: Vec<otlp::ReceivedSpan>| {
+            counted.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }),
+        shutdown.clone(),
+    ));
+    let env = vec![
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+            format!("http://{otlp_addr}"),
+        ),
+        (
+            "OTEL_TRACES_SAMPLER".into(),
+            "parentbased_traceidratio".into(),
+        ),
+        ("OTEL_TRACES_SAMPLER_ARG".into(), "0.01".into()),
+        ("RUST_LOG".into(), "info".into()),
+    ];
+    let mut pipeline = Pipeline::start(&bin, &work.join("pipeline"), env).await?;
+    eprintln!("3/6 end to end, accepted → notified ({concurrency} in flight, {duration})");
+    let e2e = load(
+        &orderflow,
+        &pipeline.receiver.url(),
+        pipeline.notifier_url().as_deref(),
+        &closed,
+    )
+    .await?;
+    results.insert("end_to_end", e2e);
+
+    eprintln!("4/6 latency at {} orders/s (open loop, {duration})", a.rate);
+    let rate = a.rate.to_string();
+    let fixed = load(
+        &orderflow,
+        &pipeline.receiver.url(),
+        pipeline.notifier_url().as_deref(),
+        &args(&["--rate", &rate, "--duration", &duration, "--skus", SKUS]),
+    )
+    .await?;
+    results.insert("fixed_rate", fixed);
+
+    eprintln!(
+        "5/6 backlog of {} events with the notifier stopped",
+        a.backlog
+    );
+    if let Some(notifier) = pipeline.notifier.take() {
+        notifier.stop().await?;
+    }
+    let invoice_url = pipeline.invoice.url();
+    let (head_before, _) = log_position(&invoice_url, "notifier").await?;
+    let orders = a.backlog.to_string();
+    let filled = load(
+        &orderflow,
+        &pipeline.receiver.url(),
+        None,
+        &args(&[
+            "--concurrency",
+            &concurrency,
+            "--orders",
+            &orders,
+            "--duration",
+            "1h",
+            "--skus",
+            SKUS,
+        ]),
+    )
+    .await?;
+    // Wait until the invoice stage has priced and paid for all of them.
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let (head, acked) = loop {
+        let (head, acked) = log_position(&invoice_url, "notifier").await?;
+        if head - head_before >= a.backlog || Instant::now() > deadline {
+            break (head, acked);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let backlog = head - acked;
+    let rss = json!({
+        "receiver_mib": pipeline.receiver.peak_rss_mib(),
+        "stock_mib": pipeline.stock.peak_rss_mib(),
+        "invoice_mib": pipeline.invoice.peak_rss_mib(),
+        "backlog_events": backlog,
+        "fill": filled,
+    });
+
+    eprintln!("6/6 catch-up of {backlog} events");
+    let started = Instant::now();
+    pipeline.start_notifier().await?;
+    loop {
+        let (_, acked_now) = log_position(&invoice_url, "notifier").await?;
+        if acked_now >= head {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            bail!("the notifier did not catch up in 30 min");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = started.elapsed().as_secs_f64();
+    let notifier_rss = pipeline.notifier.as_ref().and_then(Proc::peak_rss_mib);
+    let mut rss = rss;
+    rss["notifier_mib"] = json!(notifier_rss);
+    results.insert("backlog_rss", rss);
+    results.insert(
+        "catch_up",
+        json!({"events": backlog, "seconds": took, "events_per_second": backlog as f64 / took}),
+    );
+    pipeline.stop().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    shutdown.cancel();
+    results.insert("spans_exported", json!(spans.load(Ordering::Relaxed)));
+
+    let report = json!({
+        "machine": machine,
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+        "concurrency": a.concurrency,
+        "duration_s": a.duration.as_secs(),
+        "rate": a.rate,
+        "results": results,
+    });
+    print!("{}", table(&report, baseline));
+    if let Some(parent) = a.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&a.out, serde_json::to_string_pretty(&report)?)?;
+    eprintln!("results written to {}", a.out.display());
+    Ok(())
+}
+
+/// CPU model and count, for the record.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown CPU", |(_, m)| m.trim())
+        .to_owned();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} × {model}")
+}
+
+/// The results table: each figure, its ratio to the baseline where that means something, and the
+/// target.
+fn table(report: &Value, baseline: f64) -> String {
+    let r = &report["results"];
+    let ms = |us: f64| format!("{:.2} ms", us / 1000.0);
+    let ratio = |v: f64| format!("{:.2} ×", v / baseline);
+    let mut rows: Vec<[String; 4]> = vec![
+        [
+            "echo baseline (req/s)".into(),
+            format!("{:.0}", baseline),
+            "1.00 ×".into(),
+            String::new(),
+        ],
+        [
+            "PlaceOrder accepted (orders/s)".into(),
+            format!("{:.0}", get(r, &["place_order", "accepted_per_second"])),
+            ratio(get(r, &["place_order", "accepted_per_second"])),
+            String::new(),
+        ],
+        [
+            "end to end notified (orders/s)".into(),
+            format!("{:.0}", get(r, &["end_to_end", "notified_per_second"])),
+            ratio(get(r, &["end_to_end", "notified_per_second"])),
+            "≥ 0.50 ×".into(),
+        ],
+        [
+            "PlaceOrder p99 at fixed rate".into(),
+            ms(get(r, &["fixed_rate", "accept_latency_us", "p99"])),
+            String::new(),
+            "≤ 2 ms".into(),
+        ],
+        [
+            "placed→notified p99 at fixed rate".into(),
+            ms(get(r, &["fixed_rate", "placed_to_notified_us", "p99"])),
+            String::new(),
+            "≤ 10 ms".into(),
+        ],
+    ];
+    for stage in ["receiver", "stock", "invoice", "notifier"] {
+        rows.push([
+            format!("{stage} peak RSS, backlog"),
+            format!(
+                "{:.0} MiB",
+                get(r, &["backlog_rss", &format!("{stage}_mib")])
+            ),
+            String::new(),
+            "≤ 64 MiB".into(),
+        ]);
+    }
+    rows.push([
+        "catch-up (events/s)".into(),
+        format!("{:.0}", get(r, &["catch_up", "events_per_second"])),
+        ratio(get(r, &["catch_up", "events_per_second"])),
+        "≥ 100000".into(),
+    ]);
+    let mut out = format!(
+        "\n{:<36} {:>14} {:>10} {:>10}\n",
+        "figure", "value", "÷ echo", "target"
+    );
+    for [a, b, c, d] in rows {
+        out.push_str(&format!("{a:<36} {b:>14} {c:>10} {d:>10}\n"));
+    }
+    out
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let result = match args.command {
+        Some(Internal::EchoServer { listen }) => echo_server(listen).await,
+        None => run(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

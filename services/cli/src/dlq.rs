@@ -1,0 +1,136 @@
+//! `orderflow dlq list|replay`: orders a stage gave up on.
+
+use clap::{Subcommand, ValueEnum};
+use orderflow_proto::v1::{
+    DeadLetter, ListDeadLettersRequest, ReplayDeadLettersRequest,
+    invoice_creator_client::InvoiceCreatorClient, notifier_client::NotifierClient,
+    replay_dead_letters_request::Target,
+};
+
+use crate::client::{Connect, Stage, all_pages, refused};
+
+#[derive(Subcommand, Debug)]
+pub enum DlqCommand {
+    /// Dead letters: undelivered notifications and failed payments
+    List {
+        /// Whose dead letters
+        #[arg(long, value_enum, default_value_t = DlqStage::All)]
+        stage: DlqStage,
+    },
+    /// Send notifier dead letters through delivery again (admin)
+    Replay {
+        /// One dead letter
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        id: Option<u64>,
+        /// Every dead letter still DEAD
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DlqStage {
+    All,
+    /// Undelivered notifications (replayable)
+    Notifier,
+    /// Failed payments (a record; the stock was given back)
+    Invoice,
+}
+
+pub async fn run(connect: &Connect, command: DlqCommand) -> anyhow::Result<()> {
+    match command {
+        DlqCommand::List { stage } => {
+            let mut letters = Vec::new();
+            if matches!(stage, DlqStage::All | DlqStage::Notifier) {
+                let client = NotifierClient::new(connect.channel(Stage::Notifier).await?);
+                letters.extend(
+                    all_pages("ListDeadLetters", |page_token| {
+                        let mut client = client.clone();
+                        async move {
+                            let page = client
+                                .list_dead_letters(ListDeadLettersRequest {
+                                    page_size: 1000,
+                                    page_token,
+                                })
+                                .await?
+                                .into_inner();
+                            Ok((page.dead_letters, page.next_page_token))
+                        }
+                    })
+                    .await?,
+                );
+            }
+            if matches!(stage, DlqStage::All | DlqStage::Invoice) {
+                let client = InvoiceCreatorClient::new(connect.channel(Stage::Invoice).await?);
+                letters.extend(
+                    all_pages("ListDeadLetters", |page_token| {
+                        let mut client = client.clone();
+                        async move {
+                            let page = client
+                                .list_dead_letters(ListDeadLettersRequest {
+                                    page_size: 1000,
+                                    page_token,
+                                })
+                                .await?
+                                .into_inner();
+                            Ok((page.dead_letters, page.next_page_token))
+                        }
+                    })
+                    .await?,
+                );
+            }
+            print_letters(&letters);
+        }
+        DlqCommand::Replay { id, all } => {
+            let target = match id {
+                Some(id) => Target::Id(id),
+                None => Target::All(all),
+            };
+            let mut client = NotifierClient::new(connect.channel(Stage::Notifier).await?);
+            let request = connect.admin(ReplayDeadLettersRequest {
+                target: Some(target),
+            })?;
+            let response = client
+                .replay_dead_letters(request)
+                .await
+                .map_err(|s| refused("ReplayDeadLetters", s))?
+                .into_inner();
+            println!(
+                "replayed {} dead letter(s): {:?}",
+                response.replayed.len(),
+                response.replayed
+            );
+            if !response.skipped.is_empty() {
+                println!(
+                    "skipped {} (already delivered or being replayed): {:?}",
+                    response.skipped.len(),
+                    response.skipped
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_letters(letters: &[DeadLetter]) {
+    println!(
+        "{:<6} {:<9} {:<38} {:<20} {:>8} {:<10} LAST ERROR",
+        "ID", "STAGE", "ORDER", "REASON", "ATTEMPTS", "STATE"
+    );
+    for l in letters {
+        println!(
+            "{:<6} {:<9} {:<38} {:<20} {:>8} {:<10} {}",
+            l.id,
+            l.stage,
+            l.order_id,
+            l.reason,
+            l.attempts,
+            l.state()
+                .as_str_name()
+                .strip_prefix("DEAD_LETTER_STATE_")
+                .unwrap_or("?"),
+            l.last_error
+        );
+    }
+    println!("{} dead letter(s)", letters.len());
+}

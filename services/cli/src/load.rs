@@ -1,0 +1,537 @@
+//! `orderflow load`: a load generator for any receiver.
+//!
+//! Open loop (`--rate`): order *i* is due at `start + i / rate`, and its latency counts from that
+//! due time, not from when a free slot let it go, so a stall shows up in the percentiles instead
+//! of silently slowing the sender (coordinated omission). Closed loop (`--concurrency`): that many
+//! calls in flight, each sent as soon as the previous one returns.
+//!
+//! Placed→notified latency comes from following the notifier's own log (`EventLog/Subscribe` from
+//! its head): the time from an order's due time to the moment its `CustomerNotified` (or
+//! `NotificationDeadLettered`) entry reaches this process.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, anyhow};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use orderflow_proto::v1::{
+    HeadRequest, OrderLine, PlaceOrderRequest, SubscribeRequest, event::Kind,
+    event_log_client::EventLogClient, order_receiver_client::OrderReceiverClient,
+};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde::Serialize;
+use tokio::{sync::Semaphore, time::Instant};
+use tonic::transport::Channel;
+
+use crate::client::{Connect, Stage};
+
+/// SKU that no catalog has: orders meant to be rejected ask for it.
+pub const UNKNOWN_SKU: &str = "LOAD-NO-SUCH-SKU";
+
+/// Flags of `orderflow load`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Orders per second, open loop (latency counts from each order's due time)
+    #[arg(long, value_parser = parse_rate, conflicts_with = "concurrency")]
+    pub rate: Option<f64>,
+    /// Calls in flight, closed loop (default 64 when --rate is not given)
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub concurrency: Option<u64>,
+    /// How long to send orders
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Stop after this many orders (whichever of --orders and --duration comes first)
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub orders: Option<u64>,
+    /// Lines per order
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub lines: u32,
+    /// Units per line
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub quantity: u32,
+    /// SKUs the lines are drawn from, evenly
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "KB-01,MOUSE-02,HEAD-03,CABLE-04"
+    )]
+    pub skus: Vec<String>,
+    /// A hot SKU that takes --hot-share of all lines (contention on one item)
+    #[arg(long)]
+    pub hot_sku: Option<String>,
+    /// Share of lines that go to --hot-sku, 0.0 to 1.0
+    #[arg(long, default_value_t = 0.2, value_parser = share)]
+    pub hot_share: f64,
+    /// Share of orders that will be rejected (they ask for an unknown SKU), 0.0 to 1.0
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
+    pub reject_share: f64,
+    /// Distinct customer ids
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub customers: u64,
+    /// With --rate: calls in flight at most; beyond it orders wait, and the wait counts
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_in_flight: u64,
+    /// Do not follow the notifier's log (no placed→notified figures)
+    #[arg(long)]
+    pub no_notified: bool,
+    /// After the last order, how long to wait for the rest to be notified
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Print the summary as one JSON object (no progress bar)
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(rate) if rate > 0.0 && rate.is_finite() => Ok(rate),
+        _ => Err("expected a positive number of orders per second".into()),
+    }
+}
+
+fn share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err("expected a number from 0.0 to 1.0".into()),
+    }
+}
+
+/// Percentiles of one latency histogram, in microseconds.
+#[derive(Debug, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        Percentiles {
+            count: h.len(),
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// What one run measured.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub mode: String,
+    pub sent: u64,
+    pub accepted: u64,
+    /// Refused calls by gRPC code.
+    pub errors: BTreeMap<String, u64>,
+    /// Seconds spent sending.
+    pub send_seconds: f64,
+    /// Accepted orders per second while sending.
+    pub accepted_per_second: f64,
+    pub accept_latency_us: Percentiles,
+    /// Accepted orders whose notification was seen.
+    pub notified: Option<u64>,
+    /// Notified orders per second, from the first send to the last notification.
+    pub notified_per_second: Option<f64>,
+    pub placed_to_notified_us: Option<Percentiles>,
+}
+
+/// Shared between the senders, the log follower and the progress bar.
+struct State {
+    accept_us: Mutex<Histogram<u64>>,
+    notified_us: Mutex<Histogram<u64>>,
+    /// Accepted orders not yet seen notified: id → due time.
+    waiting: Mutex<HashMap<String, Instant>>,
+    /// Notifications seen before their order's answer came back: id → when.
+    early: Mutex<HashMap<String, Instant>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+    sent: AtomicU64,
+    accepted: AtomicU64,
+    failed: AtomicU64,
+    notified: AtomicU64,
+    in_flight: AtomicU64,
+    last_notified: Mutex<Option<Instant>>,
+}
+
+impl State {
+    fn new() -> anyhow::Result<Self> {
+        let histogram = || Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3);
+        Ok(State {
+            accept_us: Mutex::new(histogram()?),
+            notified_us: Mutex::new(histogram()?),
+            waiting: Mutex::new(HashMap::new()),
+            early: Mutex::new(HashMap::new()),
+            errors: Mutex::new(BTreeMap::new()),
+            sent: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            notified: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            last_notified: Mutex::new(None),
+        })
+    }
+
+    fn record_notified(&self, due: Instant, at: Instant) {
+        if let Ok(mut h) = self.notified_us.lock() {
+            h.saturating_record(micros(at.saturating_duration_since(due)));
+        }
+        self.notified.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.last_notified.lock() {
+            *last = Some(last.map_or(at, |l| l.max(at)));
+        }
+    }
+
+    fn accepted(&self, order_id: String, due: Instant, follow: bool) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        if !follow {
+            return;
+        }
+        let early = self.early.lock().ok().and_then(|mut e| e.remove(&order_id));
+        match early {
+            Some(at) => self.record_notified(due, at),
+            None => {
+                if let Ok(mut waiting) = self.waiting.lock() {
+                    waiting.insert(order_id, due);
+                }
+            }
+        }
+    }
+
+    fn notified(&self, order_id: &str, at: Instant) {
+        let due = self
+            .waiting
+            .lock()
+            .ok()
+            .and_then(|mut w| w.remove(order_id));
+        match due {
+            Some(due) => self.record_notified(due, at),
+            None => {
+                if let Ok(mut early) = self.early.lock() {
+                    early.insert(order_id.to_owned(), at);
+                }
+            }
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Makes the orders: lines drawn from the SKU mix, some meant to be rejected.
+struct Shape {
+    args: LoadArgs,
+    rng: StdRng,
+}
+
+impl Shape {
+    fn order(&mut self) -> PlaceOrderRequest {
+        let args = &self.args;
+        let customer = self.rng.random_range(0..args.customers);
+        let reject = self.rng.random_bool(args.reject_share);
+        let mut lines = Vec::with_capacity(args.lines as usize);
+        for i in 0..args.lines {
+            let sku = if reject && i == 0 {
+                UNKNOWN_SKU.to_owned()
+            } else {
+                match &args.hot_sku {
+                    Some(hot) if self.rng.random_bool(args.hot_share) => hot.clone(),
+                    _ => args.skus[self.rng.random_range(0..args.skus.len())].clone(),
+                }
+            };
+            match lines.iter_mut().find(|l: &&mut OrderLine| l.sku == sku) {
+                Some(line) => line.quantity += args.quantity,
+                None => lines.push(OrderLine {
+                    sku,
+                    quantity: args.quantity,
+                }),
+            }
+        }
+        PlaceOrderRequest {
+            customer_id: format!("load-{customer}"),
+            lines,
+            idempotency_key: String::new(),
+        }
+    }
+}
+
+/// One call: records its latency from `due` and its outcome.
+async fn send(
+    mut client: OrderReceiverClient<Channel>,
+    request: PlaceOrderRequest,
+    due: Instant,
+    state: &State,
+    follow: bool,
+) {
+    state.in_flight.fetch_add(1, Ordering::Relaxed);
+    let result = client.place_order(request).await;
+    let took = due.elapsed();
+    state.in_flight.fetch_sub(1, Ordering::Relaxed);
+    if let Ok(mut h) = state.accept_us.lock() {
+        h.saturating_record(micros(took));
+    }
+    match result {
+        Ok(response) => state.accepted(response.into_inner().order_id, due, follow),
+        Err(status) => {
+            state.failed.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut errors) = state.errors.lock() {
+                *errors.entry(format!("{:?}", status.code())).or_default() += 1;
+            }
+        }
+    }
+}
+
+/// Follows the notifier's log from its head, reporting every terminal notification.
+async fn follow_notifier(channel: Channel, state: Arc<State>) -> anyhow::Result<()> {
+    let mut log = EventLogClient::new(channel);
+    let head = log
+        .head(HeadRequest {})
+        .await
+        .context("reading the notifier's log head (--notifier)")?
+        .into_inner()
+        .next_offset;
+    let mut stream = log
+        .subscribe(SubscribeRequest {
+            from_offset: head,
+            max_batch: 1000,
+        })
+        .await
+        .context("subscribing to the notifier's log (--notifier)")?
+        .into_inner();
+    while let Some(batch) = stream.message().await? {
+        let at = Instant::now();
+        for entry in batch.entries {
+            let Some(event) = entry.event else { continue };
+            if matches!(
+                event.kind,
+                Some(Kind::CustomerNotified(_) | Kind::NotificationDeadLettered(_))
+            ) {
+                state.notified(&event.order_id, at);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the load and returns what it measured; `progress` draws a live bar.
+pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyhow::Result<Summary> {
+    if args.skus.is_empty() || args.skus.iter().any(String::is_empty) {
+        return Err(anyhow!("--skus: give at least one SKU, none empty"));
+    }
+    let follow = !args.no_notified;
+    let receiver = OrderReceiverClient::new(connect.channel(Stage::Receiver).await?)
+        .max_decoding_message_size(16 * 1024 * 1024);
+    let state = Arc::new(State::new()?);
+    let follower = if follow {
+        let channel = connect.channel(Stage::Notifier).await?;
+        let state = state.clone();
+        Some(tokio::spawn(follow_notifier(channel, state)))
+    } else {
+        None
+    };
+    let bar = if progress {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Some(bar)
+    } else {
+        None
+    };
+    let ticker = bar.clone().map(|bar| {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut last = (Instant::now(), 0u64);
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let sent = state.sent.load(Ordering::Relaxed);
+                let now = Instant::now();
+                let rate = (sent - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
+                last = (now, sent);
+                bar.set_message(format!(
+                    "sent {sent}  {rate:.0}/s  accepted {}  errors {}  in flight {}  notified {}",
+                    state.accepted.load(Ordering::Relaxed),
+                    state.failed.load(Ordering::Relaxed),
+                    state.in_flight.load(Ordering::Relaxed),
+                    state.notified.load(Ordering::Relaxed),
+                ));
+            }
+        })
+    });
+
+    let limit = args.orders.unwrap_or(u64::MAX);
+    let mut shape = Shape {
+        args: args.clone(),
+        rng: StdRng::from_os_rng(),
+    };
+    let start = Instant::now();
+    let deadline = start + args.duration;
+    let mode;
+    match args.rate {
+        Some(rate) => {
+            mode = format!("open loop, {rate} orders/s");
+            let slots = Arc::new(Semaphore::new(args.max_in_flight as usize));
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..limit {
+                let due = start + Duration::from_secs_f64(i as f64 / rate);
+                if due >= deadline {
+                    break;
+                }
+                tokio::time::sleep_until(due).await;
+                let permit = slots.clone().acquire_owned().await?;
+                let (client, request, state) = (receiver.clone(), shape.order(), state.clone());
+                state.sent.fetch_add(1, Ordering::Relaxed);
+                tasks.spawn(async move {
+                    send(client, request, due, &state, follow).await;
+                    drop(permit);
+                });
+                while tasks.try_join_next().is_some() {}
+            }
+            while tasks.join_next().await.is_some() {}
+        }
+        None => {
+            let concurrency = args.concurrency.unwrap_or(64);
+            mode = format!("closed loop, {concurrency} in flight");
+            let shape = Arc::new(Mutex::new(shape));
+            let mut workers = tokio::task::JoinSet::new();
+            for _ in 0..concurrency {
+                let (client, state, shape) = (receiver.clone(), state.clone(), shape.clone());
+                workers.spawn(async move {
+                    while Instant::now() < deadline
+                        && state.sent.fetch_add(1, Ordering::Relaxed) < limit
+                    {
+                        let Some(request) = shape.lock().ok().map(|mut s| s.order()) else {
+                            break;
+                        };
+                        send(client.clone(), request, Instant::now(), &state, follow).await;
+                    }
+                });
+            }
+            while workers.join_next().await.is_some() {}
+            // Workers counted one send too many each when they stopped on the limit.
+            let sent =
+                state.accepted.load(Ordering::Relaxed) + state.failed.load(Ordering::Relaxed);
+            state.sent.store(sent, Ordering::Relaxed);
+        }
+    }
+    let send_seconds = start.elapsed().as_secs_f64();
+
+    // Wait for the rest of the accepted orders to be notified.
+    if follow {
+        let drain = Instant::now() + args.drain_timeout;
+        loop {
+            let waiting = state.waiting.lock().map(|w| w.len()).unwrap_or(0);
+            let follower_done = follower.as_ref().is_some_and(|f| f.is_finished());
+            if waiting == 0 || follower_done || Instant::now() >= drain {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    if let Some(ticker) = ticker {
+        ticker.abort();
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if let Some(follower) = follower {
+        follower.abort();
+        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_millis(10), follower).await {
+            tracing::warn!(error = %e, "following the notifier's log failed");
+        }
+    }
+
+    let accepted = state.accepted.load(Ordering::Relaxed);
+    let accept_latency_us =
+        Percentiles::of(&*state.accept_us.lock().map_err(|_| anyhow!("poisoned"))?);
+    let (notified, notified_per_second, placed_to_notified_us) = if follow {
+        let notified = state.notified.load(Ordering::Relaxed);
+        let last = state.last_notified.lock().ok().and_then(|l| *l);
+        let rate = last.map(|last| notified as f64 / last.duration_since(start).as_secs_f64());
+        let percentiles =
+            Percentiles::of(&*state.notified_us.lock().map_err(|_| anyhow!("poisoned"))?);
+        (Some(notified), rate, Some(percentiles))
+    } else {
+        (None, None, None)
+    };
+    let errors = state.errors.lock().map(|e| e.clone()).unwrap_or_default();
+    Ok(Summary {
+        mode,
+        sent: state.sent.load(Ordering::Relaxed),
+        accepted,
+        errors,
+        send_seconds,
+        accepted_per_second: accepted as f64 / send_seconds.max(1e-9),
+        accept_latency_us,
+        notified,
+        notified_per_second,
+        placed_to_notified_us,
+    })
+}
+
+/// `orderflow load`: runs it and prints the summary.
+pub async fn run(connect: &Connect, args: LoadArgs) -> anyhow::Result<()> {
+    let json = args.json;
+    let summary = measure(connect, args, !json).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    print!("{}", render(&summary));
+    Ok(())
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2} ms", us as f64 / 1000.0)
+}
+
+fn latency_line(label: &str, p: &Percentiles) -> String {
+    format!(
+        "{label:<18} p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (n={})\n",
+        ms(p.p50),
+        ms(p.p90),
+        ms(p.p99),
+        ms(p.p999),
+        ms(p.max),
+        p.count
+    )
+}
+
+/// The human summary.
+pub fn render(s: &Summary) -> String {
+    let mut out = format!(
+        "load: {}\n{:<18} {}\n{:<18} {}  ({:.0} orders/s over {:.1} s)\n",
+        s.mode, "sent", s.sent, "accepted", s.accepted, s.accepted_per_second, s.send_seconds
+    );
+    for (code, count) in &s.errors {
+        out.push_str(&format!("{:<18} {count}\n", format!("refused {code}")));
+    }
+    out.push_str(&latency_line("accept latency", &s.accept_latency_us));
+    if let (Some(notified), Some(p)) = (s.notified, &s.placed_to_notified_us) {
+        let rate = s
+            .notified_per_second
+            .map_or(String::new(), |r| format!("  ({r:.0} orders/s end to end)"));
+        out.push_str(&format!("{:<18} {notified}{rate}\n", "notified"));
+        out.push_str(&latency_line("placed→notified", p));
+        if notified < s.accepted {
+            out.push_str(&format!(
+                "{} accepted orders were not seen notified within --drain-timeout\n",
+                s.accepted - notified
+            ));
+        }
+    }
+    out
+}

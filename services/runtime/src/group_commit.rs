@@ -1,0 +1,171 @@
+//! Group commit: many callers, one writer, one transaction — one fsync — per batch.
+//!
+//! Callers hand their item to the writer through a bounded queue and wait. The writer takes the first
+//! waiting item plus every other already queued (up to `max_batch`), passes them all to the stage's
+//! `write` function inside ONE transaction, and answers every caller once that commit is on disk.
+//! While one fsync runs the next batch queues up, so under load many callers share each fsync; with
+//! one caller at a time the latency is one commit.
+
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
+use tonic::Status;
+
+use crate::store::{Store, StoreError, Txn};
+
+/// Items waiting for the writer at most; further callers wait for room.
+const QUEUE_DEPTH: usize = 16_384;
+
+/// What `write` decides for each item of a batch: its answer, or a refusal that only that caller
+/// sees (the rest of the batch still commits).
+pub type ItemResult<R> = Result<R, Status>;
+
+struct Pending<T, R> {
+    item: T,
+    reply: oneshot::Sender<ItemResult<R>>,
+}
+
+/// Hands items to the group-commit writer. Cheap to clone.
+pub struct GroupCommit<T, R> {
+    queue: mpsc::Sender<Pending<T, R>>,
+}
+
+impl<T, R> Clone for GroupCommit<T, R> {
+    fn clone(&self) -> Self {
+        GroupCommit {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
+    /// Starts the writer over `store`. `write` gets each batch inside one durable transaction and
+    /// returns one result per item, in order. The writer ends once every `GroupCommit` clone is
+    /// dropped and the queue is written.
+    pub fn start<W>(store: Store, max_batch: usize, write: W) -> (Self, JoinHandle<()>)
+    where
+        W: Fn(&mut Txn, Vec<T>) -> Result<Vec<ItemResult<R>>, StoreError> + Send + Sync + 'static,
+    {
+        let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
+        let writer = tokio::spawn(write_batches(
+            store,
+            rx,
+            max_batch.max(1),
+            std::sync::Arc::new(write),
+        ));
+        (GroupCommit { queue }, writer)
+    }
+
+    /// Commits `item` with whatever else is waiting; its answer once the commit is on disk.
+    pub async fn submit(&self, item: T) -> ItemResult<R> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Pending { item, reply })
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?;
+        answer
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?
+    }
+}
+
+async fn write_batches<T, R, W>(
+    store: Store,
+    mut rx: mpsc::Receiver<Pending<T, R>>,
+    max_batch: usize,
+    write: std::sync::Arc<W>,
+) where
+    T: Send + 'static,
+    R: Send + 'static,
+    W: Fn(&mut Txn, Vec<T>) -> Result<Vec<ItemResult<R>>, StoreError> + Send + Sync + 'static,
+{
+    let mut batch = Vec::with_capacity(max_batch);
+    while rx.recv_many(&mut batch, max_batch).await > 0 {
+        let (items, replies): (Vec<_>, Vec<_>) = batch.drain(..).map(|p| (p.item, p.reply)).unzip();
+        let count = items.len();
+        let store = store.clone();
+        let write = write.clone();
+        let committed =
+            tokio::task::spawn_blocking(move || store.write(|txn| write(txn, items))).await;
+        let results = match committed {
+            Ok(Ok(results)) if results.len() == count => results,
+            Ok(Ok(results)) => {
+                tracing::error!(
+                    items = count,
+                    results = results.len(),
+                    "group commit answered the wrong number of items"
+                );
+                fail_all(count)
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, items = count, "group commit failed");
+                fail_all(count)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "group commit task failed");
+                fail_all(count)
+            }
+        };
+        for (reply, result) in replies.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+fn fail_all<R>(count: usize) -> Vec<ItemResult<R>> {
+    (0..count)
+        .map(|_| Err(Status::internal("could not be stored")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use orderflow_proto::v1::Event;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_items_share_commits_and_answer_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("g.redb")).unwrap();
+        let (commit, writer) = GroupCommit::start(store.clone(), 1000, |txn, items: Vec<u32>| {
+            Ok(items
+                .into_iter()
+                .map(|i| {
+                    if i % 100 == 99 {
+                        return Err(Status::already_exists(format!("{i}")));
+                    }
+                    Ok(txn.append(&Event {
+                        order_id: i.to_string(),
+                        ..Default::default()
+                    }))
+                })
+                .collect())
+        });
+        let calls: Vec<_> = (0..500u32)
+            .map(|i| {
+                let commit = commit.clone();
+                tokio::spawn(async move { (i, commit.submit(i).await) })
+            })
+            .collect();
+        let mut offsets = Vec::new();
+        for call in calls {
+            let (i, result) = call.await.unwrap();
+            match result {
+                Ok(offset) => offsets.push(offset),
+                Err(status) => {
+                    assert_eq!(i % 100, 99);
+                    assert_eq!(status.code(), tonic::Code::AlreadyExists);
+                }
+            }
+        }
+        offsets.sort_unstable();
+        assert_eq!(offsets, (0..495).collect::<Vec<u64>>());
+        assert!(store.commits() < 495, "{} commits", store.commits());
+        drop(commit);
+        writer.await.unwrap();
+    }
+}

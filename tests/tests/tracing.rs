@@ -1,0 +1,179 @@
+//! One trace per order across the four real binaries, exported over OTLP to a receiver started in
+//! this test (the collector's own `TraceService`): for 50 orders including rejections and payment
+//! retries, every order is exactly one trace with spans from all four services, a single root and no
+//! dangling parent, failed attempts are errors, and different orders are different traces. An
+//! incoming `traceparent` is honoured, and health checks are not traced.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use orderflow_e2e::{
+    Pipeline, PipelineOptions, catalog, line, otlp::OtlpReceiver, otlp::verify_order_traces,
+    place_all,
+};
+use orderflow_proto::v1::PlaceOrderRequest;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+const ORDERS: usize = 50;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_order_is_one_trace_across_the_four_services() {
+    let collector = OtlpReceiver::start().await.unwrap();
+    let env = vec![
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+            collector.endpoint(),
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "200".to_owned()),
+    ];
+    let mut pipeline = Pipeline::start(PipelineOptions {
+        catalog: catalog(&[("A", 1000, 10_000), ("B", 2500, 10_000), ("SOLD", 100, 0)]),
+        tax_rate_bps: 2000,
+        with_notifier: true,
+        invoice_args: [
+            "--gateway-transient-failure-rate",
+            "0.4",
+            "--payment-max-attempts",
+            "12",
+            "--payment-backoff-min",
+            "5ms",
+            "--payment-backoff-max",
+            "40ms",
+        ]
+        .map(String::from)
+        .to_vec(),
+        env,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Every fifth order asks for the sold-out item and is rejected.
+    let orders = (0..ORDERS)
+        .map(|i| {
+            if i % 5 == 0 {
+                vec![line("A", 1), line("SOLD", 1)]
+            } else {
+                vec![line("A", 1), line("B", 2)]
+            }
+        })
+        .collect();
+    let placed = place_all(pipeline.receiver().await, "tracer", orders, 8).await;
+    let order_ids: Vec<String> = placed
+        .into_iter()
+        .map(|p| p.result.expect("order accepted"))
+        .collect();
+
+    // One more, placed by a caller that is itself traced.
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let mut request = tonic::Request::new(PlaceOrderRequest {
+        customer_id: "traced-caller".into(),
+        lines: vec![line("A", 1)],
+        idempotency_key: String::new(),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{caller_trace}-{caller_span}-01")
+            .parse()
+            .unwrap(),
+    );
+    let traced_order = pipeline
+        .receiver()
+        .await
+        .place_order(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .order_id;
+
+    pipeline
+        .wait_for_notifications(ORDERS + 1, Duration::from_secs(120))
+        .await
+        .unwrap();
+    // Health checks are plumbing: never traced.
+    HealthClient::new(pipeline.stage("receiver").channel().await)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    // Stopping flushes every exporter.
+    for stage in &mut pipeline.stages {
+        assert!(
+            stage.terminate().await.unwrap(),
+            "{} exited badly",
+            stage.name
+        );
+    }
+    let spans = collector.spans();
+    eprintln!("received {} spans", spans.len());
+
+    let traces = verify_order_traces(&spans, &order_ids).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(traces.len(), ORDERS);
+
+    // Payment retries are visible: each attempt its own span, failed ones marked as errors.
+    let attempts: Vec<_> = spans
+        .iter()
+        .filter(|s| s.name == "payment attempt")
+        .collect();
+    let failed: Vec<_> = attempts
+        .iter()
+        .filter(|s| s.attribute("outcome") == Some("transient failure"))
+        .collect();
+    assert!(
+        !failed.is_empty(),
+        "no payment attempt failed at a 40 % failure rate"
+    );
+    assert!(
+        failed
+            .iter()
+            .all(|s| s.error && !s.status_message.is_empty())
+    );
+    assert!(
+        attempts
+            .iter()
+            .filter(|s| s.attribute("outcome") == Some("done"))
+            .all(|s| !s.error)
+    );
+    assert!(attempts.iter().any(|s| s.attribute("attempt") == Some("2")));
+    // Rejections are errors with their reason; invoices carry their number.
+    let rejected: Vec<_> = spans
+        .iter()
+        .filter(|s| s.name == "reserve stock" && s.attribute("outcome") == Some("rejected"))
+        .collect();
+    assert_eq!(rejected.len(), ORDERS / 5);
+    assert!(
+        rejected
+            .iter()
+            .all(|s| s.error && s.status_message.contains("SOLD"))
+    );
+    let invoiced = spans
+        .iter()
+        .filter(|s| s.name == "create invoice" && s.attribute("invoice.number").is_some())
+        .count();
+    assert_eq!(invoiced, ORDERS - ORDERS / 5 + 1);
+    // Every order span names its stage and customer.
+    for span in spans.iter().filter(|s| s.attribute("order.id").is_some()) {
+        assert!(span.attribute("orderflow.stage").is_some(), "{span:?}");
+        assert!(span.attribute("customer.id").is_some(), "{span:?}");
+    }
+
+    // The traced caller's order joined the caller's trace, under the caller's span.
+    let joined: Vec<_> = spans
+        .iter()
+        .filter(|s| s.attribute("order.id") == Some(traced_order.as_str()))
+        .collect();
+    assert!(joined.iter().all(|s| s.trace_id == caller_trace));
+    let rpc = joined
+        .iter()
+        .find(|s| s.name == "orderflow.v1.OrderReceiver/PlaceOrder")
+        .expect("the PlaceOrder span");
+    assert_eq!(rpc.parent_span_id, caller_span);
+
+    assert!(
+        !spans.iter().any(|s| s.name.contains("grpc.health")),
+        "health checks were traced"
+    );
+}
