@@ -81,17 +81,64 @@ fn ensure_built() -> &'static PathBuf {
     })
 }
 
-/// Free loopback ports, found by binding and releasing them: for stages that must know each other's
-/// addresses before any of them starts (stock and invoice point at each other).
+/// Free loopback ports for stages that must know each other's addresses before any of them starts
+/// (stock and invoice point at each other, the receiver follows all three).
+///
+/// They are drawn at random from below the kernel's ephemeral range and checked by binding them.
+/// Ports from `bind(0)` would be handed out again by the kernel, to another test's `bind(0)` or to
+/// an outgoing connection's local end, in the window between this probe and the stage's own bind;
+/// ports below that range are never handed out that way.
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let probes: Vec<_> = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("binding a probe port"))
-        .collect();
+    let candidates = unassigned_ports();
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let mut probes: Vec<std::net::TcpListener> = Vec::with_capacity(N);
     let mut ports = [0; N];
-    for (port, probe) in ports.iter_mut().zip(&probes) {
-        *port = probe.local_addr().expect("probe address").port();
+    let mut found = 0;
+    for _ in 0..10_000 {
+        if found == N {
+            break;
+        }
+        let port = rng.random_range(candidates.clone());
+        if ports[..found].contains(&port) {
+            continue;
+        }
+        if let Ok(probe) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            probes.push(probe);
+            ports[found] = port;
+            found += 1;
+        }
     }
+    assert_eq!(found, N, "no {N} free loopback ports in {candidates:?}");
     ports
+}
+
+/// Ports the kernel never picks on its own: below `ip_local_port_range` (or above it when it starts
+/// too low to leave room).
+fn unassigned_ports() -> std::ops::Range<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let bounds: Vec<u16> = range
+        .as_deref()
+        .unwrap_or("32768 60999")
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    match bounds[..] {
+        [low, _] if low > 12_000 => 10_000..low,
+        [_, high] if high < 63_000 => high + 1..u16::MAX,
+        _ => 10_000..32_768,
+    }
+}
+
+/// The last lines of a stage's log, for an error message.
+fn log_tail(path: &Path) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(log) => {
+            let lines: Vec<&str> = log.lines().collect();
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
 }
 
 /// One running (or stopped) stage process.
@@ -176,9 +223,13 @@ impl Stage {
                 .with_context(|| format!("{} did not start in time", self.name))??
                 .with_context(|| {
                     format!(
-                        "{} exited before listening; see its log in {}",
+                        "{} exited before listening; the end of its log:\n{}",
                         self.name,
-                        self.data_dir.display()
+                        log_tail(
+                            &self
+                                .data_dir
+                                .join(format!("{}-{}.log", self.name, self.starts))
+                        )
                     )
                 })?;
             let rest = line
