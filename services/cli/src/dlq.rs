@@ -2,10 +2,12 @@
 
 use clap::{Subcommand, ValueEnum};
 use orderflow_proto::v1::{
-    DeadLetter, ListDeadLettersRequest, ReplayDeadLettersRequest,
+    DeadLetter, ListDeadLettersRequest, ListDeadLettersResponse, ReplayDeadLettersRequest,
     invoice_creator_client::InvoiceCreatorClient, notifier_client::NotifierClient,
     replay_dead_letters_request::Target,
 };
+
+use tonic::Status;
 
 use crate::client::{Connect, Stage, all_pages, refused};
 
@@ -44,18 +46,9 @@ pub async fn run(connect: &Connect, command: DlqCommand) -> anyhow::Result<()> {
             if matches!(stage, DlqStage::All | DlqStage::Notifier) {
                 let client = NotifierClient::new(connect.channel(Stage::Notifier).await?);
                 letters.extend(
-                    all_pages("ListDeadLetters", |page_token| {
+                    all_dead_letters(|request| {
                         let mut client = client.clone();
-                        async move {
-                            let page = client
-                                .list_dead_letters(ListDeadLettersRequest {
-                                    page_size: 1000,
-                                    page_token,
-                                })
-                                .await?
-                                .into_inner();
-                            Ok((page.dead_letters, page.next_page_token))
-                        }
+                        async move { client.list_dead_letters(request).await }
                     })
                     .await?,
                 );
@@ -63,18 +56,9 @@ pub async fn run(connect: &Connect, command: DlqCommand) -> anyhow::Result<()> {
             if matches!(stage, DlqStage::All | DlqStage::Invoice) {
                 let client = InvoiceCreatorClient::new(connect.channel(Stage::Invoice).await?);
                 letters.extend(
-                    all_pages("ListDeadLetters", |page_token| {
+                    all_dead_letters(|request| {
                         let mut client = client.clone();
-                        async move {
-                            let page = client
-                                .list_dead_letters(ListDeadLettersRequest {
-                                    page_size: 1000,
-                                    page_token,
-                                })
-                                .await?
-                                .into_inner();
-                            Ok((page.dead_letters, page.next_page_token))
-                        }
+                        async move { client.list_dead_letters(request).await }
                     })
                     .await?,
                 );
@@ -112,6 +96,24 @@ pub async fn run(connect: &Connect, command: DlqCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every page of one stage's `ListDeadLetters`; `list` makes one call.
+async fn all_dead_letters<F, Fut>(list: F) -> anyhow::Result<Vec<DeadLetter>>
+where
+    F: Fn(ListDeadLettersRequest) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<ListDeadLettersResponse>, Status>>,
+{
+    all_pages("ListDeadLetters", |page_token| {
+        let call = list(ListDeadLettersRequest {
+            page_size: 1000,
+            page_token,
+        });
+        async move {
+            let page = call.await?.into_inner();
+            Ok((page.dead_letters, page.next_page_token))
+        }
+    })
+    .await
+}
 fn print_letters(letters: &[DeadLetter]) {
     println!(
         "{:<6} {:<9} {:<38} {:<20} {:>8} {:<10} LAST ERROR",

@@ -10,7 +10,7 @@ use orderflow_proto::v1::{Invoice, LogEntry, event::Kind};
 use orderflow_runtime::{
     Apply, RetryQueue, Store, StoreError, Txn, follow_up, record_processed, telemetry,
 };
-use redb::{ReadableTable, TableDefinition};
+use redb::TableDefinition;
 
 use crate::{
     STAGE,
@@ -50,16 +50,7 @@ impl Apply for InvoiceCreator {
         };
         match &event.kind {
             Some(Kind::StockReserved(reserved)) => {
-                let settled = txn
-                    .redb()
-                    .open_table(BY_ORDER)?
-                    .get(event.order_id.as_str())?
-                    .is_some()
-                    || txn
-                        .redb()
-                        .open_table(FAILED_BY_ORDER)?
-                        .get(event.order_id.as_str())?
-                        .is_some();
+                let settled = txn.has_key_in_any(&[BY_ORDER, FAILED_BY_ORDER], &event.order_id)?;
                 if settled {
                     // An upstream duplicate must not bill twice.
                     tracing::warn!(order_id = %event.order_id, "duplicate reservation ignored");

@@ -7,7 +7,7 @@
 
 use orderflow_proto::v1::{LogEntry, Notification, NotificationKind, event::Kind};
 use orderflow_runtime::{Apply, RetryQueue, Store, StoreError, Txn, record_processed, telemetry};
-use redb::{ReadableTable, TableDefinition};
+use redb::TableDefinition;
 
 use crate::{
     STAGE,
@@ -75,16 +75,7 @@ impl Apply for Notifier {
             ),
             _ => return Ok(()),
         };
-        let known = txn
-            .redb()
-            .open_table(BY_ORDER)?
-            .get(event.order_id.as_str())?
-            .is_some()
-            || txn
-                .redb()
-                .open_table(DEAD_LETTER_BY_ORDER)?
-                .get(event.order_id.as_str())?
-                .is_some();
+        let known = txn.has_key_in_any(&[BY_ORDER, DEAD_LETTER_BY_ORDER], &event.order_id)?;
         if known {
             tracing::warn!(order_id = %event.order_id, "order already notified; duplicate ignored");
             return Ok(());

@@ -460,6 +460,21 @@ impl Txn {
         &self.inner
     }
 
+    /// Whether any of `tables` has a row for `key`: how a stage recognises an order it has
+    /// already settled one way or the other.
+    pub fn has_key_in_any<V: redb::Value + 'static>(
+        &self,
+        tables: &[TableDefinition<'_, &'static str, V>],
+        key: &str,
+    ) -> Result<bool, StoreError> {
+        for table in tables {
+            if self.redb().open_table(*table)?.get(key)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Appends `event` to the outbox and returns its offset (valid once the transaction commits).
     pub fn append(&mut self, event: &Event) -> u64 {
         let offset = self.next;
