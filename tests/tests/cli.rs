@@ -272,43 +272,27 @@ async fn operators_manage_stock_faults_dead_letters_and_follow_orders() {
         ok && out.contains("Item A") && out.contains("12.50 EUR"),
         "{out}"
     );
-    let (ok, _, err) = orderflow(
-        &pipeline,
-        &[
-            "stock",
-            "set",
-            "MUG",
-            "--name",
-            "Mug",
-            "--price",
-            "12.99",
-            "--currency",
-            "EUR",
-            "--available",
-            "3",
-        ],
-    );
+    let set_mug = [
+        "stock",
+        "set",
+        "MUG",
+        "--name",
+        "Mug",
+        "--price",
+        "12.99",
+        "--currency",
+        "EUR",
+        "--available",
+        "3",
+    ];
+    let (ok, _, err) = orderflow(&pipeline, &set_mug);
     assert!(
         !ok && err.contains("Unauthenticated") && err.contains("--admin-token"),
         "{err}"
     );
     let (ok, out, err) = orderflow(
         &pipeline,
-        &[
-            "stock",
-            "set",
-            "MUG",
-            "--name",
-            "Mug",
-            "--price",
-            "12.99",
-            "--currency",
-            "EUR",
-            "--available",
-            "3",
-            "--admin-token",
-            TOKEN,
-        ],
+        &[&set_mug[..], &["--admin-token", TOKEN]].concat(),
     );
     assert!(ok, "{err}");
     assert!(out.contains("MUG") && out.contains("12.99 EUR"), "{out}");

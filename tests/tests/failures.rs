@@ -29,8 +29,14 @@ fn args(flags: &[&str]) -> Vec<String> {
     flags.iter().map(|s| (*s).to_owned()).collect()
 }
 
-fn webhook_args(webhook: &Webhook) -> Vec<String> {
-    let mut flags = args(&[
+/// A pipeline whose notifier delivers to `webhook` (short backoff, up to 40 attempts), and the ids
+/// of `orders` one-line orders placed by `customer`.
+async fn webhook_pipeline(
+    webhook: &Webhook,
+    customer: &str,
+    orders: usize,
+) -> (Pipeline, Vec<String>) {
+    let mut notifier_args = args(&[
         "--sink",
         "webhook",
         "--delivery-backoff-min",
@@ -41,8 +47,24 @@ fn webhook_args(webhook: &Webhook) -> Vec<String> {
         "40",
         "--webhook-url",
     ]);
-    flags.push(webhook.url());
-    flags
+    notifier_args.push(webhook.url());
+    let pipeline = Pipeline::start(PipelineOptions {
+        catalog: catalog(&[("A", 100, 1000)]),
+        with_notifier: true,
+        notifier_args,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let placed = place_all(
+        pipeline.receiver().await,
+        customer,
+        (0..orders).map(|_| vec![line("A", 1)]).collect(),
+        8,
+    )
+    .await;
+    let ids = placed.into_iter().map(|p| p.result.unwrap()).collect();
+    (pipeline, ids)
 }
 
 async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
@@ -77,22 +99,8 @@ async fn a_flaky_webhook_gets_every_notification_exactly_once() {
     const ORDERS: usize = 30;
     const FAILURES: usize = 45;
     let webhook = Webhook::start(Mode::FailFirst(FAILURES)).await.unwrap();
-    let pipeline = Pipeline::start(PipelineOptions {
-        catalog: catalog(&[("A", 100, 1000)]),
-        with_notifier: true,
-        notifier_args: webhook_args(&webhook),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let placed = place_all(
-        pipeline.receiver().await,
-        "hooked",
-        (0..ORDERS).map(|_| vec![line("A", 1)]).collect(),
-        8,
-    )
-    .await;
-    assert!(placed.iter().all(|p| p.result.is_ok()));
+    let (pipeline, ids) = webhook_pipeline(&webhook, "hooked", ORDERS).await;
+    assert_eq!(ids.len(), ORDERS);
     let notifications = pipeline
         .wait_for_notifications(ORDERS, Duration::from_secs(60))
         .await
@@ -118,22 +126,7 @@ async fn a_flaky_webhook_gets_every_notification_exactly_once() {
 async fn dead_letters_are_replayed_once_the_webhook_is_fixed() {
     const ORDERS: usize = 10;
     let webhook = Webhook::start(Mode::Refuse).await.unwrap();
-    let pipeline = Pipeline::start(PipelineOptions {
-        catalog: catalog(&[("A", 100, 1000)]),
-        with_notifier: true,
-        notifier_args: webhook_args(&webhook),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let placed = place_all(
-        pipeline.receiver().await,
-        "refused",
-        (0..ORDERS).map(|_| vec![line("A", 1)]).collect(),
-        4,
-    )
-    .await;
-    let ids: Vec<String> = placed.into_iter().map(|p| p.result.unwrap()).collect();
+    let (pipeline, ids) = webhook_pipeline(&webhook, "refused", ORDERS).await;
     let done = pipeline
         .wait_for_terminal(&ids, Duration::from_secs(60))
         .await

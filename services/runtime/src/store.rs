@@ -539,6 +539,18 @@ mod tests {
         Store::open(&dir.path().join("test.redb")).unwrap()
     }
 
+    /// Appends orders "0" to "9" in one transaction: offsets 0..10.
+    fn append_ten(store: &Store) {
+        store
+            .write(|txn| {
+                for i in 0..10 {
+                    txn.append(&event(&i.to_string()));
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+    }
+
     #[test]
     fn appends_get_dense_offsets_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -595,14 +607,7 @@ mod tests {
     fn unconsumed_follows_the_slowest_consumer() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
-        store
-            .write(|txn| {
-                for i in 0..10 {
-                    txn.append(&event(&i.to_string()));
-                }
-                Ok::<_, StoreError>(())
-            })
-            .unwrap();
+        append_ten(&store);
         assert_eq!(store.unconsumed(), 10);
         store.ack("stock", 7).unwrap();
         assert_eq!(store.unconsumed(), 3);
@@ -631,14 +636,7 @@ mod tests {
     fn trim_moves_first_offset_and_reports_truncation() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
-        store
-            .write(|txn| {
-                for i in 0..10 {
-                    txn.append(&event(&i.to_string()));
-                }
-                Ok::<_, StoreError>(())
-            })
-            .unwrap();
+        append_ten(&store);
         assert_eq!(store.trim(4, 100).unwrap(), 4);
         assert_eq!(store.bounds().unwrap(), (4, 10));
         assert!(matches!(
@@ -687,14 +685,7 @@ mod tests {
     fn registered_consumers_hold_the_log_until_they_ack() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
-        store
-            .write(|txn| {
-                for i in 0..10 {
-                    txn.append(&event(&i.to_string()));
-                }
-                Ok::<_, StoreError>(())
-            })
-            .unwrap();
+        append_ten(&store);
         store
             .register_consumers(&["notifier".into(), "stock".into()])
             .unwrap();
