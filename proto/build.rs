@@ -11,11 +11,13 @@ const PROTOS: &[&str] = &[
     "orderflow/v1/invoice.proto",
     "orderflow/v1/notifier.proto",
     "orderflow/v1/eventlog.proto",
+    "grpc/health/v1/health.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     println!("cargo:rerun-if-changed=orderflow");
+    println!("cargo:rerun-if-changed=grpc");
     let mut prost_config = prost_build::Config::new();
     prost_config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()

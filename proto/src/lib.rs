@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //! - [`v1`]: everything generated from the `.proto` files, one module for the package.
-//! - [`FILE_DESCRIPTOR_SET`]: what the reflection service registers.
+//! - [`health`]: `grpc.health.v1`, generated with the same strict codec (served by every stage).
+//! - [`FILE_DESCRIPTOR_SET`]: what the reflection service registers (both packages).
 //! - [`money`]: display of [`v1::Money`] in major units, for humans.
 //! - [`codec`]: prost encoding with `INVALID_ARGUMENT` for malformed messages.
 
@@ -18,5 +19,11 @@ pub mod v1 {
     tonic::include_proto!("orderflow.v1");
 }
 
-/// The encoded `FileDescriptorSet` of every `orderflow.v1` file, for gRPC server reflection.
+/// Generated code for the standard `grpc.health.v1` package, with [`codec::StrictCodec`].
+pub mod health {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("grpc.health.v1");
+}
+
+/// The encoded `FileDescriptorSet` of every `orderflow.v1` file and of `grpc.health.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("orderflow_descriptor");

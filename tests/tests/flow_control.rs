@@ -33,6 +33,7 @@ async fn backlog_waits_on_disk_and_drains() {
         .subscribe(SubscribeRequest {
             from_offset: 0,
             max_batch: 1000,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -113,6 +114,7 @@ async fn backlog_waits_on_disk_and_drains() {
         .subscribe(SubscribeRequest {
             from_offset: 0,
             max_batch: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();

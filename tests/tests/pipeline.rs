@@ -392,6 +392,7 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
         .subscribe(SubscribeRequest {
             from_offset: 1_000,
             max_batch: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();

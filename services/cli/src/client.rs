@@ -5,8 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::{Context, anyhow};
 use clap::Args;
-use orderflow_runtime::{AdminToken, tls};
-use tonic::{Request, Status, transport::Channel};
+use orderflow_proto::v1::event_log_client::EventLogClient;
+use orderflow_runtime::{
+    AdminToken,
+    auth::{LinkAuth, LinkToken},
+    tls,
+};
+use tonic::{Request, Status, service::interceptor::InterceptedService, transport::Channel};
 use tonic_types::StatusExt;
 
 /// Where the stages are and how to talk to them (every subcommand accepts these).
@@ -60,7 +65,39 @@ pub struct Connect {
         value_name = "TOKEN"
     )]
     pub admin_token: Option<AdminToken>,
+    /// The stages' link token, for reading a stage's log (`load` follows the notifier's), sent as
+    /// `authorization: Bearer` on EventLog calls
+    #[arg(
+        long,
+        global = true,
+        env = "ORDERFLOW_LINK_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub link_token: Option<LinkToken>,
+    /// PEM client certificate to present to https:// stages that ask for one (--tls-client-ca on
+    /// the stage; needs --tls-client-key)
+    #[arg(
+        long,
+        global = true,
+        env = "ORDERFLOW_TLS_CLIENT_CERT",
+        value_name = "PEM",
+        requires = "tls_client_key"
+    )]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of --tls-client-cert
+    #[arg(
+        long,
+        global = true,
+        env = "ORDERFLOW_TLS_CLIENT_KEY",
+        value_name = "PEM",
+        requires = "tls_client_cert"
+    )]
+    pub tls_client_key: Option<PathBuf>,
 }
+
+/// A client of a stage's `EventLog`, with the link token on every call.
+pub type LogClient = EventLogClient<InterceptedService<Channel, LinkAuth>>;
 
 /// Which stage a command talks to, for URLs and messages.
 #[derive(Debug, Clone, Copy)]
@@ -84,12 +121,31 @@ impl Connect {
     /// A connected channel to `stage`.
     pub async fn channel(&self, stage: Stage) -> anyhow::Result<Channel> {
         let (url, flag) = self.url(stage);
-        let tls = tls::client_config(self.tls_ca.as_deref()).map_err(|e| anyhow!(e))?;
+        let identity = self
+            .tls_client_cert
+            .as_deref()
+            .zip(self.tls_client_key.as_deref())
+            .map(|(cert, key)| tls::ClientIdentity {
+                cert,
+                key,
+                cert_flag: "--tls-client-cert / ORDERFLOW_TLS_CLIENT_CERT",
+                key_flag: "--tls-client-key / ORDERFLOW_TLS_CLIENT_KEY",
+            });
+        let tls = tls::client_config(self.tls_ca.as_deref(), identity).map_err(|e| anyhow!(e))?;
         let endpoint = tls::endpoint(url, &tls).map_err(|e| anyhow!("{flag}: {e}"))?;
         endpoint
             .connect()
             .await
             .with_context(|| format!("cannot reach {url} ({flag})"))
+    }
+
+    /// A client of `stage`'s log, carrying the link token when one is given.
+    pub async fn log(&self, stage: Stage) -> anyhow::Result<LogClient> {
+        let channel = self.channel(stage).await?;
+        Ok(EventLogClient::with_interceptor(
+            channel,
+            LinkAuth::new(self.link_token.as_ref()),
+        ))
     }
 
     /// `message` as an admin request: with the admin token, when one is given.
@@ -137,9 +193,11 @@ pub fn refused(what: &str, status: Status) -> anyhow::Error {
         }
     }
     if status.code() == tonic::Code::Unauthenticated {
-        text.push_str(
-            "\n  (give the stage's admin token with --admin-token or ORDERFLOW_ADMIN_TOKEN)",
-        );
+        text.push_str(if what.starts_with("EventLog") {
+            "\n  (give the stages' link token with --link-token or ORDERFLOW_LINK_TOKEN)"
+        } else {
+            "\n  (give the stage's admin token with --admin-token or ORDERFLOW_ADMIN_TOKEN)"
+        });
     }
     anyhow!(text)
 }

@@ -83,16 +83,30 @@ async fn drive(config: &DemoConfig, pipeline: &Pipeline) -> anyhow::Result<()> {
         ("invoice", pipeline.invoice),
         ("notifier", pipeline.notifier),
     ] {
-        // Start at the current head, so a reused --data-dir does not replay earlier runs.
+        // Show only what happens from now on, so a reused --data-dir does not replay earlier runs;
+        // but read from where "demo" last acknowledged, since a log lets a consumer acknowledge
+        // only what it was sent.
         let channel = Channel::from_shared(format!("http://{addr}"))?.connect_lazy();
         let mut client = EventLogClient::new(channel);
         let head = client
             .head(HeadRequest {})
             .await
             .with_context(|| format!("reading the {stage} log's head"))?
-            .into_inner()
-            .next_offset;
-        tokio::spawn(watch(stage, client, head, steps_tx.clone()));
+            .into_inner();
+        let from = head
+            .consumers
+            .iter()
+            .find(|c| c.consumer == DEMO_CONSUMER)
+            .map_or(head.next_offset, |c| {
+                c.acked_offset.clamp(head.first_offset, head.next_offset)
+            });
+        tokio::spawn(watch(
+            stage,
+            client,
+            from,
+            head.next_offset,
+            steps_tx.clone(),
+        ));
     }
     drop(steps_tx);
 
@@ -236,18 +250,24 @@ fn basket() -> Vec<OrderLine> {
     lines
 }
 
-/// Streams one stage's log into `steps`, acknowledging as "demo" so retention keeps what it has not
-/// shown yet.
+/// The consumer name under which the demo reads every stage's log.
+pub const DEMO_CONSUMER: &str = "demo";
+
+/// Streams one stage's log from `from_offset` into `steps`, skipping entries below `show_from`, and
+/// acknowledges as "demo" so retention keeps what it has not shown yet.
 async fn watch(
     stage: &'static str,
     mut client: EventLogClient<Channel>,
     from_offset: u64,
+    show_from: u64,
     steps: mpsc::Sender<Step>,
 ) {
     let Ok(stream) = client
         .subscribe(SubscribeRequest {
             from_offset,
             max_batch: 0,
+            consumer: DEMO_CONSUMER.into(),
+            stop_at_head: false,
         })
         .await
     else {
@@ -257,6 +277,9 @@ async fn watch(
     while let Ok(Some(batch)) = stream.message().await {
         let next = batch.entries.last().map(|e| e.offset + 1);
         for entry in batch.entries {
+            if entry.offset < show_from {
+                continue;
+            }
             if let Some(event) = entry.event
                 && steps.send(Step { stage, event }).await.is_err()
             {
@@ -266,7 +289,7 @@ async fn watch(
         if let Some(offset) = next {
             let _ = client
                 .ack(AckRequest {
-                    consumer: "demo".into(),
+                    consumer: DEMO_CONSUMER.into(),
                     offset,
                 })
                 .await;

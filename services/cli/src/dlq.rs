@@ -74,11 +74,16 @@ pub async fn run(connect: &Connect, command: DlqCommand) -> anyhow::Result<()> {
             let request = connect.admin(ReplayDeadLettersRequest {
                 target: Some(target),
             })?;
-            let response = client
-                .replay_dead_letters(request)
-                .await
-                .map_err(|s| refused("ReplayDeadLetters", s))?
-                .into_inner();
+            let response = match client.replay_dead_letters(request).await {
+                Ok(response) => response.into_inner(),
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    let Some(id) = id else {
+                        return Err(refused("ReplayDeadLetters", status));
+                    };
+                    return Err(not_replayable(connect, id, status).await);
+                }
+                Err(status) => return Err(refused("ReplayDeadLetters", status)),
+            };
             println!(
                 "replayed {} dead letter(s): {:?}",
                 response.replayed.len(),
@@ -94,6 +99,36 @@ pub async fn run(connect: &Connect, command: DlqCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Why `id` could not be replayed: the notifier has no such dead letter, and if the invoice stage
+/// has one by that id, that it records a failed payment, which nothing can replay.
+async fn not_replayable(connect: &Connect, id: u64, status: Status) -> anyhow::Error {
+    let invoice_letter = async {
+        let mut client = InvoiceCreatorClient::new(connect.channel(Stage::Invoice).await.ok()?);
+        let page = client
+            .list_dead_letters(ListDeadLettersRequest {
+                page_size: 1,
+                page_token: id.to_string(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        page.dead_letters.into_iter().find(|l| l.id == id)
+    }
+    .await;
+    match invoice_letter {
+        Some(letter) => anyhow::anyhow!(
+            "dead letter {id} is the invoice stage's: the payment of order {} failed ({}: {}); its \
+             stock was given back and the customer was told, so there is nothing to replay.\n  \
+             Only the notifier's dead letters (undelivered notifications) can be replayed: \
+             `orderflow dlq list --stage notifier`",
+            letter.order_id,
+            letter.reason,
+            letter.last_error
+        ),
+        None => refused("ReplayDeadLetters", status),
+    }
 }
 
 /// Every page of one stage's `ListDeadLetters`; `list` makes one call.
@@ -114,6 +149,7 @@ where
     })
     .await
 }
+
 fn print_letters(letters: &[DeadLetter]) {
     println!(
         "{:<6} {:<9} {:<38} {:<20} {:>8} {:<10} LAST ERROR",
@@ -135,4 +171,9 @@ fn print_letters(letters: &[DeadLetter]) {
         );
     }
     println!("{} dead letter(s)", letters.len());
+    if letters.iter().any(|l| l.stage != "notifier") {
+        println!(
+            "(invoice dead letters record failed payments; only notifier dead letters can be replayed)"
+        );
+    }
 }

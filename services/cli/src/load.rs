@@ -18,19 +18,19 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, anyhow};
+use anyhow::anyhow;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use orderflow_proto::v1::{
-    HeadRequest, OrderLine, PlaceOrderRequest, SubscribeRequest, event::Kind,
-    event_log_client::EventLogClient, order_receiver_client::OrderReceiverClient,
+    HeadRequest, NotificationKind, OrderLine, PlaceOrderRequest, SubscribeRequest, event::Kind,
+    order_receiver_client::OrderReceiverClient,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 use tokio::{sync::Semaphore, time::Instant};
 use tonic::transport::Channel;
 
-use crate::client::{Connect, Stage};
+use crate::client::{Connect, LogClient, Stage};
 
 /// SKU that no catalog has: orders meant to be rejected ask for it.
 pub const UNKNOWN_SKU: &str = "LOAD-NO-SUCH-SKU";
@@ -142,9 +142,52 @@ pub struct Summary {
     pub accept_latency_us: Percentiles,
     /// Accepted orders whose notification was seen.
     pub notified: Option<u64>,
+    /// How those orders ended, from the notifier's events.
+    pub outcomes: Option<Outcomes>,
     /// Notified orders per second, from the first send to the last notification.
     pub notified_per_second: Option<f64>,
     pub placed_to_notified_us: Option<Percentiles>,
+    /// What makes the figures mean less than they seem (most orders rejected, say).
+    pub warnings: Vec<String>,
+}
+
+/// How the notified orders ended.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Outcomes {
+    /// Reserved, paid, invoiced and confirmed to the customer.
+    pub confirmed: u64,
+    /// Rejected by the stock stage (out of stock, unknown SKU, mixed currency).
+    pub rejected: u64,
+    /// Reserved, but the payment was declined or never went through (stock given back).
+    pub payment_failed: u64,
+    /// The notification could not be delivered and waits as a dead letter.
+    pub dead_lettered: u64,
+}
+
+/// How an order ended, as the notifier's log says.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Confirmed,
+    Rejected,
+    PaymentFailed,
+    DeadLettered,
+}
+
+impl Outcomes {
+    fn count(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Confirmed => self.confirmed += 1,
+            Outcome::Rejected => self.rejected += 1,
+            Outcome::PaymentFailed => self.payment_failed += 1,
+            Outcome::DeadLettered => self.dead_lettered += 1,
+        }
+    }
+
+    /// Rejections are most of what was measured: a benchmark of the shortest path only.
+    fn rejections_dominate(&self) -> bool {
+        let total = self.confirmed + self.rejected + self.payment_failed + self.dead_lettered;
+        total > 0 && self.rejected * 2 > total
+    }
 }
 
 /// Shared between the senders, the log follower and the progress bar.
@@ -153,8 +196,9 @@ struct State {
     notified_us: Mutex<Histogram<u64>>,
     /// Accepted orders not yet seen notified: id → due time.
     waiting: Mutex<HashMap<String, Instant>>,
-    /// Notifications seen before their order's answer came back: id → when.
-    early: Mutex<HashMap<String, Instant>>,
+    /// Notifications seen before their order's answer came back: id → when, and how it ended.
+    early: Mutex<HashMap<String, (Instant, Outcome)>>,
+    outcomes: Mutex<Outcomes>,
     errors: Mutex<BTreeMap<String, u64>>,
     sent: AtomicU64,
     accepted: AtomicU64,
@@ -172,6 +216,7 @@ impl State {
             notified_us: Mutex::new(histogram()?),
             waiting: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
+            outcomes: Mutex::new(Outcomes::default()),
             errors: Mutex::new(BTreeMap::new()),
             sent: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
@@ -182,9 +227,12 @@ impl State {
         })
     }
 
-    fn record_notified(&self, due: Instant, at: Instant) {
+    fn record_notified(&self, due: Instant, at: Instant, outcome: Outcome) {
         if let Ok(mut h) = self.notified_us.lock() {
             h.saturating_record(micros(at.saturating_duration_since(due)));
+        }
+        if let Ok(mut outcomes) = self.outcomes.lock() {
+            outcomes.count(outcome);
         }
         self.notified.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut last) = self.last_notified.lock() {
@@ -199,7 +247,7 @@ impl State {
         }
         let early = self.early.lock().ok().and_then(|mut e| e.remove(&order_id));
         match early {
-            Some(at) => self.record_notified(due, at),
+            Some((at, outcome)) => self.record_notified(due, at, outcome),
             None => {
                 if let Ok(mut waiting) = self.waiting.lock() {
                     waiting.insert(order_id, due);
@@ -208,17 +256,17 @@ impl State {
         }
     }
 
-    fn notified(&self, order_id: &str, at: Instant) {
+    fn notified(&self, order_id: &str, at: Instant, outcome: Outcome) {
         let due = self
             .waiting
             .lock()
             .ok()
             .and_then(|mut w| w.remove(order_id));
         match due {
-            Some(due) => self.record_notified(due, at),
+            Some(due) => self.record_notified(due, at, outcome),
             None => {
                 if let Ok(mut early) = self.early.lock() {
-                    early.insert(order_id.to_owned(), at);
+                    early.insert(order_id.to_owned(), (at, outcome));
                 }
             }
         }
@@ -293,32 +341,39 @@ async fn send(
 }
 
 /// Follows the notifier's log from its head, reporting every terminal notification.
-async fn follow_notifier(channel: Channel, state: Arc<State>) -> anyhow::Result<()> {
-    let mut log = EventLogClient::new(channel);
+async fn follow_notifier(mut log: LogClient, state: Arc<State>) -> anyhow::Result<()> {
     let head = log
         .head(HeadRequest {})
         .await
-        .context("reading the notifier's log head (--notifier)")?
+        .map_err(|s| crate::client::refused("EventLog/Head of the notifier (--notifier)", s))?
         .into_inner()
         .next_offset;
     let mut stream = log
         .subscribe(SubscribeRequest {
             from_offset: head,
             max_batch: 1000,
+            consumer: String::new(),
+            stop_at_head: false,
         })
         .await
-        .context("subscribing to the notifier's log (--notifier)")?
+        .map_err(|s| crate::client::refused("EventLog/Subscribe to the notifier (--notifier)", s))?
         .into_inner();
     while let Some(batch) = stream.message().await? {
         let at = Instant::now();
         for entry in batch.entries {
             let Some(event) = entry.event else { continue };
-            if matches!(
-                event.kind,
-                Some(Kind::CustomerNotified(_) | Kind::NotificationDeadLettered(_))
-            ) {
-                state.notified(&event.order_id, at);
-            }
+            let outcome = match &event.kind {
+                Some(Kind::CustomerNotified(notified)) => {
+                    match notified.notification.as_ref().map(|n| n.kind()) {
+                        Some(NotificationKind::Rejected) => Outcome::Rejected,
+                        Some(NotificationKind::PaymentFailed) => Outcome::PaymentFailed,
+                        _ => Outcome::Confirmed,
+                    }
+                }
+                Some(Kind::NotificationDeadLettered(_)) => Outcome::DeadLettered,
+                _ => continue,
+            };
+            state.notified(&event.order_id, at, outcome);
         }
     }
     Ok(())
@@ -334,9 +389,9 @@ pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyho
         .max_decoding_message_size(16 * 1024 * 1024);
     let state = Arc::new(State::new()?);
     let follower = if follow {
-        let channel = connect.channel(Stage::Notifier).await?;
+        let log = connect.log(Stage::Notifier).await?;
         let state = state.clone();
-        Some(tokio::spawn(follow_notifier(channel, state)))
+        Some(tokio::spawn(follow_notifier(log, state)))
     } else {
         None
     };
@@ -457,6 +512,16 @@ pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyho
     let accepted = state.accepted.load(Ordering::Relaxed);
     let accept_latency_us =
         Percentiles::of(&*state.accept_us.lock().map_err(|_| anyhow!("poisoned"))?);
+    let outcomes = follow
+        .then(|| state.outcomes.lock().map(|o| *o).ok())
+        .flatten();
+    let mut warnings = Vec::new();
+    if outcomes.is_some_and(|o| o.rejections_dominate()) {
+        warnings.push(
+            "most orders were rejected (out of stock or unknown SKUs): these figures measure rejections, not the whole path; restock with `orderflow stock set` or draw from other --skus"
+                .to_owned(),
+        );
+    }
     let (notified, notified_per_second, placed_to_notified_us) = if follow {
         let notified = state.notified.load(Ordering::Relaxed);
         let last = state.last_notified.lock().ok().and_then(|l| *l);
@@ -477,8 +542,10 @@ pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyho
         accepted_per_second: accepted as f64 / send_seconds.max(1e-9),
         accept_latency_us,
         notified,
+        outcomes,
         notified_per_second,
         placed_to_notified_us,
+        warnings,
     })
 }
 
@@ -525,6 +592,12 @@ pub fn render(s: &Summary) -> String {
             .notified_per_second
             .map_or(String::new(), |r| format!("  ({r:.0} orders/s end to end)"));
         out.push_str(&format!("{:<18} {notified}{rate}\n", "notified"));
+        if let Some(o) = &s.outcomes {
+            out.push_str(&format!(
+                "{:<18} confirmed {}  rejected {}  payment failed {}  dead-lettered {}\n",
+                "  of which", o.confirmed, o.rejected, o.payment_failed, o.dead_lettered
+            ));
+        }
         out.push_str(&latency_line("placed→notified", p));
         if notified < s.accepted {
             out.push_str(&format!(
@@ -532,6 +605,9 @@ pub fn render(s: &Summary) -> String {
                 s.accepted - notified
             ));
         }
+    }
+    for warning in &s.warnings {
+        out.push_str(&format!("warning: {warning}\n"));
     }
     out
 }

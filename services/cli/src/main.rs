@@ -220,6 +220,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     delivery_retry: DeliveryRetryArgs::default(),
                     metrics: None,
                     http: None,
+                    also_retain_for: vec![demo::DEMO_CONSUMER.to_owned()],
                 },
                 customers: customers as usize,
                 orders,
@@ -262,6 +263,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 delivery_retry,
                 metrics: metrics_listen.0,
                 http: http_listen.0,
+                also_retain_for: Vec::new(),
             })
             .await;
             telemetry.shutdown().await;
@@ -311,5 +313,45 @@ async fn client_command(connect: &Connect, command: Command) -> anyhow::Result<(
         Command::Faults { command } => faults::run(connect, command).await,
         Command::Load(args) => load::run(connect, *args).await,
         Command::Demo { .. } | Command::Up(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn up_takes_the_payment_and_delivery_flags_side_by_side() {
+        let cli = Cli::try_parse_from([
+            "orderflow",
+            "up",
+            "--payment-max-attempts",
+            "3",
+            "--delivery-max-attempts",
+            "4",
+            "--payment-backoff-min",
+            "10ms",
+            "--delivery-backoff-min",
+            "20ms",
+        ])
+        .map_err(|e| e.to_string());
+        let Ok(Cli {
+            command: Command::Up(args),
+            ..
+        }) = cli
+        else {
+            panic!("{cli:?}");
+        };
+        assert_eq!(args.payment_retry.max_attempts, 3);
+        assert_eq!(args.delivery_retry.max_attempts, 4);
+        assert_eq!(args.payment_retry.backoff_min, Duration::from_millis(10));
+        assert_eq!(args.delivery_retry.backoff_min, Duration::from_millis(20));
     }
 }

@@ -10,7 +10,10 @@ use std::{
 use anyhow::Context;
 use orderflow_invoice::{GatewayArgs, PaymentRetryArgs};
 use orderflow_notifier::{DeliveryRetryArgs, SinkArgs};
-use orderflow_runtime::{ServeError, ServerArgs, UpstreamArgs, UpstreamUrl, config::OptionalAddr};
+use orderflow_runtime::{
+    ServeError, ServerArgs, UpstreamArgs, UpstreamUrl,
+    config::{ConsumerNames, OptionalAddr},
+};
 use orderflow_stock::CatalogSource;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +35,9 @@ pub struct PipelineConfig {
     pub metrics: Option<SocketAddr>,
     /// The receiver's HTTP/JSON door.
     pub http: Option<SocketAddr>,
+    /// Consumers every stage's log is kept for besides the stages that read it (the demo's
+    /// watchers).
+    pub also_retain_for: Vec<String>,
 }
 
 /// A running in-process pipeline.
@@ -76,9 +82,20 @@ impl Pipeline {
         let shutdown = CancellationToken::new();
         let [receiver_addr, stock_addr, invoice_addr, notifier_addr] =
             addresses(config.host, config.ports)?;
-        let server =
-            |addr: SocketAddr, stage: &str| ServerArgs::new(addr, config.data_dir.join(stage));
-        let mut receiver_args = server(receiver_addr, orderflow_receiver::STAGE);
+        let server = |addr: SocketAddr, stage: &str, consumers: &[&str]| {
+            let mut args = ServerArgs::new(addr, config.data_dir.join(stage));
+            if !config.also_retain_for.is_empty() {
+                let mut names: Vec<String> = consumers.iter().map(|c| (*c).to_owned()).collect();
+                names.extend(config.also_retain_for.iter().cloned());
+                args.retain_for = Some(ConsumerNames(names));
+            }
+            args
+        };
+        let mut receiver_args = server(
+            receiver_addr,
+            orderflow_receiver::STAGE,
+            orderflow_receiver::CONSUMERS,
+        );
         receiver_args.metrics_listen = OptionalAddr(config.metrics);
         let mut receiver_config = orderflow_receiver::Config::new(receiver_args).following(
             url(stock_addr)?,
@@ -90,7 +107,11 @@ impl Pipeline {
             .await
             .context("starting the receiver")?;
         let stock = orderflow_stock::bind(orderflow_stock::Config::new(
-            server(stock_addr, orderflow_stock::STAGE),
+            server(
+                stock_addr,
+                orderflow_stock::STAGE,
+                orderflow_stock::CONSUMERS,
+            ),
             UpstreamArgs {
                 upstream: url(receiver_addr)?,
             },
@@ -100,7 +121,11 @@ impl Pipeline {
         .await
         .context("starting the stock checker")?;
         let mut invoice_config = orderflow_invoice::Config::new(
-            server(invoice_addr, orderflow_invoice::STAGE),
+            server(
+                invoice_addr,
+                orderflow_invoice::STAGE,
+                orderflow_invoice::CONSUMERS,
+            ),
             UpstreamArgs {
                 upstream: url(stock_addr)?,
             },
@@ -112,7 +137,11 @@ impl Pipeline {
             .await
             .context("starting the invoice creator")?;
         let mut notifier_config = orderflow_notifier::Config::new(
-            server(notifier_addr, orderflow_notifier::STAGE),
+            server(
+                notifier_addr,
+                orderflow_notifier::STAGE,
+                orderflow_notifier::CONSUMERS,
+            ),
             UpstreamArgs {
                 upstream: url(invoice_addr)?,
             },

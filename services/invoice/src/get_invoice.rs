@@ -16,9 +16,11 @@ pub(crate) async fn get_invoice(
     request: GetInvoiceRequest,
 ) -> Result<Invoice, Status> {
     let mut violations = FieldViolations::new();
-    if request.order_id.is_empty() {
-        violations.add("order_id", "required");
-    }
+    violations.check_identifier(
+        "order_id",
+        &request.order_id,
+        orderflow_runtime::status::MAX_ORDER_ID_CHARS,
+    );
     violations.check()?;
     let order_id = request.order_id.clone();
     let invoice = store

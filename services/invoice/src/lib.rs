@@ -40,6 +40,8 @@ pub use pricing::MAX_TAX_RATE_BPS;
 
 /// Name of the stage: its store file, logs and health.
 pub const STAGE: &str = "invoice";
+/// The stages that read this stage's log: it is kept for them unless `--retain-for` says otherwise.
+pub const CONSUMERS: &[&str] = &["notifier", "stock", "receiver"];
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50053;
 /// Default metrics port.
@@ -100,23 +102,23 @@ impl Default for GatewayArgs {
 #[derive(Args, Debug, Clone)]
 pub struct PaymentRetryArgs {
     /// Capture attempts per order at most, the first included
-    #[arg(long = "payment-max-attempts", env = "ORDERFLOW_PAYMENT_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100), value_name = "N")]
+    #[arg(id = "payment_max_attempts", long = "payment-max-attempts", env = "ORDERFLOW_PAYMENT_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100), value_name = "N")]
     pub max_attempts: u32,
 
     /// Pause before the first retry; it doubles per attempt, with jitter
-    #[arg(long = "payment-backoff-min", env = "ORDERFLOW_PAYMENT_BACKOFF_MIN", default_value = "100ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(id = "payment_backoff_min", long = "payment-backoff-min", env = "ORDERFLOW_PAYMENT_BACKOFF_MIN", default_value = "100ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub backoff_min: Duration,
 
     /// Longest pause between two attempts
-    #[arg(long = "payment-backoff-max", env = "ORDERFLOW_PAYMENT_BACKOFF_MAX", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(id = "payment_backoff_max", long = "payment-backoff-max", env = "ORDERFLOW_PAYMENT_BACKOFF_MAX", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub backoff_max: Duration,
 
     /// Captures in flight at most
-    #[arg(long = "payment-concurrency", env = "ORDERFLOW_PAYMENT_CONCURRENCY", default_value_t = 256, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000), value_name = "N")]
+    #[arg(id = "payment_concurrency", long = "payment-concurrency", env = "ORDERFLOW_PAYMENT_CONCURRENCY", default_value_t = 256, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000), value_name = "N")]
     pub concurrency: usize,
 
     /// Orders waiting for payment at most before the stage stops reading the stock log
-    #[arg(long = "payment-max-pending", env = "ORDERFLOW_PAYMENT_MAX_PENDING", default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000), value_name = "N")]
+    #[arg(id = "payment_max_pending", long = "payment-max-pending", env = "ORDERFLOW_PAYMENT_MAX_PENDING", default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000), value_name = "N")]
     pub max_pending: usize,
 }
 
@@ -173,15 +175,13 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
             "--tax-rate-bps / ORDERFLOW_TAX_RATE_BPS must be at most {MAX_TAX_RATE_BPS}"
         )));
     }
-    let tls = config.server.client_tls().map_err(ServeError::config)?;
     let upstream = config
-        .upstream
-        .upstream
-        .endpoint(&tls)
+        .server
+        .link(&config.upstream.upstream)
         .map_err(ServeError::config)?;
     let server = StageServer::bind(STAGE, config.server)
         .await?
-        .retain_for(&["notifier", "stock", "receiver"])
+        .retain_for(CONSUMERS)
         .await?;
     let ledger_path = server.args().data_dir.join("gateway.redb");
     let faults = faults::faults_from_flags(
@@ -261,4 +261,16 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
 /// Runs the invoice creator until `shutdown`.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
     bind(config).await?.serve(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Config::command().debug_assert();
+    }
 }

@@ -72,7 +72,9 @@ pub(crate) async fn replay_dead_letters(
                         }
                     })?;
                     let (Some(letter), Some(task)) = (letter, task) else {
-                        return Err(Status::not_found(format!("no dead letter with id {id}")));
+                        return Err(Status::not_found(format!(
+                            "the notifier has no dead letter with id {id} (the invoice stage's dead letters record failed payments and cannot be replayed)"
+                        )));
                     };
                     if !dead {
                         response.skipped.push(id);

@@ -37,6 +37,8 @@ pub use sinks::SinkKind;
 
 /// Name of the stage: its store file, logs and health.
 pub const STAGE: &str = "notifier";
+/// The stages that read this stage's log: it is kept for them unless `--retain-for` says otherwise.
+pub const CONSUMERS: &[&str] = &["receiver"];
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50054;
 /// Default metrics port.
@@ -98,23 +100,23 @@ impl Default for SinkArgs {
 #[derive(Args, Debug, Clone)]
 pub struct DeliveryRetryArgs {
     /// Delivery attempts per notification at most, the first included
-    #[arg(long = "delivery-max-attempts", env = "ORDERFLOW_DELIVERY_MAX_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=100), value_name = "N")]
+    #[arg(id = "delivery_max_attempts", long = "delivery-max-attempts", env = "ORDERFLOW_DELIVERY_MAX_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=100), value_name = "N")]
     pub max_attempts: u32,
 
     /// Pause before the first retry; it doubles per attempt, with jitter
-    #[arg(long = "delivery-backoff-min", env = "ORDERFLOW_DELIVERY_BACKOFF_MIN", default_value = "200ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(id = "delivery_backoff_min", long = "delivery-backoff-min", env = "ORDERFLOW_DELIVERY_BACKOFF_MIN", default_value = "200ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub backoff_min: Duration,
 
     /// Longest pause between two attempts (a longer Retry-After is still honoured, up to 1 h)
-    #[arg(long = "delivery-backoff-max", env = "ORDERFLOW_DELIVERY_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(id = "delivery_backoff_max", long = "delivery-backoff-max", env = "ORDERFLOW_DELIVERY_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub backoff_max: Duration,
 
     /// Deliveries in flight at most
-    #[arg(long = "delivery-concurrency", env = "ORDERFLOW_DELIVERY_CONCURRENCY", default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000), value_name = "N")]
+    #[arg(id = "delivery_concurrency", long = "delivery-concurrency", env = "ORDERFLOW_DELIVERY_CONCURRENCY", default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000), value_name = "N")]
     pub concurrency: usize,
 
     /// Notifications waiting for delivery at most before the stage stops reading the invoice log
-    #[arg(long = "delivery-max-pending", env = "ORDERFLOW_DELIVERY_MAX_PENDING", default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000), value_name = "N")]
+    #[arg(id = "delivery_max_pending", long = "delivery-max-pending", env = "ORDERFLOW_DELIVERY_MAX_PENDING", default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000), value_name = "N")]
     pub max_pending: usize,
 }
 
@@ -172,15 +174,13 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
         config.sink.sink_file.as_deref(),
     )
     .map_err(ServeError::Config)?;
-    let tls = config.server.client_tls().map_err(ServeError::config)?;
     let upstream = config
-        .upstream
-        .upstream
-        .endpoint(&tls)
+        .server
+        .link(&config.upstream.upstream)
         .map_err(ServeError::config)?;
     let server = StageServer::bind(STAGE, config.server)
         .await?
-        .retain_for(&["receiver"])
+        .retain_for(CONSUMERS)
         .await?;
     let deliveries = RetryQueue::new(
         STAGE,
@@ -228,4 +228,16 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
 /// Runs the notifier until `shutdown`.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
     bind(config).await?.serve(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Config::command().debug_assert();
+    }
 }

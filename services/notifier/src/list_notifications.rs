@@ -12,6 +12,11 @@ pub(crate) async fn list_notifications(
 ) -> Result<ListNotificationsResponse, Status> {
     let page = NumericPage::parse(request.page_size, &request.page_token)?;
     let order_id = request.order_id;
+    if !order_id.is_empty() {
+        let mut violations = orderflow_runtime::FieldViolations::new();
+        violations.check_identifier("order_id", &order_id, status::MAX_ORDER_ID_CHARS);
+        violations.check()?;
+    }
     store
         .call(move |store| {
             store.read(|read| {

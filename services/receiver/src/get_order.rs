@@ -80,11 +80,11 @@ pub(crate) async fn watch_order(
 
 fn check_id(order_id: &str) -> Result<(), Status> {
     let mut violations = FieldViolations::new();
-    if order_id.is_empty() {
-        violations.add("order_id", "required");
-    } else if order_id.len() > 128 {
-        violations.add("order_id", "must be at most 128 bytes");
-    }
+    violations.check_identifier(
+        "order_id",
+        order_id,
+        orderflow_runtime::status::MAX_ORDER_ID_CHARS,
+    );
     violations.check()
 }
 

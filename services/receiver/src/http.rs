@@ -9,12 +9,26 @@
 //! gRPC code: INVALID_ARGUMENT 400, NOT_FOUND 404, ALREADY_EXISTS 409, RESOURCE_EXHAUSTED 429 (with
 //! `Retry-After`), UNAVAILABLE 503, anything else 500. A `traceparent` header is honoured like the
 //! gRPC metadata.
+//!
+//! The door is open to the internet, so it bounds what a client can hold: request headers must
+//! arrive within [`HEADER_READ_TIMEOUT`] (an idle keep-alive connection is closed after as long),
+//! a body within [`BODY_TIMEOUT`] and at most [`orderflow_runtime::MAX_REQUEST_BYTES`], a whole
+//! request within [`REQUEST_TIMEOUT`], and at most `--http-max-connections` connections are served
+//! at once: further ones wait in the kernel's accept queue, so slow or half-open clients can never
+//! take the file descriptors the gRPC server and the store need.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use axum::{
     Json, Router,
-    extract::{Path, State, rejection::JsonRejection},
+    extract::{DefaultBodyLimit, Path, State, rejection::JsonRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -25,12 +39,25 @@ use orderflow_proto::v1::{
 use orderflow_runtime::{telemetry, tls::ServerIdentity};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::{CancellationToken, PollSemaphore};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
+use tower::Service;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tracing::Instrument;
 
 use crate::{Receiver, STAGE};
+
+/// How long a client has to send a request's headers, and how long an idle keep-alive connection
+/// stays open.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to send a request's body once its headers are in.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one request may take in all; longer: 408.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once unless `--http-max-connections` says otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
 /// A bound, not yet serving, HTTP door.
 pub(crate) struct Door {
@@ -38,6 +65,7 @@ pub(crate) struct Door {
     local_addr: SocketAddr,
     tls: Option<ServerIdentity>,
     receiver: Arc<Receiver>,
+    max_connections: usize,
 }
 
 impl Door {
@@ -45,6 +73,7 @@ impl Door {
         addr: SocketAddr,
         tls: Option<ServerIdentity>,
         receiver: Arc<Receiver>,
+        max_connections: usize,
     ) -> Result<Door, String> {
         let refuse = |e: std::io::Error| {
             format!("cannot listen on {addr} (--http-listen, ORDERFLOW_HTTP_LISTEN): {e}")
@@ -59,6 +88,7 @@ impl Door {
             local_addr,
             tls,
             receiver,
+            max_connections: max_connections.max(1),
         })
     }
 
@@ -74,31 +104,125 @@ impl Door {
             shutdown.cancelled().await;
             stopper.graceful_shutdown(Some(grace));
         });
-        let app = router(self.receiver).into_make_service();
+        let app = ConnectionLimit::new(
+            router(self.receiver).into_make_service(),
+            self.max_connections,
+        );
         let served = match self.tls.map(|identity| identity.rustls_config()) {
             Some(Ok(config)) => {
-                axum_server::from_tcp_rustls(
+                let mut server = axum_server::from_tcp_rustls(
                     self.listener,
                     axum_server::tls_rustls::RustlsConfig::from_config(config),
-                )
-                .handle(handle)
-                .serve(app)
-                .await
+                );
+                bound_connections(server.http_builder());
+                server.handle(handle).serve(app).await
             }
             Some(Err(e)) => {
                 tracing::error!(error = %e, "HTTP door not started");
                 return;
             }
             None => {
-                axum_server::from_tcp(self.listener)
-                    .handle(handle)
-                    .serve(app)
-                    .await
+                let mut server = axum_server::from_tcp(self.listener);
+                bound_connections(server.http_builder());
+                server.handle(handle).serve(app).await
             }
         };
         if let Err(e) = served {
             tracing::error!(error = %e, "HTTP door failed");
         }
+    }
+}
+
+/// The time limits of one connection: headers (and idle keep-alive) for HTTP/1, and pings that
+/// close a dead HTTP/2 peer.
+fn bound_connections(
+    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+) {
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(HEADER_READ_TIMEOUT)
+        .keep_alive_timeout(HEADER_READ_TIMEOUT);
+}
+
+/// Serves at most `max` connections at once. The server asks its connection maker to be ready
+/// before it makes the service of the next accepted connection; this one is ready only with a
+/// permit in hand, which the connection's service keeps until the connection closes. While every
+/// permit is taken the accept loop waits, and new connections wait in the kernel's queue instead
+/// of taking file descriptors. (A `tower` concurrency limit counts requests, which a client that
+/// never finishes its headers does not make.)
+#[derive(Clone)]
+struct ConnectionLimit<M> {
+    make: M,
+    permits: PollSemaphore,
+    permit: Option<Arc<OwnedSemaphorePermit>>,
+}
+
+impl<M> ConnectionLimit<M> {
+    fn new(make: M, max: usize) -> Self {
+        ConnectionLimit {
+            make,
+            permits: PollSemaphore::new(Arc::new(Semaphore::new(max))),
+            permit: None,
+        }
+    }
+}
+
+impl<M, T> Service<T> for ConnectionLimit<M>
+where
+    M: Service<T>,
+    M::Future: Send + 'static,
+{
+    type Response = Limited<M::Response>;
+    type Error = M::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, M::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), M::Error>> {
+        if self.permit.is_none() {
+            match self.permits.poll_acquire(cx) {
+                Poll::Ready(Some(permit)) => self.permit = Some(Arc::new(permit)),
+                // The semaphore is never closed; should it be, serve without a limit.
+                Poll::Ready(None) => {}
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.make.poll_ready(cx)
+    }
+
+    fn call(&mut self, target: T) -> Self::Future {
+        let permit = self.permit.take();
+        let made = self.make.call(target);
+        Box::pin(async move {
+            Ok(Limited {
+                service: made.await?,
+                _permit: permit,
+            })
+        })
+    }
+}
+
+/// One connection's service, holding its place among the connections served.
+#[derive(Clone)]
+struct Limited<S> {
+    service: S,
+    _permit: Option<Arc<OwnedSemaphorePermit>>,
+}
+
+impl<S: Service<R>, R> Service<R> for Limited<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.service.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: R) -> S::Future {
+        self.service.call(request)
     }
 }
 
@@ -114,6 +238,12 @@ fn router(receiver: Arc<Receiver>) -> Router {
             )
         })
         .with_state(receiver)
+        .layer(DefaultBodyLimit::max(orderflow_runtime::MAX_REQUEST_BYTES))
+        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
 }
 
 #[derive(Debug, Deserialize)]

@@ -39,11 +39,13 @@ use orderflow_runtime::{
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-pub use http::order_json;
+pub use http::{BODY_TIMEOUT, HEADER_READ_TIMEOUT, REQUEST_TIMEOUT, order_json};
 pub use validate::{MAX_CUSTOMER_ID, MAX_IDEMPOTENCY_KEY, MAX_LINES, MAX_QUANTITY, MAX_SKU_CHARS};
 
 /// Name of the stage: its store file, logs and health.
 pub const STAGE: &str = "receiver";
+/// The stages that read this stage's log: it is kept for them unless `--retain-for` says otherwise.
+pub const CONSUMERS: &[&str] = &["stock"];
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50051;
 /// Default port of the HTTP/JSON door.
@@ -85,6 +87,10 @@ pub struct Config {
     #[arg(long, env = "ORDERFLOW_HTTP_LISTEN", value_name = "ADDR|none")]
     pub http_listen: OptionalAddr,
 
+    /// Connections the HTTP door serves at once; further ones wait to be accepted
+    #[arg(long, env = "ORDERFLOW_HTTP_MAX_CONNECTIONS", default_value_t = http::DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000), value_name = "N")]
+    pub http_max_connections: usize,
+
     /// The stock stage, whose log tells the receiver about reservations and rejections (`none`: do
     /// not follow orders)
     #[arg(long, env = "ORDERFLOW_STOCK_URL", value_name = "URL|none")]
@@ -123,6 +129,7 @@ impl Config {
             max_backlog: DEFAULT_MAX_BACKLOG,
             idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
             http_listen: OptionalAddr(None),
+            http_max_connections: http::DEFAULT_MAX_CONNECTIONS,
             stock_url: DownstreamUrl(None),
             invoice_url: DownstreamUrl(None),
             notifier_url: DownstreamUrl(None),
@@ -168,10 +175,9 @@ pub(crate) struct Receiver {
 
 /// Opens the receiver's store and binds its sockets; serve the result with [`StageServer::serve`].
 pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
-    let client_tls = config.server.client_tls().map_err(ServeError::config)?;
     let mut server = StageServer::bind(STAGE, config.server.clone())
         .await?
-        .retain_for(&["stock"])
+        .retain_for(CONSUMERS)
         .await?;
     let store = server.store().clone();
     store
@@ -207,12 +213,12 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
         ("notifier", &config.notifier_url),
     ] {
         if let Some(url) = &url.0 {
-            let endpoint = url.endpoint(&client_tls).map_err(ServeError::config)?;
+            let link = config.server.link(url).map_err(ServeError::config)?;
             followed.push(
                 Subscription::new(
                     STAGE,
                     format!("progress.{name}"),
-                    endpoint,
+                    link,
                     store.clone(),
                     Arc::new(progress::Progress::new(name, watchers.clone())),
                 )
@@ -224,9 +230,14 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
     }
 
     if let Some(addr) = config.http_listen.0 {
-        let door = http::Door::bind(addr, server.tls_identity().cloned(), receiver.clone())
-            .await
-            .map_err(ServeError::config)?;
+        let door = http::Door::bind(
+            addr,
+            server.tls_identity().cloned(),
+            receiver.clone(),
+            config.http_max_connections,
+        )
+        .await
+        .map_err(ServeError::config)?;
         let scheme = if server.tls_identity().is_some() {
             "https"
         } else {
@@ -273,4 +284,16 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
 /// Runs the receiver until `shutdown`.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
     bind(config).await?.serve(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Config::command().debug_assert();
+    }
 }

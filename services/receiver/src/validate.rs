@@ -20,15 +20,7 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 /// Checks `request` against every rule; `Err` is INVALID_ARGUMENT naming each bad field.
 pub fn validate(request: &PlaceOrderRequest) -> Result<(), tonic::Status> {
     let mut violations = FieldViolations::new();
-    let customer = request.customer_id.trim();
-    if customer.is_empty() {
-        violations.add("customer_id", "required");
-    } else if request.customer_id.chars().count() > MAX_CUSTOMER_ID {
-        violations.add(
-            "customer_id",
-            format!("must be at most {MAX_CUSTOMER_ID} characters"),
-        );
-    }
+    violations.check_identifier("customer_id", &request.customer_id, MAX_CUSTOMER_ID);
     if request.lines.is_empty() || request.lines.len() > MAX_LINES {
         violations.add(
             "lines",
@@ -40,14 +32,8 @@ pub fn validate(request: &PlaceOrderRequest) -> Result<(), tonic::Status> {
     }
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (i, line) in request.lines.iter().enumerate().take(MAX_LINES) {
-        let sku_chars = line.sku.chars().count();
-        if line.sku.trim().is_empty() {
-            violations.add(format!("lines[{i}].sku"), "required");
-        } else if sku_chars > MAX_SKU_CHARS {
-            violations.add(
-                format!("lines[{i}].sku"),
-                format!("must be at most {MAX_SKU_CHARS} characters, got {sku_chars}"),
-            );
+        if !violations.check_identifier(format!("lines[{i}].sku"), &line.sku, MAX_SKU_CHARS) {
+            // Named already.
         } else if let Some(first) = seen.insert(line.sku.as_str(), i) {
             violations.add(
                 format!("lines[{i}].sku"),
@@ -170,6 +156,15 @@ mod tests {
                     ..ok()
                 },
                 vec!["lines[2].sku"],
+            ),
+            (
+                "control characters in ids",
+                PlaceOrderRequest {
+                    customer_id: "alice\nINFO forged line".into(),
+                    lines: vec![line("A\u{0}", 1), line("B\u{1b}[31m", 1)],
+                    ..ok()
+                },
+                vec!["customer_id", "lines[0].sku", "lines[1].sku"],
             ),
             (
                 "idempotency key too long",

@@ -14,7 +14,12 @@ use clap::{
 };
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
-use crate::{auth::AdminToken, eventlog::Retention, telemetry::LogFormat, tls};
+use crate::{
+    auth::{AdminToken, LinkAuth, LinkGuard, LinkToken},
+    eventlog::Retention,
+    telemetry::LogFormat,
+    tls,
+};
 
 /// Entries an outbox keeps at most, acknowledged or not.
 pub const DEFAULT_RETENTION_MAX_ENTRIES: u64 = 10_000_000;
@@ -40,11 +45,11 @@ pub struct ServerArgs {
     #[arg(long, env = "ORDERFLOW_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub shutdown_grace: Duration,
 
-    /// Consumers the outbox is kept for even before they first acknowledge (comma-separated, or
-    /// `none`); any other consumer is kept for once it acknowledges. Default: the stages that read
-    /// this stage's log
-    #[arg(long, env = "ORDERFLOW_RETAIN_FOR", value_name = "NAMES", value_parser = parse_consumers)]
-    pub retain_for: Option<Vec<String>>,
+    /// Consumers the outbox is kept for (comma-separated, or `none`): entries are deleted only once
+    /// each of them has acknowledged them, and only they may acknowledge. Default: the stages that
+    /// read this stage's log
+    #[arg(long, env = "ORDERFLOW_RETAIN_FOR", value_name = "NAMES|none")]
+    pub retain_for: Option<ConsumerNames>,
 
     /// Address to serve Prometheus metrics on (`GET /metrics`), or `none`
     #[arg(
@@ -92,6 +97,28 @@ pub struct ServerArgs {
     #[arg(long, env = "ORDERFLOW_TLS_CA", value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
 
+    /// Shared secret of the stage links: every EventLog call (Subscribe, Ack, Head) must carry
+    /// `authorization: Bearer <token>`, and this stage sends it on its own links. Separate from
+    /// --admin-token; set the same value on every stage
+    #[arg(
+        long,
+        env = "ORDERFLOW_LINK_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub link_token: Option<LinkToken>,
+
+    /// PEM CA certificate(s) of the stage links' client certificates (mutual TLS; needs
+    /// --tls-cert): every EventLog call must come with a client certificate this CA signed. This
+    /// stage presents its own --tls-cert on its https:// links
+    #[arg(
+        long,
+        env = "ORDERFLOW_TLS_CLIENT_CA",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Option<StageCommand>,
 }
@@ -108,20 +135,30 @@ pub enum StageCommand {
     },
 }
 
-/// `a,b,c` (or `none`) as consumer names.
-fn parse_consumers(s: &str) -> Result<Vec<String>, String> {
-    if s.trim() == "none" {
-        return Ok(Vec::new());
+/// The consumers an outbox is kept for: `a,b,c`, or `none` for no one (then only
+/// `--retention-max-entries` bounds it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerNames(pub Vec<String>);
+
+impl FromStr for ConsumerNames {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim() == "none" {
+            return Ok(ConsumerNames(Vec::new()));
+        }
+        let mut names: Vec<String> = Vec::new();
+        for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            crate::status::check_name(name).map_err(|why| format!("consumer {name:?} {why}"))?;
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_owned());
+            }
+        }
+        if names.is_empty() {
+            return Err("expected comma-separated consumer names, or `none`".into());
+        }
+        Ok(ConsumerNames(names))
     }
-    let names: Vec<String> = s
-        .split(',')
-        .map(|n| n.trim().to_owned())
-        .filter(|n| !n.is_empty())
-        .collect();
-    if names.iter().any(|n| n.len() > 128) {
-        return Err("a consumer name has at most 128 bytes".into());
-    }
-    Ok(names)
 }
 
 /// A socket address, or `none` for "do not serve this".
@@ -158,13 +195,39 @@ impl ServerArgs {
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
+            link_token: None,
+            tls_client_ca: None,
             command: None,
         }
     }
 
-    /// The TLS settings for connections to other stages (`--tls-ca`).
+    /// The TLS settings for connections to other stages: trust `--tls-ca`, and present this stage's
+    /// `--tls-cert` as client certificate where a server asks for one.
     pub fn client_tls(&self) -> Result<ClientTlsConfig, String> {
-        tls::client_config(self.tls_ca.as_deref())
+        let identity = self
+            .tls_cert
+            .as_deref()
+            .zip(self.tls_key.as_deref())
+            .map(|(cert, key)| tls::ClientIdentity {
+                cert,
+                key,
+                cert_flag: "--tls-cert / ORDERFLOW_TLS_CERT",
+                key_flag: "--tls-key / ORDERFLOW_TLS_KEY",
+            });
+        tls::client_config(self.tls_ca.as_deref(), identity)
+    }
+
+    /// A link to the stage at `url`: its endpoint, with this stage's TLS settings and link token.
+    pub fn link(&self, url: &UpstreamUrl) -> Result<Link, String> {
+        Ok(Link {
+            endpoint: url.endpoint(&self.client_tls()?)?,
+            auth: LinkAuth::new(self.link_token.as_ref()),
+        })
+    }
+
+    /// What this stage's own `EventLog` requires of its callers.
+    pub fn link_guard(&self) -> LinkGuard {
+        LinkGuard::new(self.link_token.clone(), self.tls_client_ca.is_some())
     }
 
     pub fn retention(&self) -> Retention {
@@ -173,6 +236,13 @@ impl ServerArgs {
             interval: Duration::from_secs(1),
         }
     }
+}
+
+/// A connection to another stage's `EventLog`: where, over which TLS, with which credential.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub endpoint: Endpoint,
+    pub auth: LinkAuth,
 }
 
 /// Where a downstream stage reads its input from.
@@ -319,6 +389,42 @@ mod tests {
         assert_eq!(config.server.listen.port(), 0);
         assert_eq!(config.upstream.upstream.as_str(), "https://stock:1");
         assert!(parse(&["--listen", "nope"]).is_err());
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        TestConfig::command().debug_assert();
+    }
+
+    #[test]
+    fn consumers_and_link_credentials_parse() {
+        let config = parse(&[
+            "--retain-for",
+            "invoice, receiver,invoice",
+            "--link-token",
+            "link-secret-1",
+            "--admin-token",
+            "admin-secret-1",
+        ])
+        .map_err(|e| e.to_string())
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            config.server.retain_for,
+            Some(ConsumerNames(vec!["invoice".into(), "receiver".into()]))
+        );
+        assert_ne!(config.server.link_token, config.server.admin_token);
+        let none = parse(&["--retain-for", "none"])
+            .map_err(|e| e.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(none.server.retain_for, Some(ConsumerNames(Vec::new())));
+        for bad in [",", "a b", "stock,\u{0}"] {
+            assert!(parse(&["--retain-for", bad]).is_err(), "{bad:?} accepted");
+        }
+        assert!(
+            parse(&["--tls-client-ca", "ca.pem"]).is_err(),
+            "mutual TLS without serving TLS"
+        );
     }
 
     #[test]

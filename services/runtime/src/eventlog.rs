@@ -6,7 +6,14 @@
 //! only as fast as the peer's flow-control window opens, so a slow reader slows its own producer: the
 //! backlog stays on disk and memory per subscriber is bounded by `depth` batches of at most
 //! [`MAX_BATCH_BYTES`]. When the producer has caught up it waits on the store's head watch for the
-//! next commit (live tail). A failed send means the subscriber left, and the producer stops.
+//! next commit (live tail), or ends the stream if the subscriber asked to stop at the head. A failed
+//! send means the subscriber left, and the producer stops.
+//!
+//! `Ack` can make retention delete entries, so it is guarded twice: the caller must carry the link
+//! credential when one is configured ([`LinkGuard`]), and a consumer may only acknowledge what its
+//! own subscriptions (those that name it in `consumer`) were sent, without a gap from its last
+//! acknowledgement ([`Store::note_sent`]). A consumer the log is not kept for (`--retain-for`) can
+//! neither subscribe under its name nor acknowledge.
 
 use std::{pin::Pin, time::Duration};
 
@@ -20,7 +27,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::{status::FieldViolations, store::Store};
+use crate::{
+    auth::LinkGuard,
+    status::{FieldViolations, check_name},
+    store::Store,
+};
 
 /// Entries per batch when the subscriber does not say.
 pub const DEFAULT_MAX_BATCH: u32 = 256;
@@ -33,20 +44,29 @@ pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Batches buffered between a subscriber's producer task and its HTTP/2 stream.
 pub const SUBSCRIBE_CHANNEL_DEPTH: usize = 2;
-/// Longest accepted consumer name.
-const MAX_CONSUMER_NAME: usize = 128;
-
 /// The EventLog service over one stage's store.
 #[derive(Clone)]
 pub struct EventLogService {
     store: Store,
     /// Cancelled when the stage drains: every producer ends its stream.
     streams: CancellationToken,
+    guard: LinkGuard,
 }
 
 impl EventLogService {
-    pub fn new(store: Store, streams: CancellationToken) -> Self {
-        EventLogService { store, streams }
+    pub fn new(store: Store, streams: CancellationToken, guard: LinkGuard) -> Self {
+        EventLogService {
+            store,
+            streams,
+            guard,
+        }
+    }
+}
+
+/// Checks a consumer name from a request, under `field`.
+fn check_consumer_field(consumer: &str, violations: &mut FieldViolations) {
+    if let Err(why) = check_name(consumer) {
+        violations.add("consumer", format!("the consumer name {why}"));
     }
 }
 
@@ -60,21 +80,41 @@ impl EventLog for EventLogService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.guard.check(&request)?;
         let request = request.into_inner();
         let max_batch = match request.max_batch {
             0 => DEFAULT_MAX_BATCH,
             n => n.min(MAX_MAX_BATCH),
         } as usize;
+        let consumer = (!request.consumer.is_empty()).then_some(request.consumer);
+        if let Some(consumer) = &consumer {
+            let mut violations = FieldViolations::new();
+            check_consumer_field(consumer, &mut violations);
+            violations.check()?;
+        }
         let from = request.from_offset;
-        // Refuse an impossible start now rather than as the stream's first item.
+        // Refuse an impossible start or a stranger's name now rather than as the stream's first item.
         let store = self.store.clone();
-        blocking(move || store.read_log(from, 0, 0)).await??;
+        let named = consumer.clone();
+        let head = blocking(move || {
+            if let Some(consumer) = &named {
+                store.check_consumer(consumer)?;
+            }
+            store.read_log(from, 0, 0)?;
+            Ok::<_, crate::store::StoreError>(store.next_offset())
+        })
+        .await??;
+        let stop_at = request.stop_at_head.then_some(head);
 
         let (tx, rx) = mpsc::channel(SUBSCRIBE_CHANNEL_DEPTH);
         tokio::spawn(produce(
             self.store.clone(),
-            from,
-            max_batch,
+            Feed {
+                from,
+                max_batch,
+                consumer,
+                stop_at,
+            },
             tx,
             self.streams.clone(),
         ));
@@ -82,16 +122,10 @@ impl EventLog for EventLogService {
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        self.guard.check(&request)?;
         let AckRequest { consumer, offset } = request.into_inner();
         let mut violations = FieldViolations::new();
-        if consumer.is_empty() {
-            violations.add("consumer", "required");
-        } else if consumer.len() > MAX_CONSUMER_NAME {
-            violations.add(
-                "consumer",
-                format!("must be at most {MAX_CONSUMER_NAME} bytes"),
-            );
-        }
+        check_consumer_field(&consumer, &mut violations);
         violations.check()?;
         let head = self.store.next_offset();
         if offset > head {
@@ -104,10 +138,11 @@ impl EventLog for EventLogService {
         Ok(Response::new(AckResponse {}))
     }
 
-    async fn head(&self, _: Request<HeadRequest>) -> Result<Response<HeadResponse>, Status> {
+    async fn head(&self, request: Request<HeadRequest>) -> Result<Response<HeadResponse>, Status> {
+        self.guard.check(&request)?;
         let store = self.store.clone();
         let ((first, next), consumers) =
-            blocking(move || Ok::<_, Status>((store.bounds()?, store.consumers()?))).await??;
+            blocking(move || Ok::<_, Status>((store.bounds()?, store.positions()?))).await??;
         Ok(Response::new(HeadResponse {
             first_offset: first,
             next_offset: next,
@@ -122,20 +157,36 @@ impl EventLog for EventLogService {
     }
 }
 
-/// Feeds one subscriber from `from` on, one batch at a time, as fast as it takes them.
-async fn produce(
-    store: Store,
+/// What one subscriber asked for.
+struct Feed {
     from: u64,
     max_batch: usize,
+    /// The consumer it reads for, whose position may follow what it is sent.
+    consumer: Option<String>,
+    /// End the stream once every entry below this offset is sent.
+    stop_at: Option<u64>,
+}
+
+/// Feeds one subscriber from `feed.from` on, one batch at a time, as fast as it takes them.
+async fn produce(
+    store: Store,
+    feed: Feed,
     tx: mpsc::Sender<Result<EventBatch, Status>>,
     shutdown: CancellationToken,
 ) {
     let mut head_rx = store.watch_head();
-    let mut next = from;
+    let mut next = feed.from;
     loop {
+        if feed.stop_at.is_some_and(|stop| next >= stop) {
+            return;
+        }
         let head = *head_rx.borrow_and_update();
         if next < head {
             let reader = store.clone();
+            let max_batch = match feed.stop_at {
+                Some(stop) => feed.max_batch.min((stop - next) as usize),
+                None => feed.max_batch,
+            };
             let read = move || reader.read_log(next, max_batch, MAX_BATCH_BYTES);
             let batch = match blocking(read).await {
                 Ok(Ok(entries)) => entries,
@@ -160,6 +211,9 @@ async fn produce(
             tokio::select! {
                 sent = tx.send(Ok(batch)) => if sent.is_err() { return },
                 () = shutdown.cancelled() => return,
+            }
+            if let Some(consumer) = &feed.consumer {
+                store.note_sent(consumer, feed.from, next);
             }
             continue;
         }
@@ -214,7 +268,7 @@ pub async fn run_retention(
         let trimmed = blocking(move || -> Result<u64, crate::store::StoreError> {
             let store = reader;
             let (first, next) = store.bounds()?;
-            let acked = store.consumers()?.into_iter().map(|(_, o)| o).min();
+            let acked = store.positions()?.into_iter().map(|(_, o)| o).min();
             let by_ack = acked.unwrap_or(first);
             let by_size = next.saturating_sub(retention.max_entries);
             let cutoff = by_ack.max(by_size);

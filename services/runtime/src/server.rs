@@ -88,8 +88,12 @@ pub struct StageServer {
 impl StageServer {
     /// Opens `<data-dir>/<stage>.redb` (recovering from any crash) and binds `--listen`.
     pub async fn bind(stage: &'static str, args: ServerArgs) -> Result<Self, ServeError> {
-        let identity = ServerIdentity::load(args.tls_cert.as_deref(), args.tls_key.as_deref())
-            .map_err(ServeError::Config)?;
+        let identity = ServerIdentity::load(
+            args.tls_cert.as_deref(),
+            args.tls_key.as_deref(),
+            args.tls_client_ca.as_deref(),
+        )
+        .map_err(ServeError::Config)?;
         ensure_data_dir(&args.data_dir).map_err(ServeError::Config)?;
         let path = args.data_dir.join(format!("{stage}.redb"));
         let store = {
@@ -137,14 +141,14 @@ impl StageServer {
     }
 
     /// Keeps the outbox for `consumers` (the stages that read it) from now on, even before they
-    /// first acknowledge — unless `--retain-for` names others.
+    /// first acknowledge — unless `--retain-for` names others. No one else can acknowledge.
     pub async fn retain_for(self, consumers: &[&str]) -> Result<Self, ServeError> {
         let names: Vec<String> = match &self.args.retain_for {
-            Some(names) => names.clone(),
+            Some(names) => names.0.clone(),
             None => consumers.iter().map(|c| (*c).to_owned()).collect(),
         };
         self.store
-            .call(move |store| store.register_consumers(&names))
+            .call(move |store| store.retain_for(&names))
             .await
             .map_err(|status| {
                 ServeError::config(format!("cannot register consumers: {}", status.message()))
@@ -223,7 +227,8 @@ impl StageServer {
             Some((routes, name)) => (routes, name),
             None => (Routes::default(), ""),
         };
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let health = tonic_health::server::HealthReporter::new();
+        let health_service = crate::health::HealthService::new(health.clone()).server();
         for name in ["", service, EVENT_LOG_SERVICE] {
             health
                 .set_service_status(name, ServingStatus::Serving)
@@ -233,7 +238,6 @@ impl StageServer {
         let reflection = || {
             let builder = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(orderflow_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(
                     tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
@@ -256,9 +260,13 @@ impl StageServer {
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
             .add_service(
-                EventLogServer::new(EventLogService::new(store.clone(), streams.clone()))
-                    .max_decoding_message_size(MAX_REQUEST_BYTES)
-                    .max_encoding_message_size(MAX_RESPONSE_BYTES),
+                EventLogServer::new(EventLogService::new(
+                    store.clone(),
+                    streams.clone(),
+                    args.link_guard(),
+                ))
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
             );
         let tasks: Vec<_> = tasks
             .into_iter()
@@ -398,9 +406,28 @@ pub async fn run_main(
         return crate::health::check(binary, args, *timeout).await;
     }
     let telemetry: Telemetry = telemetry::init(&TelemetryConfig::stage(stage, args.log_format));
+    raise_open_files_limit();
     let code = serve_main(binary, bind).await;
     telemetry.shutdown().await;
     code
+}
+
+/// Raises the soft limit of open files to the hard one, as servers do: connections, the store and
+/// the log sinks all take file descriptors, and the usual soft default (1024) is far below what the
+/// system allows. Only logged if it cannot be done.
+pub fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit");
+            } else {
+                tracing::debug!(from = soft, to = hard, "open files limit raised");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
+    }
 }
 
 async fn serve_main(

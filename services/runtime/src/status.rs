@@ -6,12 +6,16 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::store::StoreError;
 
 impl From<StoreError> for Status {
-    /// Offsets outside the log are the caller's doing (`OUT_OF_RANGE`); everything else is ours,
+    /// Offsets outside the log are the caller's doing (`OUT_OF_RANGE`), and so are acknowledgements
+    /// the log cannot take (`FAILED_PRECONDITION`); everything else is ours,
     /// logged once here with its cause and answered `INTERNAL` without details.
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Truncated { .. } | StoreError::BeyondHead { .. } => {
                 Status::out_of_range(e.to_string())
+            }
+            StoreError::UnknownConsumer { .. } | StoreError::NotSent { .. } => {
+                Status::failed_precondition(e.to_string())
             }
             e => {
                 tracing::error!(error = %e, "store failure");
@@ -37,20 +41,31 @@ impl FieldViolations {
         self.violations.push((field.into(), description.into()));
     }
 
-    /// `Ok(())` when nothing was recorded, else `INVALID_ARGUMENT` naming every bad field.
+    /// `Ok(())` when nothing was recorded, else `INVALID_ARGUMENT` naming the bad fields: the first
+    /// [`MAX_LISTED_VIOLATIONS`] of them, then how many more there are. gRPC carries both the message
+    /// and the details in response headers, which common clients cap at 8–16 KiB; a bounded list
+    /// keeps the answer `INVALID_ARGUMENT` for every client, however bad the request.
     pub fn check(self) -> Result<(), Status> {
         if self.violations.is_empty() {
             return Ok(());
         }
-        let summary = self
-            .violations
+        let more = self.violations.len().saturating_sub(MAX_LISTED_VIOLATIONS);
+        let listed = &self.violations[..self.violations.len() - more];
+        let mut summary = listed
             .iter()
             .map(|(field, description)| format!("{field}: {description}"))
             .collect::<Vec<_>>()
             .join("; ");
         let mut details = ErrorDetails::new();
-        for (field, description) in self.violations {
-            details.add_bad_request_violation(field, description);
+        for (field, description) in listed {
+            details.add_bad_request_violation(field.clone(), description.clone());
+        }
+        if more > 0 {
+            summary.push_str(&format!("; and {more} more"));
+            details.add_bad_request_violation(
+                "request",
+                format!("and {more} more violations not listed"),
+            );
         }
         Err(Status::with_error_details(
             Code::InvalidArgument,
@@ -58,6 +73,55 @@ impl FieldViolations {
             details,
         ))
     }
+
+    /// Checks a caller-supplied identifier (an id, a sku, a name): present, at most `max_chars`
+    /// characters, and free of control characters (which would forge lines in text logs and
+    /// terminals). Records a violation under `field` otherwise; returns whether it is fine.
+    pub fn check_identifier(
+        &mut self,
+        field: impl Into<String>,
+        value: &str,
+        max_chars: usize,
+    ) -> bool {
+        let why = if value.trim().is_empty() {
+            "required".to_owned()
+        } else if value.chars().count() > max_chars {
+            format!("must be at most {max_chars} characters")
+        } else if value.chars().any(char::is_control) {
+            "must not contain control characters".to_owned()
+        } else {
+            return true;
+        };
+        self.add(field, why);
+        false
+    }
+}
+
+/// Longest order id accepted in a request (ours are 36-character UUIDs).
+pub const MAX_ORDER_ID_CHARS: usize = 128;
+
+/// Violations listed in one `INVALID_ARGUMENT` at most; the rest are counted.
+pub const MAX_LISTED_VIOLATIONS: usize = 20;
+
+/// Longest consumer name of an outbox.
+pub const MAX_CONSUMER_NAME: usize = 64;
+
+/// Whether `name` can name a consumer of an outbox: 1 to [`MAX_CONSUMER_NAME`] of `A–Z a–z 0–9 . _ -`.
+/// Returns why not.
+pub fn check_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("is empty");
+    }
+    if name.len() > MAX_CONSUMER_NAME {
+        return Err("is longer than 64 bytes");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err("may only contain letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
 }
 
 /// Default and upper bound of `page_size` in every paged list RPC.
@@ -186,6 +250,61 @@ mod tests {
             .map(|v| v.field)
             .collect();
         assert_eq!(fields, vec!["customer_id", "lines[0].quantity"]);
+    }
+
+    #[test]
+    fn long_violation_lists_are_capped_and_counted() {
+        let mut v = FieldViolations::new();
+        for i in 0..250 {
+            v.add(format!("lines[{i}].sku"), "required");
+        }
+        let status = v.check().unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let listed = status.get_details_bad_request().unwrap().field_violations;
+        assert_eq!(listed.len(), MAX_LISTED_VIOLATIONS + 1);
+        assert_eq!(
+            listed[MAX_LISTED_VIOLATIONS].description,
+            "and 230 more violations not listed"
+        );
+        assert!(
+            status.message().ends_with("; and 230 more"),
+            "{}",
+            status.message()
+        );
+        assert!(status.message().len() < 2048);
+    }
+
+    #[test]
+    fn identifiers_refuse_control_characters() {
+        let cases = [
+            ("alice", true),
+            ("", false),
+            ("  ", false),
+            ("al\nice", false),
+            ("a\u{0}", false),
+            ("a\u{7f}", false),
+            ("a\u{85}", false),
+            ("émile", true),
+            (&*"x".repeat(11), false),
+        ];
+        for (value, ok) in cases {
+            let mut v = FieldViolations::new();
+            assert_eq!(
+                v.check_identifier("customer_id", value, 10),
+                ok,
+                "{value:?}"
+            );
+            assert_eq!(v.check().is_ok(), ok, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn consumer_names_are_plain() {
+        assert!(check_name("stock").is_ok());
+        assert!(check_name("progress.stock-2_b").is_ok());
+        for bad in ["", "\u{0}", "a b", "ü", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -80,6 +80,18 @@ pub enum StoreError {
     },
     #[error("a previous writer panicked; the store is closed")]
     Poisoned,
+    #[error(
+        "this log is not kept for consumer {consumer:?}; it is kept for {known} (--retain-for)"
+    )]
+    UnknownConsumer { consumer: String, known: String },
+    #[error(
+        "consumer {consumer:?} cannot acknowledge offset {offset}: its subscriptions were sent the entries below {sent} only"
+    )]
+    NotSent {
+        consumer: String,
+        offset: u64,
+        sent: u64,
+    },
 }
 
 /// Decodes a protobuf record read from a stage table, naming it if it is corrupt.
@@ -128,6 +140,16 @@ struct Inner {
     commits: std::sync::atomic::AtomicU64,
     /// Lowest offset any registered consumer has acknowledged; `u64::MAX` while none has.
     acked_floor: std::sync::atomic::AtomicU64,
+    /// Every consumer the log is kept for, with how far it has acknowledged and how far its
+    /// subscriptions have been sent the log without a gap.
+    consumers: Mutex<std::collections::BTreeMap<String, Reach>>,
+}
+
+/// One consumer's position: acknowledged (durable) and sent (in memory; starts at acknowledged).
+#[derive(Debug, Clone, Copy)]
+struct Reach {
+    acked: u64,
+    sent: u64,
 }
 
 /// How hard a write transaction commits.
@@ -161,7 +183,15 @@ impl Store {
         txn.commit()?;
         let read = db.begin_read()?;
         let (first, next) = log_bounds(&read)?;
-        let acked_floor = acked_floor(&read.open_table(CONSUMERS)?)?;
+        let consumers_table = read.open_table(CONSUMERS)?;
+        let acked_floor = acked_floor(&consumers_table)?;
+        let mut consumers = std::collections::BTreeMap::new();
+        for row in consumers_table.iter()? {
+            let (name, acked) = row?;
+            let acked = acked.value();
+            consumers.insert(name.value().to_owned(), Reach { acked, sent: acked });
+        }
+        drop(consumers_table);
         drop(read);
         tracing::debug!(path = %path.display(), first, next, "store opened");
         Ok(Store {
@@ -171,6 +201,7 @@ impl Store {
                 head: watch::Sender::new(next),
                 commits: std::sync::atomic::AtomicU64::new(0),
                 acked_floor: std::sync::atomic::AtomicU64::new(acked_floor),
+                consumers: Mutex::new(consumers),
             }),
         })
     }
@@ -350,20 +381,90 @@ impl Store {
     }
 
     /// Records that `consumer` has processed every entry below `offset`. Positions never move back.
-    /// Not fsynced on its own: losing an ack in a crash only makes retention keep more.
+    /// Refused when the log is not kept for `consumer` ([`StoreError::UnknownConsumer`]) or when its
+    /// subscriptions were not sent every entry below `offset` ([`StoreError::NotSent`]): only what a
+    /// consumer really received can be deleted for it. Not fsynced on its own: losing an ack in a
+    /// crash only makes retention keep more.
     pub fn ack(&self, consumer: &str, offset: u64) -> Result<(), StoreError> {
+        {
+            let consumers = self.consumers()?;
+            let Some(reach) = consumers.get(consumer) else {
+                return Err(self.unknown_consumer(consumer, &consumers));
+            };
+            if offset <= reach.acked {
+                return Ok(());
+            }
+            if offset > reach.sent {
+                return Err(StoreError::NotSent {
+                    consumer: consumer.to_owned(),
+                    offset,
+                    sent: reach.sent,
+                });
+            }
+        }
         let floor = self.write_with(Durability::None, |txn| {
             let mut consumers = txn.inner.open_table(CONSUMERS)?;
             let current = consumers.get(consumer)?.map(|v| v.value());
-            if current.is_none_or(|current| offset > current) {
+            if current.is_some_and(|current| offset > current) {
                 consumers.insert(consumer, offset)?;
             }
             acked_floor(&consumers)
         })?;
+        if let Some(reach) = self.consumers()?.get_mut(consumer) {
+            reach.acked = reach.acked.max(offset);
+            reach.sent = reach.sent.max(reach.acked);
+        }
         self.inner
             .acked_floor
             .store(floor, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether the log is kept for `consumer`; the error says for whom it is.
+    pub fn check_consumer(&self, consumer: &str) -> Result<(), StoreError> {
+        let consumers = self.consumers()?;
+        if consumers.contains_key(consumer) {
+            Ok(())
+        } else {
+            Err(self.unknown_consumer(consumer, &consumers))
+        }
+    }
+
+    /// Notes that a subscription of `consumer` that started at `from` has been sent every entry
+    /// below `to`. It extends what the consumer may acknowledge only when it joins what the
+    /// consumer's subscriptions were already sent, so the sent range never has a gap.
+    pub fn note_sent(&self, consumer: &str, from: u64, to: u64) {
+        if let Ok(mut consumers) = self.consumers()
+            && let Some(reach) = consumers.get_mut(consumer)
+            && from <= reach.sent.max(reach.acked)
+        {
+            reach.sent = reach.sent.max(to);
+        }
+    }
+
+    fn consumers(
+        &self,
+    ) -> Result<MutexGuard<'_, std::collections::BTreeMap<String, Reach>>, StoreError> {
+        self.inner
+            .consumers
+            .lock()
+            .map_err(|_| StoreError::Poisoned)
+    }
+
+    fn unknown_consumer(
+        &self,
+        consumer: &str,
+        consumers: &std::collections::BTreeMap<String, Reach>,
+    ) -> StoreError {
+        let known = if consumers.is_empty() {
+            "no consumer".to_owned()
+        } else {
+            consumers.keys().cloned().collect::<Vec<_>>().join(", ")
+        };
+        StoreError::UnknownConsumer {
+            consumer: consumer.to_owned(),
+            known,
+        }
     }
 
     /// Entries no registered consumer has acknowledged yet, from the slowest consumer's point of
@@ -385,9 +486,11 @@ impl Store {
         }
     }
 
-    /// Registers each of `consumers` that has never acknowledged, at the log's first offset, so that
-    /// retention keeps everything for it from now on even before it connects.
-    pub fn register_consumers(&self, consumers: &[String]) -> Result<(), StoreError> {
+    /// Makes `consumers` exactly the consumers the log is kept for: each new one starts at the log's
+    /// first offset (so retention keeps everything for it from now on, even before it connects),
+    /// each known one keeps its position, and any other name is forgotten, so that it no longer
+    /// holds retention back.
+    pub fn retain_for(&self, consumers: &[String]) -> Result<(), StoreError> {
         let floor = self.write_with(Durability::Immediate, |txn| {
             let first = txn
                 .inner
@@ -395,6 +498,17 @@ impl Store {
                 .get(FIRST_OFFSET_KEY)?
                 .map_or(0, |v| v.value());
             let mut table = txn.inner.open_table(CONSUMERS)?;
+            let mut forgotten = Vec::new();
+            for row in table.iter()? {
+                let name = row?.0.value().to_owned();
+                if !consumers.contains(&name) {
+                    forgotten.push(name);
+                }
+            }
+            for name in &forgotten {
+                tracing::info!(consumer = %name, "no longer keeping the log for this consumer");
+                table.remove(name.as_str())?;
+            }
             for consumer in consumers {
                 if table.get(consumer.as_str())?.is_none() {
                     table.insert(consumer.as_str(), first)?;
@@ -402,14 +516,26 @@ impl Store {
             }
             acked_floor(&table)
         })?;
+        let read = self.inner.db.begin_read()?;
+        let table = read.open_table(CONSUMERS)?;
+        let mut reaches = self.consumers()?;
+        reaches.retain(|name, _| consumers.contains(name));
+        for row in table.iter()? {
+            let (name, acked) = row?;
+            let acked = acked.value();
+            reaches
+                .entry(name.value().to_owned())
+                .and_modify(|r| r.acked = r.acked.max(acked))
+                .or_insert(Reach { acked, sent: acked });
+        }
         self.inner
             .acked_floor
             .store(floor, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
-    /// Every consumer that has acknowledged at least once, with its position.
-    pub fn consumers(&self) -> Result<Vec<(String, u64)>, StoreError> {
+    /// Every consumer the log is kept for, with its acknowledged position.
+    pub fn positions(&self) -> Result<Vec<(String, u64)>, StoreError> {
         let read = self.inner.db.begin_read()?;
         let consumers = read.open_table(CONSUMERS)?;
         let mut out = Vec::new();
@@ -603,14 +729,25 @@ mod tests {
         assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
+    /// Keeps the log for `names` and pretends every entry was sent to each of them.
+    fn consumers_caught_up(store: &Store, names: &[&str]) {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        store.retain_for(&names).unwrap();
+        for name in &names {
+            store.note_sent(name, 0, store.next_offset());
+        }
+    }
+
     #[test]
     fn unconsumed_follows_the_slowest_consumer() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         append_ten(&store);
         assert_eq!(store.unconsumed(), 10);
+        consumers_caught_up(&store, &["stock"]);
         store.ack("stock", 7).unwrap();
         assert_eq!(store.unconsumed(), 3);
+        consumers_caught_up(&store, &["stock", "demo"]);
         store.ack("demo", 2).unwrap();
         assert_eq!(store.unconsumed(), 8);
         drop(store);
@@ -686,33 +823,81 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         append_ten(&store);
-        store
-            .register_consumers(&["notifier".into(), "stock".into()])
-            .unwrap();
+        consumers_caught_up(&store, &["notifier", "stock"]);
         store.ack("stock", 10).unwrap();
         assert_eq!(
             store.unconsumed(),
             10,
             "the notifier has not consumed anything"
         );
-        // Registering again does not move a position.
+        // Keeping the log for them again does not move a position.
         store.ack("notifier", 4).unwrap();
-        store.register_consumers(&["notifier".into()]).unwrap();
+        store
+            .retain_for(&["notifier".into(), "stock".into()])
+            .unwrap();
         assert_eq!(store.unconsumed(), 6);
+        // A consumer no longer kept for stops holding the log back.
+        store.retain_for(&["stock".into()]).unwrap();
+        assert_eq!(store.unconsumed(), 0);
+        assert_eq!(store.positions().unwrap(), vec![("stock".to_owned(), 10)]);
     }
 
     #[test]
     fn acks_never_move_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
+        append_ten(&store);
+        consumers_caught_up(&store, &["demo", "stock"]);
         store.ack("stock", 5).unwrap();
         store.ack("stock", 3).unwrap();
         store.ack("demo", 1).unwrap();
-        let mut consumers = store.consumers().unwrap();
-        consumers.sort();
         assert_eq!(
-            consumers,
+            store.positions().unwrap(),
             vec![("demo".to_owned(), 1), ("stock".to_owned(), 5)]
         );
+    }
+
+    #[test]
+    fn only_what_a_consumer_was_sent_can_be_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        append_ten(&store);
+        store.retain_for(&["stock".into()]).unwrap();
+        // Nothing sent yet: nothing to acknowledge but what is already acknowledged.
+        assert!(matches!(
+            store.ack("stock", 10),
+            Err(StoreError::NotSent { sent: 0, .. })
+        ));
+        store.ack("stock", 0).unwrap();
+        // A subscription from 4 does not cover 0..4: its entries cannot be acknowledged.
+        store.note_sent("stock", 4, 10);
+        assert!(matches!(
+            store.ack("stock", 10),
+            Err(StoreError::NotSent { .. })
+        ));
+        // One from 0 that got to 6 makes 0..6 acknowledgeable, and then the other one's 4..10 joins.
+        store.note_sent("stock", 0, 6);
+        store.ack("stock", 6).unwrap();
+        store.note_sent("stock", 4, 10);
+        store.ack("stock", 10).unwrap();
+        // Names the log is not kept for can neither acknowledge nor hold it back.
+        for stranger in ["demo", "\u{0}"] {
+            store.note_sent(stranger, 0, 10);
+            assert!(matches!(
+                store.ack(stranger, 1),
+                Err(StoreError::UnknownConsumer { .. })
+            ));
+        }
+        assert_eq!(store.unconsumed(), 0);
+        // After a restart, what was sent is forgotten: only re-sent entries count again.
+        drop(store);
+        let store = open(&dir);
+        store.ack("stock", 10).unwrap();
+        store
+            .write(|txn| Ok::<_, StoreError>(txn.append(&event("x"))))
+            .unwrap();
+        assert!(store.ack("stock", 11).is_err());
+        store.note_sent("stock", 10, 11);
+        store.ack("stock", 11).unwrap();
     }
 }

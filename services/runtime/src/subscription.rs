@@ -1,7 +1,9 @@
 //! The downstream half of the hand-off: a stage consuming its upstream's `EventLog`.
 //!
-//! A [`Subscription`] reads the upstream offset its stage has committed, subscribes from there, and for
-//! every batch that arrives (plus whatever further batches are already waiting, up to
+//! A [`Subscription`] reads the upstream offset its stage has committed, subscribes under its
+//! consumer name from there (or from its last acknowledgement upstream, if that is older: upstream
+//! lets a consumer acknowledge only what it was sent since, and after an upstream restart it has
+//! forgotten what it sent; the entries read again are skipped), and for every batch that arrives (plus whatever further batches are already waiting, up to
 //! [`MAX_ENTRIES_PER_COMMIT`]) runs the stage's [`Apply`] inside ONE store transaction that also records
 //! the new upstream offset. Only after that commit does it acknowledge upstream (finalize late), and the
 //! acknowledgement is coalesced by a side task so it never slows the hot path.
@@ -22,14 +24,19 @@ use std::{
 
 use futures::FutureExt;
 use orderflow_proto::v1::{
-    AckRequest, LogEntry, SubscribeRequest, event_log_client::EventLogClient,
+    AckRequest, HeadRequest, LogEntry, SubscribeRequest, event_log_client::EventLogClient,
 };
 use rand::Rng;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+};
 
 use crate::{
+    auth::LinkAuth,
+    config::Link,
     eventlog::blocking,
     metrics as names,
     store::{Commit, Store, StoreError, Txn},
@@ -117,6 +124,7 @@ pub struct Subscription<A> {
     /// Key of the consumed offset in the store's meta table (e.g. "receiver").
     upstream_name: String,
     upstream: Endpoint,
+    auth: LinkAuth,
     store: Store,
     applier: Arc<A>,
     commit: Commit,
@@ -124,19 +132,20 @@ pub struct Subscription<A> {
 }
 
 impl<A: Apply> Subscription<A> {
-    /// `consumer` reads `upstream`'s log (recording its offset under `upstream_name`) and applies it to
-    /// `store` with `applier`, durably.
+    /// `consumer` reads the log at the other end of `upstream` (recording its offset under
+    /// `upstream_name`) and applies it to `store` with `applier`, durably.
     pub fn new(
         consumer: impl Into<String>,
         upstream_name: impl Into<String>,
-        upstream: Endpoint,
+        upstream: Link,
         store: Store,
         applier: Arc<A>,
     ) -> Self {
         Subscription {
             consumer: consumer.into(),
             upstream_name: upstream_name.into(),
-            upstream,
+            upstream: upstream.endpoint,
+            auth: upstream.auth,
             store,
             applier,
             commit: Commit::Durable,
@@ -169,8 +178,11 @@ impl<A: Apply> Subscription<A> {
         };
         let (acked_tx, acked_rx) = watch::channel(committed);
         let acker = tokio::spawn(acknowledge(
-            self.upstream.clone(),
+            EventLogClient::with_interceptor(self.upstream.connect_lazy(), self.auth.clone()),
             self.consumer.clone(),
+            // Lazy commits are durable only once a durable commit follows: make one before telling
+            // upstream it may delete what they hold.
+            (self.commit == Commit::Lazy).then(|| self.store.clone()),
             acked_rx,
             shutdown.clone(),
         ));
@@ -226,12 +238,26 @@ impl<A: Apply> Subscription<A> {
             channel = self.upstream.connect() => channel?,
             () = shutdown.cancelled() => return Ok(()),
         };
-        let mut client = EventLogClient::new(channel)
+        let mut client = EventLogClient::with_interceptor(channel, self.auth.clone())
             .max_decoding_message_size(crate::eventlog::MAX_MESSAGE_BYTES);
+        let head = client.head(HeadRequest {}).await?.into_inner();
+        let upstream_acked = head
+            .consumers
+            .iter()
+            .find(|c| c.consumer == self.consumer)
+            .map(|c| c.acked_offset);
+        // From the older of the committed and the acknowledged offset, so that upstream sees this
+        // consumer sent everything it may then acknowledge; what was applied already is skipped.
+        let from = match upstream_acked {
+            Some(acked) if next >= head.first_offset => acked.min(next).max(head.first_offset),
+            _ => next,
+        };
         let mut stream = client
             .subscribe(SubscribeRequest {
-                from_offset: next,
+                from_offset: from,
                 max_batch: crate::eventlog::MAX_MAX_BATCH,
+                consumer: self.consumer.clone(),
+                stop_at_head: false,
             })
             .await?
             .into_inner();
@@ -325,28 +351,59 @@ impl<A: Apply> Subscription<A> {
     }
 }
 
-/// Tells upstream how far this stage has committed, at most every [`ACK_INTERVAL`]. Failures are only
-/// logged: an acknowledgement just lets upstream trim its log, and the next one catches up.
+/// The client of an upstream `EventLog`, with the link credential on every call.
+type LogClient = EventLogClient<InterceptedService<Channel, LinkAuth>>;
+
+/// Tells upstream how far this stage has committed, at most every [`ACK_INTERVAL`]; with `flush`,
+/// after making that position durable first. Failures are only logged: an acknowledgement just lets
+/// upstream trim its log, and the next one catches up.
 async fn acknowledge(
-    upstream: Endpoint,
+    mut client: LogClient,
     consumer: String,
+    flush: Option<Store>,
     mut committed: watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
-    let channel: Channel = upstream.connect_lazy();
-    let mut client = EventLogClient::new(channel);
     let mut last_acked = None;
+    let mut last_refusal = None;
     loop {
         let offset = *committed.borrow_and_update();
         if last_acked != Some(offset) {
+            let durable = match &flush {
+                Some(store) => {
+                    let store = store.clone();
+                    matches!(
+                        blocking(move || store.write(|_| Ok::<_, StoreError>(()))).await,
+                        Ok(Ok(()))
+                    )
+                }
+                None => true,
+            };
             let request = AckRequest {
                 consumer: consumer.clone(),
                 offset,
             };
-            match client.ack(request).await {
-                Ok(_) => last_acked = Some(offset),
-                Err(status) => {
-                    tracing::debug!(code = ?status.code(), message = status.message(), "ack failed")
+            if durable {
+                match client.ack(request).await {
+                    Ok(_) => {
+                        last_acked = Some(offset);
+                        last_refusal = None;
+                    }
+                    Err(status)
+                        if matches!(
+                            status.code(),
+                            tonic::Code::Unauthenticated | tonic::Code::FailedPrecondition
+                        ) =>
+                    {
+                        // A configuration problem an operator must see, once per distinct answer.
+                        if last_refusal.as_deref() != Some(status.message()) {
+                            tracing::warn!(code = ?status.code(), message = status.message(), "upstream refused the acknowledgement");
+                            last_refusal = Some(status.message().to_owned());
+                        }
+                    }
+                    Err(status) => {
+                        tracing::debug!(code = ?status.code(), message = status.message(), "ack failed")
+                    }
                 }
             }
         }
@@ -354,9 +411,12 @@ async fn acknowledge(
             () = tokio::time::sleep(ACK_INTERVAL) => {}
             () = shutdown.cancelled() => return,
         }
-        tokio::select! {
-            changed = committed.changed() => if changed.is_err() { return },
-            () = shutdown.cancelled() => return,
+        // Acknowledged: wait for the next commit. Not yet (refused, failed): try again.
+        if last_acked == Some(*committed.borrow()) {
+            tokio::select! {
+                changed = committed.changed() => if changed.is_err() { return },
+                () = shutdown.cancelled() => return,
+            }
         }
     }
 }

@@ -1,16 +1,20 @@
 //! TLS for the stages: servers present a PEM certificate chain and key (`--tls-cert`, `--tls-key`);
 //! clients of other stages trust `--tls-ca`, or the public web roots without it. Plain `http://`
-//! links stay plain.
+//! links stay plain. With `--tls-client-ca` a server also asks its callers for a client certificate
+//! (optional on the connection: only `EventLog` calls require one, see `auth`), and a stage presents
+//! its own certificate on its `https://` links.
 
 use std::{path::Path, sync::Arc, time::Duration};
 
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
-/// PEM certificate chain and key of a server, read once at start.
+/// PEM certificate chain and key of a server, read once at start, and the CA of its callers'
+/// client certificates, if it asks for them.
 #[derive(Clone)]
 pub struct ServerIdentity {
     cert: Vec<u8>,
     key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for ServerIdentity {
@@ -20,8 +24,12 @@ impl std::fmt::Debug for ServerIdentity {
 }
 
 impl ServerIdentity {
-    /// Reads `--tls-cert` and `--tls-key`; `None` when neither is set.
-    pub fn load(cert: Option<&Path>, key: Option<&Path>) -> Result<Option<Self>, String> {
+    /// Reads `--tls-cert`, `--tls-key` and `--tls-client-ca`; `None` when no certificate is set.
+    pub fn load(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        client_ca: Option<&Path>,
+    ) -> Result<Option<Self>, String> {
         let (cert, key) =
             match (cert, key) {
                 (None, None) => return Ok(None),
@@ -37,7 +45,18 @@ impl ServerIdentity {
         let identity = ServerIdentity {
             cert: read(cert, "--tls-cert / ORDERFLOW_TLS_CERT")?,
             key: read(key, "--tls-key / ORDERFLOW_TLS_KEY")?,
+            client_ca: client_ca
+                .map(|ca| read(ca, "--tls-client-ca / ORDERFLOW_TLS_CLIENT_CA"))
+                .transpose()?,
         };
+        if let Some(ca) = &identity.client_ca {
+            let roots = rustls_pemfile::certs(&mut ca.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("--tls-client-ca is not a PEM certificate: {e}"))?;
+            if roots.is_empty() {
+                return Err("--tls-client-ca holds no certificate".into());
+            }
+        }
         // Fail at start, not on the first handshake.
         identity.rustls_config()?;
         Ok(Some(identity))
@@ -45,7 +64,13 @@ impl ServerIdentity {
 
     /// For the gRPC server.
     pub fn grpc(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new().identity(Identity::from_pem(&self.cert, &self.key))
+        let config = ServerTlsConfig::new().identity(Identity::from_pem(&self.cert, &self.key));
+        match &self.client_ca {
+            Some(ca) => config
+                .client_ca_root(Certificate::from_pem(ca))
+                .client_auth_optional(true),
+            None => config,
+        }
     }
 
     /// For HTTP servers (the receiver's HTTP door), offering HTTP/1.1 and HTTP/2.
@@ -72,9 +97,23 @@ impl ServerIdentity {
     }
 }
 
-/// Client TLS settings: trust the CA in `ca` (`--tls-ca`) only, or the public web roots.
-pub fn client_config(ca: Option<&Path>) -> Result<ClientTlsConfig, String> {
-    match ca {
+/// A client certificate and key to present, and the flags that name them (for errors).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIdentity<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    /// E.g. `--tls-cert / ORDERFLOW_TLS_CERT`.
+    pub cert_flag: &'static str,
+    pub key_flag: &'static str,
+}
+
+/// Client TLS settings: trust the CA in `ca` (`--tls-ca`) only, or the public web roots; present
+/// `identity` to servers that ask for a client certificate.
+pub fn client_config(
+    ca: Option<&Path>,
+    identity: Option<ClientIdentity<'_>>,
+) -> Result<ClientTlsConfig, String> {
+    let config = match ca {
         Some(path) => {
             let pem = std::fs::read(path).map_err(|e| {
                 format!(
@@ -82,9 +121,21 @@ pub fn client_config(ca: Option<&Path>) -> Result<ClientTlsConfig, String> {
                     path.display()
                 )
             })?;
-            Ok(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
         }
-        None => Ok(ClientTlsConfig::new().with_webpki_roots()),
+        None => ClientTlsConfig::new().with_webpki_roots(),
+    };
+    match identity {
+        Some(identity) => {
+            let read = |path: &Path, flag: &str| {
+                std::fs::read(path)
+                    .map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))
+            };
+            let cert = read(identity.cert, identity.cert_flag)?;
+            let key = read(identity.key, identity.key_flag)?;
+            Ok(config.identity(Identity::from_pem(cert, key)))
+        }
+        None => Ok(config),
     }
 }
 

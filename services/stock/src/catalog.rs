@@ -58,10 +58,12 @@ pub fn demo_catalog() -> Vec<CatalogEntry> {
         available,
     };
     vec![
-        entry("KB-01", "Mechanical keyboard", 8900, 400),
-        entry("MOUSE-02", "Wireless mouse", 2450, 600),
-        entry("HEAD-03", "Studio headphones", 12900, 300),
-        entry("CABLE-04", "USB-C cable", 990, 2000),
+        // Plentiful, so that `orderflow load` against the demo catalog measures the whole path
+        // rather than out-of-stock rejections.
+        entry("KB-01", "Mechanical keyboard", 8900, 1_000_000),
+        entry("MOUSE-02", "Wireless mouse", 2450, 1_000_000),
+        entry("HEAD-03", "Studio headphones", 12900, 1_000_000),
+        entry("CABLE-04", "USB-C cable", 990, 1_000_000),
         entry("LAMP-05", "Limited-edition desk lamp", 5900, 12),
         entry("GPU-06", "Graphics card", 69900, 0),
     ]

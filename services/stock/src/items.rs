@@ -42,11 +42,7 @@ pub(crate) fn put(
 
 /// Checks a sku, recording violations under `field`.
 pub(crate) fn check_sku(sku: &str, field: &str, violations: &mut FieldViolations) {
-    if sku.trim().is_empty() {
-        violations.add(field, "required");
-    } else if sku.chars().count() > MAX_SKU_CHARS {
-        violations.add(field, format!("must be at most {MAX_SKU_CHARS} characters"));
-    }
+    violations.check_identifier(field, sku, MAX_SKU_CHARS);
 }
 
 /// Checks the parts of an item a caller supplies, under field names prefixed with `prefix`.
@@ -61,6 +57,11 @@ pub(crate) fn check_item_fields(
         violations.add(
             format!("{prefix}name"),
             format!("must be at most {MAX_NAME_CHARS} characters"),
+        );
+    } else if name.chars().any(char::is_control) {
+        violations.add(
+            format!("{prefix}name"),
+            "must not contain control characters",
         );
     }
     if let Some((amount, currency)) = price {

@@ -41,6 +41,8 @@ pub use items::{MAX_AVAILABLE, MAX_NAME_CHARS, MAX_UNIT_PRICE_MINOR};
 
 /// Name of the stage: its store file, logs and health.
 pub const STAGE: &str = "stock";
+/// The stages that read this stage's log: it is kept for them unless `--retain-for` says otherwise.
+pub const CONSUMERS: &[&str] = &["invoice", "receiver"];
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50052;
 /// Default metrics port.
@@ -126,19 +128,17 @@ impl FromStr for CatalogSource {
 /// Opens the stock store, seeds the catalog and binds the socket.
 pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
     let entries = catalog::load(&config.catalog).map_err(ServeError::Config)?;
-    let tls = config.server.client_tls().map_err(ServeError::config)?;
     let upstream = config
-        .upstream
-        .upstream
-        .endpoint(&tls)
+        .server
+        .link(&config.upstream.upstream)
         .map_err(ServeError::config)?;
     let invoice = config
-        .invoice_url
-        .endpoint(&tls)
+        .server
+        .link(&config.invoice_url)
         .map_err(ServeError::config)?;
     let server = StageServer::bind(STAGE, config.server)
         .await?
-        .retain_for(&["invoice", "receiver"])
+        .retain_for(CONSUMERS)
         .await?;
     let seeded = server
         .store()
@@ -181,4 +181,16 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
 /// Runs the stock checker until `shutdown`.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
     bind(config).await?.serve(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Config::command().debug_assert();
+    }
 }
