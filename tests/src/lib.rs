@@ -32,7 +32,7 @@ use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
 };
-use tonic::transport::Channel;
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 /// The four stages, upstream first.
 pub const STAGES: [&str; 4] = ["receiver", "stock", "invoice", "notifier"];
@@ -150,6 +150,12 @@ pub struct Stage {
     env: Vec<(String, String)>,
     /// The CA to trust when the stage serves TLS.
     tls_ca: Option<PathBuf>,
+    /// With `--tls-client-ca`: the certificate and key to present (the stage's own).
+    client_identity: Option<(PathBuf, PathBuf)>,
+    /// With `--link-token` (flag or environment): what `EventLog` calls must carry.
+    link_token: Option<String>,
+    /// The process's open-files limit (soft and hard), if the test sets one.
+    open_files_limit: Option<u64>,
     /// What the stage printed at start besides its gRPC address: `metrics`, `http` → URL.
     announced: HashMap<String, String>,
     child: Option<Child>,
@@ -176,19 +182,49 @@ impl Stage {
         extra_args: Vec<String>,
         env: Vec<(String, String)>,
     ) -> anyhow::Result<Stage> {
-        let mut stage = Stage {
+        let mut stage = Self::new(name, data_dir, extra_args, env);
+        stage.spawn(listen).await?;
+        Ok(stage)
+    }
+
+    /// [`Stage::start`] with the process's open-files limit (soft and hard) set to `limit`.
+    pub async fn start_with_open_files_limit(
+        name: &'static str,
+        listen: &str,
+        data_dir: &Path,
+        extra_args: Vec<String>,
+        limit: u64,
+    ) -> anyhow::Result<Stage> {
+        let mut stage = Self::new(name, data_dir, extra_args, Vec::new());
+        stage.open_files_limit = Some(limit);
+        stage.spawn(listen).await?;
+        Ok(stage)
+    }
+
+    fn new(
+        name: &'static str,
+        data_dir: &Path,
+        extra_args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Stage {
+        Stage {
             name,
-            addr: "127.0.0.1:0".parse()?,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.to_owned(),
             tls_ca: tls_ca_of(&extra_args),
+            client_identity: client_identity_of(&extra_args),
+            link_token: flag_value(&extra_args, "--link-token").or_else(|| {
+                env.iter()
+                    .find(|(k, _)| k == "ORDERFLOW_LINK_TOKEN")
+                    .map(|(_, v)| v.clone())
+            }),
             extra_args,
             env,
+            open_files_limit: None,
             announced: HashMap::new(),
             child: None,
             starts: 0,
-        };
-        stage.spawn(listen).await?;
-        Ok(stage)
+        }
     }
 
     async fn spawn(&mut self, listen: &str) -> anyhow::Result<()> {
@@ -199,7 +235,18 @@ impl Stage {
             self.data_dir
                 .join(format!("{}-{}.log", self.name, self.starts)),
         )?;
-        let mut child = Command::new(&binary)
+        // With an open-files limit: through `sh`, which sets it (soft and hard) and execs the stage.
+        let mut command = match self.open_files_limit {
+            Some(limit) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(&binary);
+                sh
+            }
+            None => Command::new(&binary),
+        };
+        let mut child = command
             .arg("--listen")
             .arg(listen)
             .arg("--data-dir")
@@ -373,19 +420,30 @@ impl Stage {
             .connect_timeout(Duration::from_secs(5));
         if let Some(ca) = &self.tls_ca {
             let pem = std::fs::read(ca).unwrap();
-            endpoint = endpoint
-                .tls_config(
-                    tonic::transport::ClientTlsConfig::new()
-                        .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
-                )
-                .unwrap();
+            let mut tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            if let Some((cert, key)) = &self.client_identity {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    std::fs::read(cert).unwrap(),
+                    std::fs::read(key).unwrap(),
+                ));
+            }
+            endpoint = endpoint.tls_config(tls).unwrap();
         }
         endpoint.connect_lazy()
     }
 
+    /// A client of the stage's `EventLog` with the link credentials the stage requires.
+    pub async fn event_log(&self) -> EventLogClient<InterceptedService<Channel, Bearer>> {
+        EventLogClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(self.link_token.as_deref()),
+        )
+    }
+
     /// `next_offset` of the stage's outbox.
     pub async fn head(&self) -> anyhow::Result<u64> {
-        let mut client = EventLogClient::new(self.channel().await);
+        let mut client = self.event_log().await;
         Ok(client.head(HeadRequest {}).await?.into_inner().next_offset)
     }
 }
@@ -452,6 +510,44 @@ impl TlsFiles {
             self.ca.display().to_string(),
         ]
     }
+}
+
+/// Adds `authorization: Bearer <token>` to every call, when it has a token.
+#[derive(Clone, Debug)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> Self {
+        Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The value after `flag` among a stage's flags.
+fn flag_value(args: &[String], flag: &str) -> Option<String> {
+    args.windows(2).find(|w| w[0] == flag).map(|w| w[1].clone())
+}
+
+/// The stage's own certificate and key, when it asks callers for client certificates.
+fn client_identity_of(args: &[String]) -> Option<(PathBuf, PathBuf)> {
+    flag_value(args, "--tls-client-ca")?;
+    Some((
+        flag_value(args, "--tls-cert")?.into(),
+        flag_value(args, "--tls-key")?.into(),
+    ))
 }
 
 /// The `--tls-ca` among a stage's flags, when it serves TLS.
