@@ -435,6 +435,37 @@ async fn load_counts_every_order_and_reports_its_latencies() {
         .count();
     assert!(rejected > 0 && confirmed > 0, "{rejected} / {confirmed}");
     assert_eq!(rejected + confirmed, 300);
+    // And the load generator says so, from the notifier's events.
+    assert_eq!(
+        report["outcomes"],
+        serde_json::json!({
+            "confirmed": confirmed,
+            "rejected": rejected,
+            "payment_failed": 0,
+            "dead_lettered": 0
+        }),
+        "{report}"
+    );
+    assert_eq!(report["warnings"], serde_json::json!([]), "{report}");
+
+    // When most orders are rejected, the figures are about rejections: the report says so.
+    let (ok, out, err) = orderflow(
+        &pipeline,
+        &[
+            "load",
+            "--concurrency",
+            "8",
+            "--orders",
+            "40",
+            "--skus",
+            "A",
+            "--reject-share",
+            "1",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("rejected 40"), "{out}");
+    assert!(out.contains("warning: most orders were rejected"), "{out}");
 
     // Open loop with a count, without following the notifier; bad shapes are refused up front.
     let (ok, out, err) = orderflow(

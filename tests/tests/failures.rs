@@ -855,4 +855,48 @@ async fn oversized_and_malformed_requests_get_precise_statuses() {
         0,
         "nothing was accepted"
     );
+
+    // README's limit is 1 MiB: just under it the order is decoded (and refused for its long
+    // customer id), just over it the message is OUT_OF_RANGE.
+    const MIB: usize = 1024 * 1024;
+    let under = pipeline
+        .receiver()
+        .await
+        .place_order(order(&"x".repeat(MIB - 64), vec![line("A", 1)], ""))
+        .await
+        .unwrap_err();
+    assert_eq!(under.code(), Code::InvalidArgument, "{under:?}");
+    let over = pipeline
+        .receiver()
+        .await
+        .place_order(order(&"x".repeat(MIB + 64), vec![line("A", 1)], ""))
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), Code::OutOfRange, "{over:?}");
+
+    // Every service of every stage decodes strictly, health and the log included.
+    let methods = [
+        "/grpc.health.v1.Health/Check",
+        "/orderflow.v1.EventLog/Ack",
+        "/orderflow.v1.EventLog/Head",
+    ];
+    for stage in orderflow_e2e::STAGES {
+        let mut grpc = tonic::client::Grpc::new(pipeline.stage(stage).channel().await);
+        for method in methods {
+            grpc.ready().await.unwrap();
+            let malformed = grpc
+                .unary::<Vec<u8>, Vec<u8>, _>(
+                    Request::new(vec![0x0a, 100, b'h', b'i']),
+                    method.parse().unwrap(),
+                    RawCodec,
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(
+                malformed.code(),
+                Code::InvalidArgument,
+                "{stage} {method}: {malformed:?}"
+            );
+        }
+    }
 }

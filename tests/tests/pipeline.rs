@@ -239,6 +239,22 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
             fields: &["customer_id"],
         },
         BadOrder {
+            what: "a newline in the customer id (would forge a log line)",
+            request: PlaceOrderRequest {
+                customer_id: "alice\nINFO orderflow::notification: customer notified".into(),
+                ..ok()
+            },
+            fields: &["customer_id"],
+        },
+        BadOrder {
+            what: "NUL and an escape sequence in skus",
+            request: PlaceOrderRequest {
+                lines: vec![line("A\u{0}", 1), line("\u{1b}[2J", 1)],
+                ..ok()
+            },
+            fields: &["lines[0].sku", "lines[1].sku"],
+        },
+        BadOrder {
             what: "no lines",
             request: PlaceOrderRequest {
                 lines: vec![],
@@ -347,6 +363,42 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(not_found.code(), Code::NotFound);
+
+    // Ids with control characters are the caller's mistake, named, on every stage.
+    let forged = "o1\nINFO forged";
+    let bad_ids = [
+        receiver
+            .get_order(GetOrderRequest {
+                order_id: forged.into(),
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        pipeline
+            .stock()
+            .await
+            .get_stock(GetStockRequest { sku: forged.into() })
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        pipeline
+            .invoice()
+            .await
+            .get_invoice(GetInvoiceRequest {
+                order_id: forged.into(),
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+    ];
+    for status in bad_ids {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        let fields = status.get_details_bad_request().unwrap().field_violations;
+        assert!(
+            fields[0].description.contains("control characters"),
+            "{fields:?}"
+        );
+    }
 
     // Admin input is checked as strictly, and a bad call changes nothing.
     let bad_stock = pipeline

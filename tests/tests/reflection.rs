@@ -55,7 +55,14 @@ fn python_packages() -> &'static PathBuf {
 }
 
 fn reflect(addr: &str) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/reflect.py");
+    run_script("reflect.py", addr)
+}
+
+/// Runs `tests/python/<script> <addr>` with the pinned packages; its JSON answer.
+fn run_script(script: &str, addr: &str) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
     let output = std::process::Command::new(python())
         .env("PYTHONPATH", python_packages())
         .arg(&script)
@@ -64,7 +71,8 @@ fn reflect(addr: &str) -> Value {
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", python()));
     assert!(
         output.status.success(),
-        "reflect.py failed:\n{}",
+        "{} failed:\n{}",
+        script.display(),
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).unwrap()
@@ -150,4 +158,29 @@ async fn every_binary_serves_reflection_and_health() {
             );
         }
     }
+}
+
+/// A request with hundreds of bad fields is still INVALID_ARGUMENT for a standard client: the
+/// violations travel in response headers, which grpcio (C-core) caps at 8–16 KiB, so the server
+/// lists the first ones and counts the rest instead of answering with an unbounded list.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_very_bad_order_is_invalid_argument_for_grpcio() {
+    let pipeline = Pipeline::start(PipelineOptions {
+        catalog: catalog(&[("A", 100, 1)]),
+        tax_rate_bps: 0,
+        with_notifier: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let addr = pipeline.stage("receiver").addr.to_string();
+    let answer = tokio::task::spawn_blocking(move || run_script("bad_order.py", &addr))
+        .await
+        .unwrap();
+    assert_eq!(answer["code"], "INVALID_ARGUMENT", "{answer}");
+    let message = answer["message"].as_str().unwrap();
+    assert!(message.contains("customer_id: required"), "{message}");
+    // 1 + 1 + 100 × 2 violations: 20 listed, the rest counted.
+    assert!(message.ends_with("; and 181 more"), "{message}");
+    assert!(answer["details_bytes"].as_u64().unwrap() > 0, "{answer}");
 }
