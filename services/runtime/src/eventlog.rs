@@ -92,16 +92,22 @@ impl EventLog for EventLogService {
             check_consumer_field(consumer, &mut violations);
             violations.check()?;
         }
-        let from = request.from_offset;
+        let from_first = request.from_first;
         // Refuse an impossible start or a stranger's name now rather than as the stream's first item.
         let store = self.store.clone();
         let named = consumer.clone();
-        let head = blocking(move || {
+        let requested = request.from_offset;
+        let (from, head) = blocking(move || {
             if let Some(consumer) = &named {
                 store.check_consumer(consumer)?;
             }
+            let from = if from_first {
+                store.bounds()?.0
+            } else {
+                requested
+            };
             store.read_log(from, 0, 0)?;
-            Ok::<_, crate::store::StoreError>(store.next_offset())
+            Ok::<_, crate::store::StoreError>((from, store.next_offset()))
         })
         .await??;
         let stop_at = request.stop_at_head.then_some(head);
@@ -114,6 +120,7 @@ impl EventLog for EventLogService {
                 max_batch,
                 consumer,
                 stop_at,
+                from_first,
             },
             tx,
             self.streams.clone(),
@@ -165,12 +172,14 @@ struct Feed {
     consumer: Option<String>,
     /// End the stream once every entry below this offset is sent.
     stop_at: Option<u64>,
+    /// Follow retention: when it deletes the next entry, go on from the first one kept.
+    from_first: bool,
 }
 
 /// Feeds one subscriber from `feed.from` on, one batch at a time, as fast as it takes them.
 async fn produce(
     store: Store,
-    feed: Feed,
+    mut feed: Feed,
     tx: mpsc::Sender<Result<EventBatch, Status>>,
     shutdown: CancellationToken,
 ) {
@@ -190,6 +199,12 @@ async fn produce(
             let read = move || reader.read_log(next, max_batch, MAX_BATCH_BYTES);
             let batch = match blocking(read).await {
                 Ok(Ok(entries)) => entries,
+                Ok(Err(crate::store::StoreError::Truncated { first, .. })) if feed.from_first => {
+                    // Not contiguous with what was sent: a consumer's reach restarts from here.
+                    feed.from = first;
+                    next = first;
+                    continue;
+                }
                 Ok(Err(e)) => {
                     let _ = tx.send(Err(e.into())).await;
                     return;

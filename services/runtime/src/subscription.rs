@@ -258,6 +258,7 @@ impl<A: Apply> Subscription<A> {
                 max_batch: crate::eventlog::MAX_MAX_BATCH,
                 consumer: self.consumer.clone(),
                 stop_at_head: false,
+                from_first: false,
             })
             .await?
             .into_inner();
