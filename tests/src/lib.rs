@@ -194,6 +194,8 @@ pub struct Stage {
     pub name: &'static str,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// Where its log files go: the data directory unless that is a volume a test fills up.
+    log_dir: PathBuf,
     extra_args: Vec<String>,
     env: Vec<(String, String)>,
     /// The CA to trust when the stage serves TLS.
@@ -235,6 +237,21 @@ impl Stage {
         Ok(stage)
     }
 
+    /// [`Stage::start_with_env`] with the store in `data_dir` and the log files in `log_dir`.
+    pub async fn start_logging_to(
+        name: &'static str,
+        listen: &str,
+        data_dir: &Path,
+        log_dir: &Path,
+        extra_args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Stage> {
+        let mut stage = Self::new(name, data_dir, extra_args, env);
+        stage.log_dir = log_dir.to_owned();
+        stage.spawn(listen).await?;
+        Ok(stage)
+    }
+
     /// [`Stage::start`] with the process's open-files limit (soft and hard) set to `limit`.
     pub async fn start_with_open_files_limit(
         name: &'static str,
@@ -259,6 +276,7 @@ impl Stage {
             name,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.to_owned(),
+            log_dir: data_dir.to_owned(),
             tls_ca: tls_ca_of(&extra_args),
             client_identity: client_identity_of(&extra_args),
             link_token: flag_value(&extra_args, "--link-token").or_else(|| {
@@ -278,11 +296,9 @@ impl Stage {
     async fn spawn(&mut self, listen: &str) -> anyhow::Result<()> {
         let binary = binary(&format!("orderflow-{}", self.name));
         std::fs::create_dir_all(&self.data_dir)?;
+        std::fs::create_dir_all(&self.log_dir)?;
         self.starts += 1;
-        let log = std::fs::File::create(
-            self.data_dir
-                .join(format!("{}-{}.log", self.name, self.starts)),
-        )?;
+        let log = std::fs::File::create(self.log_path(self.starts))?;
         // With an open-files limit: through `sh`, which sets it (soft and hard) and execs the stage.
         let mut command = match self.open_files_limit {
             Some(limit) => {
@@ -320,11 +336,7 @@ impl Stage {
                     format!(
                         "{} exited before listening; the end of its log:\n{}",
                         self.name,
-                        log_tail(
-                            &self
-                                .data_dir
-                                .join(format!("{}-{}.log", self.name, self.starts))
-                        )
+                        log_tail(&self.log_path(self.starts))
                     )
                 })?;
             let rest = line
@@ -368,10 +380,13 @@ impl Stage {
     /// Everything the stage has logged, over all its starts.
     pub fn logs(&self) -> String {
         (1..=self.starts)
-            .filter_map(|n| {
-                std::fs::read_to_string(self.data_dir.join(format!("{}-{n}.log", self.name))).ok()
-            })
+            .filter_map(|n| std::fs::read_to_string(self.log_path(n)).ok())
             .collect()
+    }
+
+    /// The log file of the `n`-th start.
+    fn log_path(&self, n: u32) -> PathBuf {
+        self.log_dir.join(format!("{}-{n}.log", self.name))
     }
 
     /// The stage's Prometheus metrics, scraped now.
@@ -513,6 +528,9 @@ pub struct PipelineOptions {
     pub env: Vec<(String, String)>,
     /// Serve TLS everywhere and link the stages over https:// with these files.
     pub tls: Option<TlsFiles>,
+    /// Stages whose store lives in a directory of the test's (a volume it fills, say), with their
+    /// logs in the pipeline's directory as usual.
+    pub store_dirs: Vec<(&'static str, PathBuf)>,
 }
 
 /// A test CA and a server certificate it signed for `localhost` and `127.0.0.1`, as PEM files.
@@ -613,6 +631,7 @@ pub struct Pipeline {
     pub stages: Vec<Stage>,
     pub dir: tempfile::TempDir,
     ports: [u16; 4],
+    notifier_store: PathBuf,
     notifier_args: Vec<String>,
     env: Vec<(String, String)>,
     tls: Option<TlsFiles>,
@@ -654,9 +673,17 @@ impl Pipeline {
             base.extend(extra.iter().cloned());
             base
         };
-        let receiver = Stage::start_with_env(
+        let store_dir = |stage: &str| {
+            options
+                .store_dirs
+                .iter()
+                .find(|(name, _)| *name == stage)
+                .map_or_else(|| dir.path().join(stage), |(_, path)| path.clone())
+        };
+        let receiver = Stage::start_logging_to(
             "receiver",
             &listen(receiver_port),
+            &store_dir("receiver"),
             &dir.path().join("receiver"),
             with(
                 vec![
@@ -674,9 +701,10 @@ impl Pipeline {
             options.env.clone(),
         )
         .await?;
-        let stock = Stage::start_with_env(
+        let stock = Stage::start_logging_to(
             "stock",
             &listen(stock_port),
+            &store_dir("stock"),
             &dir.path().join("stock"),
             with(
                 vec![
@@ -692,9 +720,10 @@ impl Pipeline {
             options.env.clone(),
         )
         .await?;
-        let invoice = Stage::start_with_env(
+        let invoice = Stage::start_logging_to(
             "invoice",
             &listen(invoice_port),
+            &store_dir("invoice"),
             &dir.path().join("invoice"),
             with(
                 vec![
@@ -708,10 +737,12 @@ impl Pipeline {
             options.env.clone(),
         )
         .await?;
+        let notifier_store = store_dir("notifier");
         let mut pipeline = Pipeline {
             stages: vec![receiver, stock, invoice],
             dir,
             ports,
+            notifier_store,
             notifier_args: options.notifier_args,
             env: options.env,
             tls: options.tls,
@@ -727,9 +758,10 @@ impl Pipeline {
         let mut args = vec!["--upstream".into(), local(&self.tls, self.ports[2])];
         args.extend(self.tls.as_ref().map(TlsFiles::args).unwrap_or_default());
         args.extend(self.notifier_args.iter().cloned());
-        let notifier = Stage::start_with_env(
+        let notifier = Stage::start_logging_to(
             "notifier",
             &format!("127.0.0.1:{}", self.ports[3]),
+            &self.notifier_store,
             &self.dir.path().join("notifier"),
             args,
             self.env.clone(),
@@ -819,9 +851,19 @@ impl Pipeline {
     ) -> anyhow::Result<Vec<Order>> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut done = Vec::with_capacity(orders.len());
+        // One connection for all the calls: thousands of orders are checked one after another.
+        let client = self.receiver().await;
         for id in orders {
             loop {
-                let order = self.order(id).await?;
+                let order = client
+                    .clone()
+                    .get_order(GetOrderRequest {
+                        order_id: id.clone(),
+                    })
+                    .await?
+                    .into_inner()
+                    .order
+                    .context("GetOrder without order")?;
                 if order.terminal {
                     done.push(order);
                     break;

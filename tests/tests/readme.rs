@@ -641,6 +641,7 @@ fn sample(flag: &str) -> (&'static str, &'static [&'static str]) {
         "--log-format" => ("json", &[]),
         "--retention-max-entries" => ("1000", &[]),
         "--retain-for" => ("stock,receiver", &[]),
+        "--min-free-space" => ("1%", &[]),
         "--shutdown-grace" => ("5s", &[]),
         "--admin-token" => ("admin-token-1", &[]),
         "--tls-cert" => ("cert.pem", &["--tls-key", "key.pem"]),

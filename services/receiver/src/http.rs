@@ -7,7 +7,8 @@
 //!
 //! Errors carry `{"error": {"code", "message", "field_violations"?}}` with the HTTP status of the
 //! gRPC code: INVALID_ARGUMENT 400, NOT_FOUND 404, ALREADY_EXISTS 409, RESOURCE_EXHAUSTED 429 (with
-//! `Retry-After`), UNAVAILABLE 503, anything else 500. A `traceparent` header is honoured like the
+//! `Retry-After`; 507 when the data volume is below `--min-free-space`), UNAVAILABLE 503 (with
+//! `Retry-After` when the store cannot commit), anything else 500. A `traceparent` header is honoured like the
 //! gRPC metadata.
 //!
 //! The door is open to the internet, so it bounds what a client can hold: request headers must
@@ -448,6 +449,13 @@ impl From<Status> for ApiError {
             Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
             Code::NotFound => StatusCode::NOT_FOUND,
             Code::AlreadyExists => StatusCode::CONFLICT,
+            Code::ResourceExhausted
+                if status
+                    .get_details_error_info()
+                    .is_some_and(|info| info.reason == crate::place_order::VOLUME_LOW_REASON) =>
+            {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
             Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
             Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::Unauthenticated => StatusCode::UNAUTHORIZED,

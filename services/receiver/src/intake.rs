@@ -106,13 +106,7 @@ impl Intake {
 
     /// Makes the order durable (or finds the one its key created); answers once committed.
     pub(crate) async fn submit(&self, order: NewOrder) -> Result<Accepted, Status> {
-        self.writer.submit(order).await.map_err(|status| {
-            if status.code() == tonic::Code::Unavailable {
-                Status::unavailable("the receiver is shutting down")
-            } else {
-                status
-            }
-        })
+        self.writer.submit(order).await
     }
 }
 

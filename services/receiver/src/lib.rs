@@ -169,6 +169,8 @@ pub(crate) struct Receiver {
     pub store: orderflow_runtime::Store,
     pub watchers: Arc<progress::Watchers>,
     pub max_backlog: u64,
+    /// The data volume's free space against `--min-free-space`: below it, new orders wait.
+    pub free_space: Arc<orderflow_runtime::disk::FreeSpace>,
     /// Cancelled when the stage drains: open watches end.
     pub draining: CancellationToken,
 }
@@ -203,6 +205,7 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
         store: store.clone(),
         watchers: watchers.clone(),
         max_backlog: config.max_backlog,
+        free_space: server.free_space(),
         draining: draining.clone(),
     });
 

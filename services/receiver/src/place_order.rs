@@ -48,6 +48,9 @@ async fn place(
     if backlog >= receiver.max_backlog {
         return Err(backlog_full(backlog, receiver.max_backlog));
     }
+    if receiver.free_space.is_low() {
+        return Err(volume_low(&receiver.free_space));
+    }
     let span = tracing::Span::current();
     let order_id = uuid::Uuid::now_v7().to_string();
     let placed_at = orderflow_runtime::now_timestamp();
@@ -105,6 +108,34 @@ async fn place(
         offset: accepted.offset,
         replayed: accepted.replayed,
     })
+}
+
+/// Why a `RESOURCE_EXHAUSTED` says the data volume is low (`google.rpc.ErrorInfo` reason), so
+/// that the HTTP door can answer 507 rather than 429.
+pub(crate) const VOLUME_LOW_REASON: &str = "DATA_VOLUME_LOW";
+
+/// How long a caller refused for lack of free space is told to wait.
+const VOLUME_LOW_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// RESOURCE_EXHAUSTED with a google.rpc.RetryInfo and an ErrorInfo naming the reason.
+fn volume_low(space: &orderflow_runtime::disk::FreeSpace) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_retry_info(Some(VOLUME_LOW_RETRY_AFTER));
+    details.set_error_info(
+        VOLUME_LOW_REASON,
+        "orderflow",
+        [("free_bytes".to_owned(), space.free_bytes().to_string())],
+    );
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!(
+            "the receiver's data volume is low on space ({} bytes free, floor {:?}, --min-free-space): new orders wait so that the pipeline can drain what it accepted; retry in {} s",
+            space.free_bytes(),
+            space.floor(),
+            VOLUME_LOW_RETRY_AFTER.as_secs()
+        ),
+        details,
+    )
 }
 
 /// RESOURCE_EXHAUSTED with a google.rpc.RetryInfo.

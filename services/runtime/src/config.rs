@@ -119,6 +119,12 @@ pub struct ServerArgs {
     )]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// Free space the data volume must keep (an amount such as 64MiB or 2GB, or a share such as
+    /// 1%): below it the receiver turns new orders away (RESOURCE_EXHAUSTED) so that the stages
+    /// after it keep room to drain; every stage reports the free space as a metric
+    #[arg(long, env = "ORDERFLOW_MIN_FREE_SPACE", default_value = crate::disk::DEFAULT_MIN_FREE_SPACE, value_name = "SIZE|PERCENT")]
+    pub min_free_space: crate::disk::MinFreeSpace,
+
     #[command(subcommand)]
     pub command: Option<StageCommand>,
 }
@@ -197,6 +203,7 @@ impl ServerArgs {
             tls_ca: None,
             link_token: None,
             tls_client_ca: None,
+            min_free_space: crate::disk::MinFreeSpace::Bytes(64 << 20),
             command: None,
         }
     }

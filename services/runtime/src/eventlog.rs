@@ -279,6 +279,10 @@ pub async fn run_retention(
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
+        if store.fault().is_some() {
+            // Nothing can be deleted while the store cannot commit; recovery is under way.
+            continue;
+        }
         let reader = store.clone();
         let trimmed = blocking(move || -> Result<u64, crate::store::StoreError> {
             let store = reader;

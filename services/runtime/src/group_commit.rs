@@ -60,13 +60,12 @@ impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
     /// Commits `item` with whatever else is waiting; its answer once the commit is on disk.
     pub async fn submit(&self, item: T) -> ItemResult<R> {
         let (reply, answer) = oneshot::channel();
+        let stopped = || Status::unavailable("the stage is shutting down");
         self.queue
             .send(Pending { item, reply })
             .await
-            .map_err(|_| Status::unavailable("shutting down"))?;
-        answer
-            .await
-            .map_err(|_| Status::unavailable("shutting down"))?
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 }
 
@@ -96,15 +95,18 @@ async fn write_batches<T, R, W>(
                     results = results.len(),
                     "group commit answered the wrong number of items"
                 );
-                fail_all(count)
+                fail_all(count, Status::internal("could not be stored"))
             }
             Ok(Err(e)) => {
-                tracing::error!(error = %e, items = count, "group commit failed");
-                fail_all(count)
+                // A storage fault is logged once, by the store, however many batches it refuses.
+                if e.fault().is_none() {
+                    tracing::error!(error = %e, items = count, "group commit failed");
+                }
+                fail_all(count, Status::from(e))
             }
             Err(e) => {
                 tracing::error!(error = %e, "group commit task failed");
-                fail_all(count)
+                fail_all(count, Status::internal("could not be stored"))
             }
         };
         for (reply, result) in replies.into_iter().zip(results) {
@@ -113,10 +115,9 @@ async fn write_batches<T, R, W>(
     }
 }
 
-fn fail_all<R>(count: usize) -> Vec<ItemResult<R>> {
-    (0..count)
-        .map(|_| Err(Status::internal("could not be stored")))
-        .collect()
+/// The same refusal for every item of a batch that could not be committed: nothing of it was.
+fn fail_all<R>(count: usize, status: Status) -> Vec<ItemResult<R>> {
+    (0..count).map(|_| Err(status.clone())).collect()
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@
 //! tonic service through [`StageServer::serve`].
 //!
 //! # Layout
-//! - [`store`]: `Store` and `Txn` — one redb transaction per batch: state, outbox appends, offsets.
+//! - [`store`]: `Store` and `Txn` — one redb transaction per batch: state, outbox appends, offsets;
+//!   storage faults, and reopening the store to recover from them.
+//! - [`disk`]: the data volume's free space against `--min-free-space`.
 //! - [`eventlog`]: `Subscribe`/`Ack`/`Head` over the outbox, and retention.
 //! - [`subscription`]: a downstream stage's loop over its upstream's log.
 //! - [`server`]: `StageServer` — bind, serve with health and reflection, drain on shutdown.
@@ -17,6 +19,7 @@
 pub mod auth;
 pub mod config;
 pub mod dead_letters;
+pub mod disk;
 pub mod eventlog;
 pub mod group_commit;
 pub mod health;

@@ -43,6 +43,12 @@ pub const ATTEMPT_SECONDS: &str = "orderflow_attempt_seconds";
 pub const PLACE_ORDER_SECONDS: &str = "orderflow_place_order_seconds";
 /// Orders refused at the door, by gRPC `code` (counter).
 pub const ORDERS_REFUSED: &str = "orderflow_orders_refused_total";
+/// 1 while the stage's store can commit, 0 while it is failing and recovering (gauge).
+pub const STORE_HEALTHY: &str = "orderflow_store_healthy";
+/// Times the store started failing, by `kind` (`disk_full`, `io`) (counter).
+pub const STORE_FAULTS: &str = "orderflow_store_faults_total";
+/// Bytes free on the stage's data volume (gauge).
+pub const DATA_FREE_BYTES: &str = "orderflow_data_free_bytes";
 /// Seconds from acceptance to the customer being notified (histogram).
 pub const PLACED_TO_NOTIFIED_SECONDS: &str = "orderflow_placed_to_notified_seconds";
 

@@ -301,7 +301,16 @@ impl<H: Handler> RetryQueue<H> {
         let settler = tokio::spawn(settle_results(shared.clone(), results_rx));
         let permits = Arc::new(Semaphore::new(shared.policy.concurrency.max(1)));
         let mut attempts = tokio::task::JoinSet::new();
+        let mut condition = shared.store.condition();
         loop {
+            // No outside call while the store cannot record its outcome: it would only be made
+            // again once the store recovers.
+            if shared.store.fault().is_some() {
+                tokio::select! {
+                    _ = condition.wait_for(|c| matches!(c, crate::store::Condition::Healthy)) => {}
+                    () = shutdown.cancelled() => break,
+                }
+            }
             // Every due task a free slot can take, read from the store in one go.
             let keys = shared.pop_due(permits.available_permits());
             if !keys.is_empty() {

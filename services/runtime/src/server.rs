@@ -11,7 +11,7 @@
 //! the caller's span when the request carries `traceparent`. Health, reflection and `EventLog` calls
 //! (the pipeline's own plumbing) are not traced.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use orderflow_proto::v1::event_log_server::EventLogServer;
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -23,8 +23,9 @@ use tonic_health::ServingStatus;
 use crate::{
     auth::AdminGuard,
     config::{ServerArgs, StageCommand, ensure_data_dir},
+    disk::FreeSpace,
     eventlog::{EventLogService, run_retention},
-    store::{Store, StoreError},
+    store::{Condition, Store, StoreError},
     telemetry::{self, Telemetry, TelemetryConfig},
     tls::ServerIdentity,
 };
@@ -80,6 +81,7 @@ pub struct StageServer {
     metrics: Option<TcpListener>,
     identity: Option<ServerIdentity>,
     store: Store,
+    free_space: Arc<FreeSpace>,
     service: Option<(Routes, &'static str)>,
     tasks: Vec<TaskStarter>,
     announced: Vec<(&'static str, String)>,
@@ -126,6 +128,7 @@ impl StageServer {
             }
             None => None,
         };
+        let free_space = FreeSpace::new(&args.data_dir, args.min_free_space);
         Ok(StageServer {
             stage,
             args,
@@ -134,6 +137,7 @@ impl StageServer {
             metrics,
             identity,
             store,
+            free_space,
             service: None,
             tasks: Vec::new(),
             announced,
@@ -208,6 +212,11 @@ impl StageServer {
         &self.store
     }
 
+    /// The free space of the stage's data volume against `--min-free-space`.
+    pub fn free_space(&self) -> Arc<FreeSpace> {
+        self.free_space.clone()
+    }
+
     /// Serves the stage's service plus the shared ones and runs its tasks until `shutdown`, then
     /// drains.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), ServeError> {
@@ -219,10 +228,13 @@ impl StageServer {
             metrics,
             identity,
             store,
+            free_space,
             service,
             tasks,
             announced: _,
         } = self;
+        // Cancelled by the process's signal, or when the store cannot be recovered.
+        let shutdown = shutdown.child_token();
         let (mut routes, service) = match service {
             Some((routes, name)) => (routes, name),
             None => (Routes::default(), ""),
@@ -280,6 +292,25 @@ impl StageServer {
         ));
         let metrics =
             metrics.map(|listener| tokio::spawn(crate::metrics::serve(listener, shutdown.clone())));
+        let monitor = tokio::spawn(free_space.monitor(stage, shutdown.clone()));
+        let reporter = tokio::spawn(report_store_condition(
+            stage,
+            store.clone(),
+            health.clone(),
+            [service, EVENT_LOG_SERVICE],
+            shutdown.clone(),
+        ));
+        let recovery = {
+            let (store, shutdown) = (store.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let result = store.recover(shutdown.clone()).await;
+                if let Err(e) = &result {
+                    tracing::error!(stage, error = %e, "the store cannot be opened again; stopping so that the process is restarted");
+                    shutdown.cancel();
+                }
+                result
+            })
+        };
 
         tracing::info!(stage, addr = %local_addr, data_dir = %args.data_dir.display(), "serving");
         let drain = {
@@ -324,6 +355,8 @@ impl StageServer {
             if let Some(metrics) = metrics {
                 metrics.await?;
             }
+            monitor.await?;
+            reporter.await?;
             retention.await
         };
         match tokio::time::timeout(args.shutdown_grace, finish).await {
@@ -333,8 +366,61 @@ impl StageServer {
                 "background tasks did not finish within the grace period"
             ),
         }
+        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(1), recovery).await {
+            return Err(ServeError::Store {
+                path: args
+                    .data_dir
+                    .join(format!("{stage}.redb"))
+                    .display()
+                    .to_string(),
+                source: e,
+            });
+        }
         tracing::info!(stage, "stopped");
         Ok(())
+    }
+}
+
+/// Keeps health and metrics in step with the store: NOT_SERVING (for the whole server, the stage's
+/// service and its log) while it cannot commit, SERVING again once it recovers, until `shutdown`
+/// (after which the drain owns health).
+async fn report_store_condition(
+    stage: &'static str,
+    store: Store,
+    health: tonic_health::server::HealthReporter,
+    services: [&'static str; 2],
+    shutdown: CancellationToken,
+) {
+    let mut condition = store.condition();
+    // Looked up each time: the recorder may be installed after this task starts.
+    let healthy = |value: f64| {
+        metrics::gauge!(crate::metrics::STORE_HEALTHY, "stage" => stage).set(value);
+    };
+    healthy(1.0);
+    loop {
+        tokio::select! {
+            changed = condition.changed() => if changed.is_err() { return },
+            () = shutdown.cancelled() => return,
+        }
+        let now = condition.borrow_and_update().clone();
+        let status = match &now {
+            Condition::Healthy => {
+                healthy(1.0);
+                ServingStatus::Serving
+            }
+            Condition::Failing(fault) => {
+                healthy(0.0);
+                metrics::counter!(crate::metrics::STORE_FAULTS, "stage" => stage, "kind" => fault.kind.as_str())
+                    .increment(1);
+                ServingStatus::NotServing
+            }
+        };
+        if shutdown.is_cancelled() {
+            return;
+        }
+        for name in ["", services[0], services[1]] {
+            health.set_service_status(name, status).await;
+        }
     }
 }
 

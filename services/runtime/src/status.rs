@@ -5,11 +5,33 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::store::StoreError;
 
+/// How long a caller refused because the store cannot commit is told to wait.
+pub const STORE_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl From<StoreError> for Status {
     /// Offsets outside the log are the caller's doing (`OUT_OF_RANGE`), and so are acknowledgements
-    /// the log cannot take (`FAILED_PRECONDITION`); everything else is ours,
-    /// logged once here with its cause and answered `INTERNAL` without details.
+    /// the log cannot take (`FAILED_PRECONDITION`). A full or failing data volume is `UNAVAILABLE`
+    /// with a `google.rpc.RetryInfo`: nothing was stored, and the stage recovers by itself.
+    /// Everything else is ours, logged once here with its cause and answered `INTERNAL` without
+    /// details.
     fn from(e: StoreError) -> Self {
+        if let Some(fault) = e.fault() {
+            let mut details = ErrorDetails::new();
+            details.set_retry_info(Some(STORE_RETRY_AFTER));
+            let message = match fault.kind {
+                crate::store::FaultKind::DiskFull => format!(
+                    "data volume full: this stage cannot store anything until space is freed; nothing of this request was stored, retry in {} s ({})",
+                    STORE_RETRY_AFTER.as_secs(),
+                    fault.error
+                ),
+                crate::store::FaultKind::Io => format!(
+                    "storage unavailable: nothing of this request was stored, retry in {} s ({})",
+                    STORE_RETRY_AFTER.as_secs(),
+                    fault.error
+                ),
+            };
+            return Status::with_error_details(Code::Unavailable, message, details);
+        }
         match e {
             StoreError::Truncated { .. } | StoreError::BeyondHead { .. } => {
                 Status::out_of_range(e.to_string())

@@ -34,10 +34,23 @@
 //! redb recovers to the last committed transaction on open (repairing its allocator state if the
 //! process died mid-commit). `next_offset` is recomputed from the last key of `outbox` (or
 //! `outbox.first` when retention emptied the log), so no in-memory state needs to survive.
+//!
+//! # On a full or failing disk
+//! A failed write never half-applies (the transaction is gone), but redb then refuses every further
+//! operation until the database is closed and opened again. So the first storage I/O error turns
+//! the store's [`Condition`] to failing (its kind: the data volume is full, or another I/O error);
+//! from then on writes fail fast ([`StoreError::Unavailable`]) and [`Store::recover`] — run by the
+//! stage for as long as it serves — closes the database once no operation holds it, opens it again
+//! (redb recovers to the last commit, exactly as after a crash), reloads the log's bounds and
+//! consumer positions, and proves that writing works again — at least 4 MiB free on the volume and
+//! a probe commit of 64 KiB — before the store is healthy. While the volume stays full it keeps trying, with backoff; if the database
+//! cannot be opened again for any other reason a few times in a row, it gives up and the stage
+//! exits, for its supervisor to restart it.
 
 use std::{
-    path::Path,
-    sync::{Arc, Mutex, MutexGuard},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, RwLock},
+    time::Duration,
 };
 
 use orderflow_proto::v1::{Event, LogEntry};
@@ -51,6 +64,9 @@ use tokio::sync::watch;
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CONSUMERS: TableDefinition<&str, u64> = TableDefinition::new("consumers");
+/// Written and deleted again to prove that the store can commit after a fault.
+const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
+const PROBE_BYTES: usize = 64 * 1024;
 
 const FIRST_OFFSET_KEY: &str = "outbox.first";
 
@@ -92,6 +108,85 @@ pub enum StoreError {
         offset: u64,
         sent: u64,
     },
+    #[error("{0}; writes resume by themselves once the store can commit again")]
+    Unavailable(Fault),
+}
+
+/// Why a store cannot commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub kind: FaultKind,
+    /// The storage error that turned the store to failing.
+    pub error: String,
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            FaultKind::DiskFull => write!(f, "data volume full ({})", self.error),
+            FaultKind::Io => write!(f, "storage I/O error ({})", self.error),
+        }
+    }
+}
+
+/// The kinds of storage fault, as metrics and logs name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// No space (or quota) left on the data volume.
+    DiskFull,
+    /// Any other I/O error, including redb refusing work after an earlier one.
+    Io,
+}
+
+impl FaultKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::DiskFull => "disk_full",
+            FaultKind::Io => "io",
+        }
+    }
+}
+
+/// Whether a store can commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    Healthy,
+    Failing(Fault),
+}
+
+impl StoreError {
+    /// The storage fault this error is, if it is one: an I/O error of the data volume, which
+    /// leaves the database unusable until it is opened again.
+    pub fn fault(&self) -> Option<Fault> {
+        let StoreError::Storage(e) = self else {
+            return match self {
+                StoreError::Unavailable(fault) => Some(fault.clone()),
+                _ => None,
+            };
+        };
+        let kind = match e {
+            redb::Error::Io(io) => io_kind(io),
+            redb::Error::PreviousIo => FaultKind::Io,
+            _ => return None,
+        };
+        Some(Fault {
+            kind,
+            error: e.to_string(),
+        })
+    }
+}
+
+/// ENOSPC and EDQUOT are a full volume; everything else is an I/O error.
+fn io_kind(e: &std::io::Error) -> FaultKind {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    if e.kind() == std::io::ErrorKind::StorageFull
+        || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
+    {
+        FaultKind::DiskFull
+    } else {
+        FaultKind::Io
+    }
 }
 
 /// Decodes a protobuf record read from a stage table, naming it if it is corrupt.
@@ -131,7 +226,12 @@ pub struct Store {
 }
 
 struct Inner {
-    db: Database,
+    path: PathBuf,
+    cache_bytes: usize,
+    /// The open database; `None` while it is being opened again after a fault.
+    db: RwLock<Option<Arc<Database>>>,
+    /// Whether the store can commit; watched for health.
+    condition: watch::Sender<Condition>,
     /// Held by the single writer from `begin_write` until the new head is published.
     write_lock: Mutex<()>,
     /// `next_offset` of the outbox, published after every commit that appended.
@@ -171,39 +271,195 @@ impl Store {
 
     /// [`Store::open`] with a page cache of `cache_bytes` instead of [`CACHE_BYTES`].
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .create(path)?;
-        let txn = db.begin_write()?;
-        {
-            txn.open_table(OUTBOX)?;
-            txn.open_table(META)?;
-            txn.open_table(CONSUMERS)?;
-        }
-        txn.commit()?;
-        let read = db.begin_read()?;
-        let (first, next) = log_bounds(&read)?;
-        let consumers_table = read.open_table(CONSUMERS)?;
-        let acked_floor = acked_floor(&consumers_table)?;
-        let mut consumers = std::collections::BTreeMap::new();
-        for row in consumers_table.iter()? {
-            let (name, acked) = row?;
-            let acked = acked.value();
-            consumers.insert(name.value().to_owned(), Reach { acked, sent: acked });
-        }
-        drop(consumers_table);
-        drop(read);
-        tracing::debug!(path = %path.display(), first, next, "store opened");
+        let (db, loaded) = open_database(path, cache_bytes)?;
+        tracing::debug!(path = %path.display(), first = loaded.first, next = loaded.next, "store opened");
         Ok(Store {
             inner: Arc::new(Inner {
-                db,
+                path: path.to_owned(),
+                cache_bytes,
+                db: RwLock::new(Some(Arc::new(db))),
+                condition: watch::Sender::new(Condition::Healthy),
                 write_lock: Mutex::new(()),
-                head: watch::Sender::new(next),
+                head: watch::Sender::new(loaded.next),
                 commits: std::sync::atomic::AtomicU64::new(0),
-                acked_floor: std::sync::atomic::AtomicU64::new(acked_floor),
-                consumers: Mutex::new(consumers),
+                acked_floor: std::sync::atomic::AtomicU64::new(loaded.acked_floor),
+                consumers: Mutex::new(loaded.consumers),
             }),
         })
+    }
+
+    /// The open database, for one operation; [`StoreError::Unavailable`] while it is being opened
+    /// again.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        let slot = self.inner.db.read().map_err(|_| StoreError::Poisoned)?;
+        slot.clone()
+            .ok_or_else(|| StoreError::Unavailable(self.fault().unwrap_or_else(reopening)))
+    }
+
+    /// Whether the store can commit now, and a receiver that sees every change.
+    pub fn condition(&self) -> watch::Receiver<Condition> {
+        self.inner.condition.subscribe()
+    }
+
+    /// The fault the store is failing with, if it is.
+    pub fn fault(&self) -> Option<Fault> {
+        match &*self.inner.condition.borrow() {
+            Condition::Healthy => None,
+            Condition::Failing(fault) => Some(fault.clone()),
+        }
+    }
+
+    /// Passes `result` through, turning the store to failing if it is a storage fault.
+    fn observe<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(e) = &result
+            && let Some(fault) = e.fault()
+            && !matches!(e, StoreError::Unavailable(_))
+        {
+            self.inner.condition.send_if_modified(|condition| {
+                if matches!(condition, Condition::Failing(f) if f.kind == fault.kind) {
+                    return false;
+                }
+                tracing::error!(error = %fault, "the store cannot commit; recovering");
+                *condition = Condition::Failing(fault.clone());
+                true
+            });
+        }
+        result
+    }
+
+    /// Closes the database and opens it again until a probe commit succeeds, each time the store
+    /// turns to failing, until `shutdown`. While the volume is full it keeps trying, backing off to
+    /// [`RECOVERY_BACKOFF_MAX`]; after [`REOPEN_ATTEMPTS`] failures in a row to open the database
+    /// for any other reason it gives up and returns the last error (the stage then exits).
+    pub async fn recover(
+        &self,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<(), StoreError> {
+        let mut condition = self.condition();
+        loop {
+            tokio::select! {
+                failing = condition.wait_for(|c| matches!(c, Condition::Failing(_))) => {
+                    if failing.is_err() { return Ok(()) }
+                }
+                () = shutdown.cancelled() => return Ok(()),
+            }
+            let mut pause = RECOVERY_BACKOFF_MIN;
+            let mut failures = 0;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = shutdown.cancelled() => return Ok(()),
+                }
+                pause = (pause * 2).min(RECOVERY_BACKOFF_MAX);
+                let store = self.clone();
+                let attempt = tokio::task::spawn_blocking(move || store.reopen_and_probe())
+                    .await
+                    .map_err(|_| StoreError::Poisoned)?;
+                match attempt {
+                    Ok(()) => {
+                        self.inner.condition.send_replace(Condition::Healthy);
+                        tracing::info!("the store commits again; recovered");
+                        break;
+                    }
+                    Err(Reopen::Probe(e)) => {
+                        failures = 0;
+                        tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "the store still cannot commit");
+                        self.observe::<()>(Err(e)).ok();
+                    }
+                    Err(Reopen::Open(e))
+                        if e.fault().is_some_and(|f| f.kind == FaultKind::DiskFull) =>
+                    {
+                        failures = 0;
+                        tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "the store cannot be opened while the data volume is full");
+                    }
+                    Err(Reopen::Open(e)) => {
+                        failures += 1;
+                        tracing::error!(error = %e, attempt = failures, "the store cannot be opened again");
+                        if failures >= REOPEN_ATTEMPTS {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes the database once no operation holds it, opens it again and proves it can commit.
+    fn reopen_and_probe(&self) -> Result<(), Reopen> {
+        {
+            // No writer is inside a transaction while the database changes under it.
+            let _writer = self.lock().map_err(Reopen::Open)?;
+            let old = self
+                .inner
+                .db
+                .write()
+                .map_err(|_| Reopen::Open(StoreError::Poisoned))?
+                .take();
+            if let Some(old) = old {
+                // Readers hold it for one operation at most.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                drop(old);
+            }
+            let (db, loaded) =
+                open_database(&self.inner.path, self.inner.cache_bytes).map_err(Reopen::Open)?;
+            if let Ok(mut consumers) = self.consumers() {
+                for (name, reach) in loaded.consumers {
+                    let sent = consumers
+                        .get(&name)
+                        .map_or(reach.sent, |r| r.sent.max(reach.acked));
+                    consumers.insert(
+                        name,
+                        Reach {
+                            acked: reach.acked,
+                            sent,
+                        },
+                    );
+                }
+            }
+            self.inner
+                .acked_floor
+                .store(loaded.acked_floor, std::sync::atomic::Ordering::Relaxed);
+            self.inner.head.send_if_modified(|head| {
+                let changed = *head != loaded.next;
+                *head = loaded.next;
+                changed
+            });
+            *self
+                .inner
+                .db
+                .write()
+                .map_err(|_| Reopen::Open(StoreError::Poisoned))? = Some(Arc::new(db));
+        }
+        // A commit can succeed in pages the file already has while the volume is still full: make
+        // sure there is room to grow before calling the store healthy.
+        let dir = self.inner.path.parent().unwrap_or(Path::new("."));
+        if crate::disk::available_bytes(dir).is_some_and(|free| free < RECOVERY_MIN_FREE_BYTES) {
+            return Err(Reopen::Probe(StoreError::Storage(redb::Error::Io(
+                std::io::Error::from(std::io::ErrorKind::StorageFull),
+            ))));
+        }
+        self.probe_commit(Some(&vec![0u8; PROBE_BYTES]))
+            .map_err(Reopen::Probe)?;
+        self.probe_commit(None).map_err(Reopen::Probe)?;
+        Ok(())
+    }
+
+    /// Commits one write to the probe table: `bytes` stored, or the probe removed with `None`.
+    fn probe_commit(&self, bytes: Option<&[u8]>) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let txn = db.begin_write()?;
+        {
+            let mut table = txn.open_table(PROBE)?;
+            match bytes {
+                Some(bytes) => table.insert("probe", bytes).map(|_| ())?,
+                None => table.remove("probe").map(|_| ())?,
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Durable (fsynced) commits since the store was opened.
@@ -220,8 +476,7 @@ impl Store {
 
     /// `(first_offset, next_offset)` as committed.
     pub fn bounds(&self) -> Result<(u64, u64), StoreError> {
-        let read = self.inner.db.begin_read()?;
-        log_bounds(&read)
+        self.observe((|| log_bounds(&self.db()?.begin_read()?))())
     }
 
     /// A receiver that sees `next_offset` change after every committed append.
@@ -263,7 +518,12 @@ impl Store {
         E: From<StoreError>,
     {
         let _guard = self.lock()?;
-        let mut inner = self.inner.db.begin_write().map_err(StoreError::from)?;
+        // After a fault, nothing is written until recovery has proved that commits work again.
+        if let Some(fault) = self.fault() {
+            return Err(StoreError::Unavailable(fault).into());
+        }
+        let db = self.db()?;
+        let mut inner = self.observe(db.begin_write().map_err(StoreError::from))?;
         inner
             .set_durability(durability)
             .map_err(|e| StoreError::Storage(redb::Error::from(e)))?;
@@ -283,12 +543,14 @@ impl Store {
         if !pending.is_empty() {
             let mut outbox = inner.open_table(OUTBOX).map_err(StoreError::from)?;
             for (offset, bytes) in &pending {
-                outbox
-                    .insert(*offset, bytes.as_slice())
-                    .map_err(StoreError::from)?;
+                self.observe(
+                    outbox
+                        .insert(*offset, bytes.as_slice())
+                        .map_err(StoreError::from),
+                )?;
             }
         }
-        inner.commit().map_err(StoreError::from)?;
+        self.observe(inner.commit().map_err(StoreError::from))?;
         if matches!(durability, Durability::Immediate) {
             self.inner
                 .commits
@@ -308,7 +570,7 @@ impl Store {
     where
         E: From<StoreError>,
     {
-        let read = self.inner.db.begin_read().map_err(StoreError::from)?;
+        let read = self.observe(self.db()?.begin_read().map_err(StoreError::from))?;
         f(&read)
     }
 
@@ -337,7 +599,7 @@ impl Store {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<LogEntry>, StoreError> {
-        let read = self.inner.db.begin_read()?;
+        let read = self.observe(self.db()?.begin_read().map_err(StoreError::from))?;
         let (first, next) = log_bounds(&read)?;
         if from < first {
             return Err(StoreError::Truncated {
@@ -373,7 +635,7 @@ impl Store {
 
     /// The next upstream offset to consume for `upstream` (0 when never recorded).
     pub fn consumed_offset(&self, upstream: &str) -> Result<u64, StoreError> {
-        let read = self.inner.db.begin_read()?;
+        let read = self.observe(self.db()?.begin_read().map_err(StoreError::from))?;
         let meta = read.open_table(META)?;
         Ok(meta
             .get(upstream_key(upstream).as_str())?
@@ -516,7 +778,7 @@ impl Store {
             }
             acked_floor(&table)
         })?;
-        let read = self.inner.db.begin_read()?;
+        let read = self.observe(self.db()?.begin_read().map_err(StoreError::from))?;
         let table = read.open_table(CONSUMERS)?;
         let mut reaches = self.consumers()?;
         reaches.retain(|name, _| consumers.contains(name));
@@ -536,7 +798,7 @@ impl Store {
 
     /// Every consumer the log is kept for, with its acknowledged position.
     pub fn positions(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let read = self.inner.db.begin_read()?;
+        let read = self.observe(self.db()?.begin_read().map_err(StoreError::from))?;
         let consumers = read.open_table(CONSUMERS)?;
         let mut out = Vec::new();
         for row in consumers.iter()? {
@@ -620,12 +882,86 @@ impl Txn {
         self.after_commit.push(Box::new(hook));
     }
 
+    /// The next offset of `upstream` to consume, as this transaction sees it.
+    pub fn consumed(&self, upstream: &str) -> Result<u64, StoreError> {
+        let meta = self.inner.open_table(META)?;
+        Ok(meta
+            .get(upstream_key(upstream).as_str())?
+            .map_or(0, |v| v.value()))
+    }
+
     /// Records that every entry of `upstream` below `offset` has taken effect.
     pub fn set_consumed(&mut self, upstream: &str, offset: u64) -> Result<(), StoreError> {
         let mut meta = self.inner.open_table(META)?;
         meta.insert(upstream_key(upstream).as_str(), offset)?;
         Ok(())
     }
+}
+
+/// First and largest pause between recovery attempts.
+pub const RECOVERY_BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Free bytes the data volume must have before a store that failed is called healthy again.
+pub const RECOVERY_MIN_FREE_BYTES: u64 = 4 << 20;
+/// Failures in a row to open the database again (for a reason other than a full volume) before
+/// recovery gives up and the stage exits.
+pub const REOPEN_ATTEMPTS: u32 = 5;
+
+/// Why one recovery attempt failed: the database did not open, or it opened but cannot commit.
+enum Reopen {
+    Open(StoreError),
+    Probe(StoreError),
+}
+
+fn reopening() -> Fault {
+    Fault {
+        kind: FaultKind::Io,
+        error: "the store is being opened again".into(),
+    }
+}
+
+/// What a store keeps in memory about its database, read when it is opened.
+struct Loaded {
+    first: u64,
+    next: u64,
+    acked_floor: u64,
+    consumers: std::collections::BTreeMap<String, Reach>,
+}
+
+/// Opens (or creates) the database at `path` with its tables, and reads what the store keeps in
+/// memory.
+fn open_database(path: &Path, cache_bytes: usize) -> Result<(Database, Loaded), StoreError> {
+    let db = Database::builder()
+        .set_cache_size(cache_bytes)
+        .create(path)?;
+    let txn = db.begin_write()?;
+    {
+        txn.open_table(OUTBOX)?;
+        txn.open_table(META)?;
+        txn.open_table(CONSUMERS)?;
+    }
+    txn.commit()?;
+    let read = db.begin_read()?;
+    let (first, next) = log_bounds(&read)?;
+    let consumers_table = read.open_table(CONSUMERS)?;
+    let acked_floor = acked_floor(&consumers_table)?;
+    let mut consumers = std::collections::BTreeMap::new();
+    for row in consumers_table.iter()? {
+        let (name, acked) = row?;
+        let acked = acked.value();
+        consumers.insert(name.value().to_owned(), Reach { acked, sent: acked });
+    }
+    drop(consumers_table);
+    drop(read);
+    Ok((
+        db,
+        Loaded {
+            first,
+            next,
+            acked_floor,
+            consumers,
+        },
+    ))
 }
 
 fn acked_floor(consumers: &impl ReadableTable<&'static str, u64>) -> Result<u64, StoreError> {
@@ -855,6 +1191,105 @@ mod tests {
             store.positions().unwrap(),
             vec![("demo".to_owned(), 1), ("stock".to_owned(), 5)]
         );
+    }
+
+    #[test]
+    fn storage_faults_are_told_apart() {
+        let io = |e: std::io::Error| StoreError::Storage(redb::Error::Io(e));
+        let kind = |e: StoreError| e.fault().map(|f| f.kind);
+        assert_eq!(
+            kind(io(std::io::Error::from_raw_os_error(28))),
+            Some(FaultKind::DiskFull)
+        );
+        assert_eq!(
+            kind(io(std::io::Error::from(std::io::ErrorKind::StorageFull))),
+            Some(FaultKind::DiskFull)
+        );
+        assert_eq!(
+            kind(io(std::io::Error::from_raw_os_error(5))),
+            Some(FaultKind::Io)
+        );
+        assert_eq!(
+            kind(StoreError::Storage(redb::Error::PreviousIo)),
+            Some(FaultKind::Io)
+        );
+        assert_eq!(
+            kind(StoreError::Storage(redb::Error::Corrupted("x".into()))),
+            None
+        );
+        assert_eq!(kind(StoreError::Poisoned), None);
+        let status = tonic::Status::from(io(std::io::Error::from_raw_os_error(28)));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().starts_with("data volume full"),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_store_refuses_writes_then_reopens_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        append_ten(&store);
+        store.retain_for(&["stock".into()]).unwrap();
+        store.note_sent("stock", 0, 10);
+        store.ack("stock", 4).unwrap();
+        // As the first failed commit on a full volume does.
+        let full = StoreError::Storage(redb::Error::Io(std::io::Error::from_raw_os_error(28)));
+        assert!(store.observe::<()>(Err(full)).is_err());
+        assert!(matches!(
+            &*store.condition().borrow(),
+            Condition::Failing(Fault {
+                kind: FaultKind::DiskFull,
+                ..
+            })
+        ));
+        let refused = store.write(|txn| Ok::<_, StoreError>(txn.append(&event("x"))));
+        assert!(matches!(refused, Err(StoreError::Unavailable(_))));
+
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let recovery = tokio::spawn({
+            let store = store.clone();
+            let shutdown = shutdown.clone();
+            async move { store.recover(shutdown).await }
+        });
+        let mut condition = store.condition();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            condition.wait_for(|c| *c == Condition::Healthy),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        // Reopened as after a crash: the log, its head and the consumer's position are intact,
+        // and what the consumer was sent still counts.
+        assert_eq!(store.next_offset(), 10);
+        assert_eq!(store.read_log(0, 100, usize::MAX).unwrap().len(), 10);
+        store.ack("stock", 10).unwrap();
+        let next = store
+            .write(|txn| Ok::<_, StoreError>(txn.append(&event("y"))))
+            .unwrap();
+        assert_eq!(next, 10);
+        shutdown.cancel();
+        assert!(recovery.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_healthy_store_stays_healthy_and_recovery_ends_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        assert_eq!(*store.condition().borrow(), Condition::Healthy);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let recovery = tokio::spawn({
+            let store = store.clone();
+            let shutdown = shutdown.clone();
+            async move { store.recover(shutdown).await }
+        });
+        append_ten(&store);
+        shutdown.cancel();
+        assert!(recovery.await.unwrap().is_ok());
+        assert_eq!(store.next_offset(), 10);
     }
 
     #[test]

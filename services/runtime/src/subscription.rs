@@ -71,6 +71,25 @@ enum SubscriptionError {
     Gap { expected: u64, got: u64 },
     #[error("cannot commit: {0}")]
     Store(#[from] StoreError),
+    #[error(
+        "the store holds offset {found} as consumed, not {expected} (it was opened again after a fault); resuming from it"
+    )]
+    Moved { expected: u64, found: u64 },
+}
+
+/// Why one batch's transaction did not commit.
+enum BatchError {
+    Store(StoreError),
+    /// The committed offset is not where this connection left it.
+    Moved {
+        found: u64,
+    },
+}
+
+impl From<StoreError> for BatchError {
+    fn from(e: StoreError) -> Self {
+        BatchError::Store(e)
+    }
 }
 
 impl SubscriptionError {
@@ -277,7 +296,6 @@ impl<A: Apply> Subscription<A> {
             let Some(batch) = batch else {
                 return Err(SubscriptionError::Ended);
             };
-            backoff.reset();
             let mut head = batch.head;
             let mut entries = batch.entries;
             // Whatever is already waiting joins this commit: one fsync for all of it.
@@ -313,6 +331,9 @@ impl<A: Apply> Subscription<A> {
                 next = self.commit(entries, next).await?;
                 acked.send_replace(next);
             }
+            // Only a batch that took effect (or needed none) shows the link is healthy again: a
+            // stage that cannot commit backs off like one that cannot connect.
+            backoff.reset();
             metrics::gauge!(
                 names::CONSUMER_LAG,
                 "stage" => self.consumer.clone(),
@@ -334,16 +355,34 @@ impl<A: Apply> Subscription<A> {
         let key = self.upstream_name.clone();
         let commit = self.commit;
         let started = Instant::now();
-        blocking(move || {
+        let committed = blocking(move || {
             store.write_as(commit, |txn| {
+                // The batch must start where the store says this stage is: a store opened again
+                // after a fault is back at its last durable commit, which may be older than what
+                // this connection applied lazily before.
+                let found = txn.consumed(&key)?;
+                if found != next {
+                    return Err(BatchError::Moved { found });
+                }
                 for entry in &entries {
                     applier.apply(txn, entry)?;
                 }
-                txn.set_consumed(&key, new_next)
+                txn.set_consumed(&key, new_next)?;
+                Ok(())
             })
         })
         .await
-        .map_err(SubscriptionError::Status)??;
+        .map_err(SubscriptionError::Status)?;
+        match committed {
+            Ok(()) => {}
+            Err(BatchError::Store(e)) => return Err(e.into()),
+            Err(BatchError::Moved { found }) => {
+                return Err(SubscriptionError::Moved {
+                    expected: next,
+                    found,
+                });
+            }
+        }
         let stage = self.consumer.clone();
         metrics::histogram!(names::BATCH_COMMIT_SECONDS, "stage" => stage.clone())
             .record(started.elapsed().as_secs_f64());

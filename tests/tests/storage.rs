@@ -1,0 +1,414 @@
+//! Storage faults, with real filesystem limits: each stage in turn keeps its store on a small tmpfs
+//! that the test fills with orders. While the volume is full the stage says so truthfully —
+//! `UNAVAILABLE` with a `google.rpc.RetryInfo` (503 with `Retry-After` at the HTTP door), health
+//! NOT_SERVING, `orderflow_store_healthy` 0 — and loses nothing; once the volume is grown
+//! (`mount -o remount,size=…`) it recovers by itself, without a restart, and every accepted order
+//! reaches its end exactly once. A second test shows the receiver's free-space floor turning new
+//! orders away (`RESOURCE_EXHAUSTED`, 507) before the volume is full, while the pipeline drains.
+//!
+//! Mounting needs root. Without it the tests say so and pass, unless `ORDERFLOW_REQUIRE_MOUNT=1`
+//! (which `.ci/run` sets).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{collections::HashSet, path::PathBuf, process::Command, time::Duration};
+
+use orderflow_e2e::{Pipeline, PipelineOptions, Stage, catalog, line, place_all};
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use tonic_types::StatusExt;
+
+/// Units of A in stock: far more than any test orders.
+const STOCK: u64 = 10_000_000;
+/// Orders placed per round while filling a volume.
+const ROUND: usize = 400;
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Volume {
+    dir: tempfile::TempDir,
+}
+
+impl Volume {
+    /// A tmpfs of `size` (`mount -o size=…`), or `None` (with the reason printed) where this
+    /// process may not mount, unless mounting is required.
+    fn mount(size: &str) -> Option<Volume> {
+        let dir = tempfile::Builder::new()
+            .prefix("orderflow-volume-")
+            .tempdir()
+            .unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match mounted {
+            Ok(output) if output.status.success() => Some(Volume { dir }),
+            other => {
+                let why = match other {
+                    Ok(output) => String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                assert!(
+                    std::env::var("ORDERFLOW_REQUIRE_MOUNT").as_deref() != Ok("1"),
+                    "ORDERFLOW_REQUIRE_MOUNT=1 but a tmpfs cannot be mounted: {why}"
+                );
+                eprintln!("skipped: mounting a tmpfs needs root ({why})");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    /// Grows (or shrinks) the volume in place.
+    fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "remounting the tmpfs failed");
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+async fn health(stage: &Stage) -> ServingStatus {
+    HealthClient::new(stage.channel().await)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map_or(ServingStatus::Unknown, |r| r.into_inner().status())
+}
+
+async fn wait_for_health(stage: &Stage, want: ServingStatus, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let now = health(stage).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} is {now:?}, not {want:?}, after {within:?}; its log:\n{}",
+            stage.name,
+            tail(&stage.logs())
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// What a round of orders came to.
+#[derive(Default)]
+struct Placed {
+    accepted: Vec<String>,
+    refused: Vec<tonic::Status>,
+}
+
+async fn place_round(pipeline: &Pipeline, round: usize) -> Placed {
+    let orders = (0..ROUND).map(|_| vec![line("A", 1)]).collect();
+    let mut placed = Placed::default();
+    for p in place_all(
+        pipeline.receiver().await,
+        &format!("round-{round}"),
+        orders,
+        32,
+    )
+    .await
+    {
+        match p.result {
+            Ok(id) => placed.accepted.push(id),
+            Err(status) => placed.refused.push(status),
+        }
+    }
+    placed
+}
+
+/// POST /v1/orders at the receiver's HTTP door: status and `Retry-After`.
+async fn http_place(pipeline: &Pipeline) -> (u16, Option<String>) {
+    let door = pipeline.stage("receiver").http_url().unwrap().to_owned();
+    let response = reqwest::Client::new()
+        .post(format!("{door}/v1/orders"))
+        .json(&serde_json::json!({"customer_id": "web", "lines": [{"sku": "A", "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (response.status().as_u16(), retry_after)
+}
+
+/// Every accepted order reaches its end exactly once, the stock and the invoice numbers add up,
+/// and every stage is SERVING. (Payments may fail where the simulated gateway's ledger shares the
+/// full volume: those orders end told so, with their stock given back.)
+async fn everything_accounted_for(pipeline: &Pipeline, accepted: &[String]) {
+    use orderflow_proto::v1::{NotificationKind, OrderStatus};
+    let done = pipeline
+        .wait_for_terminal(accepted, Duration::from_secs(180))
+        .await
+        .unwrap();
+    assert!(
+        done.iter().all(|o| o.status() == OrderStatus::Notified),
+        "not every order ended notified"
+    );
+    let notifications = pipeline
+        .wait_for_notifications(accepted.len(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let notified: HashSet<&str> = notifications.iter().map(|n| n.order_id.as_str()).collect();
+    assert_eq!(notifications.len(), accepted.len(), "notified once each");
+    assert_eq!(
+        notified,
+        accepted.iter().map(String::as_str).collect::<HashSet<_>>()
+    );
+    let confirmed = notifications
+        .iter()
+        .filter(|n| n.kind() == NotificationKind::Confirmed)
+        .count();
+    let unpaid = notifications
+        .iter()
+        .filter(|n| n.kind() == NotificationKind::PaymentFailed)
+        .count();
+    assert_eq!(confirmed + unpaid, accepted.len(), "no order rejected");
+    let mut numbers: Vec<u64> = pipeline
+        .invoices()
+        .await
+        .unwrap()
+        .iter()
+        .map(|i| i.number)
+        .collect();
+    numbers.sort_unstable();
+    let gap_free = numbers.iter().copied().eq(1..=confirmed as u64);
+    assert!(
+        gap_free,
+        "{} invoices for {confirmed} confirmed orders, from {:?} to {:?}",
+        numbers.len(),
+        numbers.first(),
+        numbers.last()
+    );
+    // Released stock was given back; confirmed stock stays reserved.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stock = pipeline.stock_levels().await.unwrap();
+        let a = &stock["A"];
+        if a.available == STOCK - confirmed as u64 && a.reserved == confirmed as u64 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stock of A: {} available, {} reserved; {confirmed} confirmed, {unpaid} unpaid",
+            a.available,
+            a.reserved
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for stage in &pipeline.stages {
+        assert_eq!(
+            health(stage).await,
+            ServingStatus::Serving,
+            "{}",
+            stage.name
+        );
+    }
+}
+
+/// `stage` keeps its store on a tmpfs of `size`: fill it, check what everyone is told, grow it,
+/// and check that the stage recovered by itself and nothing was lost or doubled. With `stalled`,
+/// that stage is frozen meanwhile (SIGSTOP), so that the log of the stage under test, which
+/// retention would otherwise trim, keeps growing.
+async fn fill_and_recover(stage: &'static str, size: &str, stalled: Option<&'static str>) {
+    let Some(volume) = Volume::mount(size) else {
+        return;
+    };
+    let pipeline = Pipeline::start(PipelineOptions {
+        catalog: catalog(&[("A", 100, STOCK)]),
+        tax_rate_bps: 2_000,
+        with_notifier: true,
+        store_dirs: vec![(stage, volume.path())],
+        // The volume is the only limit under test.
+        env: vec![("ORDERFLOW_MIN_FREE_SPACE".into(), "0".into())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let starts_before = pipeline.stage(stage).logs().matches("listening").count();
+    if let Some(stalled) = stalled {
+        pipeline.stage(stalled).pause();
+    }
+
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    let mut full = false;
+    for round in 0..200 {
+        let placed = place_round(&pipeline, round).await;
+        accepted.extend(placed.accepted);
+        refused.extend(placed.refused);
+        if health(pipeline.stage(stage)).await == ServingStatus::NotServing {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "{stage} never filled its {size} volume");
+    eprintln!("{stage}: full after {} accepted orders", accepted.len());
+    let metrics = pipeline.stage(stage).scrape().await.unwrap();
+    assert_eq!(
+        metrics.value("orderflow_store_healthy", &[("stage", stage)]),
+        Some(0.0)
+    );
+    assert!(
+        metrics
+            .value(
+                "orderflow_store_faults_total",
+                &[("stage", stage), ("kind", "disk_full")]
+            )
+            .is_some_and(|n| n >= 1.0),
+        "{}",
+        metrics.0
+    );
+
+    if stage == "receiver" {
+        // Callers are told precisely: retry, nothing of theirs was stored.
+        let placed = place_round(&pipeline, 1000).await;
+        accepted.extend(placed.accepted);
+        refused.extend(placed.refused);
+        assert!(!refused.is_empty());
+        for status in &refused {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert!(status.message().contains("data volume full"), "{status:?}");
+            assert!(status.get_details_retry_info().is_some(), "{status:?}");
+        }
+        let (code, retry_after) = http_place(&pipeline).await;
+        assert_eq!(code, 503);
+        assert!(retry_after.is_some());
+    } else {
+        assert!(refused.is_empty(), "the receiver refused: {refused:?}");
+    }
+
+    volume.resize("256m");
+    if let Some(stalled) = stalled {
+        pipeline.stage(stalled).resume();
+    }
+    wait_for_health(
+        pipeline.stage(stage),
+        ServingStatus::Serving,
+        Duration::from_secs(30),
+    )
+    .await;
+    // Orders are welcome again.
+    let placed = place_round(&pipeline, 2000).await;
+    assert!(placed.refused.is_empty(), "{:?}", placed.refused);
+    accepted.extend(placed.accepted);
+    eprintln!("{stage}: {} orders accepted in all", accepted.len());
+    everything_accounted_for(&pipeline, &accepted).await;
+    assert_eq!(
+        pipeline.stage(stage).logs().matches("listening").count(),
+        starts_before,
+        "recovered without a restart"
+    );
+    assert!(pipeline.stage(stage).logs().contains("recovered"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_receiver_volume_is_reported_and_survived() {
+    fill_and_recover("receiver", "3m", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_stock_volume_is_reported_and_survived() {
+    // Stock keeps little but its log: with the invoice stage frozen, the log keeps growing.
+    fill_and_recover("stock", "3m", Some("invoice")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_invoice_volume_is_reported_and_survived() {
+    fill_and_recover("invoice", "3m", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_notifier_volume_is_reported_and_survived() {
+    fill_and_recover("notifier", "3m", None).await;
+}
+
+/// Below `--min-free-space` the receiver turns new orders away before its volume is full, stays
+/// SERVING, and the stages after it drain everything it accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_free_space_floor_refuses_orders_before_the_volume_fills() {
+    let Some(volume) = Volume::mount("24m") else {
+        return;
+    };
+    let pipeline = Pipeline::start(PipelineOptions {
+        catalog: catalog(&[("A", 100, STOCK)]),
+        with_notifier: true,
+        store_dirs: vec![("receiver", volume.path())],
+        receiver_args: vec!["--min-free-space".into(), "18MiB".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    for round in 0..200 {
+        let placed = place_round(&pipeline, round).await;
+        accepted.extend(placed.accepted);
+        if !placed.refused.is_empty() {
+            refused = placed.refused;
+            break;
+        }
+    }
+    assert!(!refused.is_empty(), "the floor never refused an order");
+    for status in &refused {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("--min-free-space"), "{status:?}");
+        assert!(status.get_details_retry_info().is_some(), "{status:?}");
+        assert_eq!(
+            status.get_details_error_info().map(|i| i.reason),
+            Some("DATA_VOLUME_LOW".to_owned())
+        );
+    }
+    let (code, retry_after) = http_place(&pipeline).await;
+    assert_eq!(code, 507);
+    assert!(retry_after.is_some());
+    // The volume never filled: the receiver is healthy and everything it accepted drains.
+    assert_eq!(
+        health(pipeline.stage("receiver")).await,
+        ServingStatus::Serving
+    );
+    let metrics = pipeline.stage("receiver").scrape().await.unwrap();
+    assert_eq!(
+        metrics.value("orderflow_store_healthy", &[("stage", "receiver")]),
+        Some(1.0)
+    );
+    assert!(
+        metrics
+            .value("orderflow_data_free_bytes", &[("stage", "receiver")])
+            .is_some_and(|free| free < (18 << 20) as f64)
+    );
+    everything_accounted_for(&pipeline, &accepted).await;
+
+    // Room again: orders are accepted within a measurement or two.
+    volume.resize("256m");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let placed = place_round(&pipeline, 1000).await;
+    assert!(placed.refused.is_empty(), "{:?}", placed.refused);
+    accepted.extend(placed.accepted);
+    everything_accounted_for(&pipeline, &accepted).await;
+}
