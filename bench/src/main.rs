@@ -10,6 +10,10 @@
 //! 5. each stage's peak RSS with the notifier stopped and a backlog of events waiting for it;
 //! 6. the notifier's catch-up rate (events/s) when it comes back.
 //!
+//! Next to each throughput figure it measures CPU time per order ((utime + stime) from
+//! `/proc/<pid>/stat` of each server process, and the load client's own rusage, divided by the
+//! orders): far steadier than req/s on a shared machine, and it says where the cost is.
+//!
 //! It prints a table with each figure and its ratio to the baseline, and writes the figures as JSON.
 
 use std::{
@@ -169,6 +173,12 @@ impl Proc {
         format!("http://{}", self.addr)
     }
 
+    /// CPU time (user + system) the process has used so far.
+    fn cpu(&self) -> Option<Duration> {
+        let pid = self.child.id()?;
+        process_cpu(&format!("/proc/{pid}/stat"))
+    }
+
     /// Peak resident set size so far (VmHWM), in MiB.
     fn peak_rss_mib(&self) -> Option<f64> {
         let pid = self.child.id()?;
@@ -203,15 +213,66 @@ impl Proc {
     }
 }
 
-/// Free loopback ports (bound, then released) for stages that must know each other's addresses.
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let probes = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(probes
-        .iter()
-        .filter_map(|p| p.local_addr().ok().map(|a| a.port()))
-        .collect())
+/// (utime + stime) of the process whose `/proc/<pid>/stat` is at `path`.
+fn process_cpu(path: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name may hold spaces and parentheses: fields count from after its last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // Fields 14 and 15 of proc_pid_stat(5); after the ')' the state is field 3.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|t| *t > 0)? as u64;
+    Some(Duration::from_nanos(
+        (utime + stime).saturating_mul(1_000_000_000) / ticks,
+    ))
+}
+
+/// CPU time (user + system) of every child this process has waited for.
+fn children_cpu() -> Duration {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).map_or(
+        Duration::ZERO,
+        |usage| {
+            let tv = |t: nix::sys::time::TimeVal| {
+                Duration::from_secs(t.tv_sec().max(0) as u64)
+                    + Duration::from_micros(t.tv_usec().max(0) as u64)
+            };
+            tv(usage.user_time()) + tv(usage.system_time())
+        },
+    )
+}
+
+/// Runs `orderflow load` against `servers` and adds the CPU each of them, and the load client,
+/// spent per order (µs) to its summary as `cpu_us_per_order`.
+async fn load_measured(
+    orderflow: &Path,
+    receiver: &str,
+    notifier: Option<&str>,
+    shape: &[String],
+    servers: &[&Proc],
+    per: &str,
+) -> anyhow::Result<Value> {
+    let before: Vec<Option<Duration>> = servers.iter().map(|p| p.cpu()).collect();
+    let client_before = children_cpu();
+    let mut summary = load(orderflow, receiver, notifier, shape).await?;
+    let client = children_cpu().saturating_sub(client_before);
+    let orders = get(&summary, &[per]);
+    let per_order = |cpu: Duration| cpu.as_secs_f64() * 1e6 / orders;
+    let mut cpu = serde_json::Map::new();
+    let mut servers_total = 0.0;
+    for (proc, before) in servers.iter().zip(before) {
+        if let (Some(before), Some(after)) = (before, proc.cpu()) {
+            let us = per_order(after.saturating_sub(before));
+            servers_total += us;
+            cpu.insert(proc.name.clone(), json!(us));
+        }
+    }
+    cpu.insert("servers".into(), json!(servers_total));
+    cpu.insert("client".into(), json!(per_order(client)));
+    summary["cpu_us_per_order"] = Value::Object(cpu);
+    Ok(summary)
 }
 
 /// Runs `orderflow load --json` and returns its summary.
@@ -320,7 +381,7 @@ impl Pipeline {
         std::fs::create_dir_all(dir)?;
         let catalog = dir.join("catalog.toml");
         bench_catalog(&catalog)?;
-        let ports = free_ports(4)?;
+        let ports = orderflow_e2e::free_ports::<4>();
         let url = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
         let listen = |i: usize| format!("127.0.0.1:{}", ports[i]);
         let common = |name: &str, port: usize| {
@@ -463,7 +524,8 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
         &work.join("echo.log"),
     )
     .await?;
-    let echo_run = load(&orderflow, &echo.url(), None, &closed).await?;
+    let echo_run =
+        load_measured(&orderflow, &echo.url(), None, &closed, &[&echo], "accepted").await?;
     echo.stop().await?;
     let baseline = get(&echo_run, &["accepted_per_second"]);
     results.insert("echo", echo_run);
@@ -497,7 +559,15 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
         &dir.join("receiver.log"),
     )
     .await?;
-    let intake = load(&orderflow, &receiver.url(), None, &closed).await?;
+    let intake = load_measured(
+        &orderflow,
+        &receiver.url(),
+        None,
+        &closed,
+        &[&receiver],
+        "accepted",
+    )
+    .await?;
     receiver.stop().await?;
     results.insert("place_order", intake);
 
@@ -528,13 +598,21 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
     ];
     let mut pipeline = Pipeline::start(&bin, &work.join("pipeline"), env).await?;
     eprintln!("3/6 end to end, accepted → notified ({concurrency} in flight, {duration})");
-    let e2e = load(
-        &orderflow,
-        &pipeline.receiver.url(),
-        pipeline.notifier_url().as_deref(),
-        &closed,
-    )
-    .await?;
+    let e2e = {
+        let p = &pipeline;
+        let stages = [&p.receiver, &p.stock, &p.invoice];
+        let mut stages = stages.to_vec();
+        stages.extend(p.notifier.as_ref());
+        load_measured(
+            &orderflow,
+            &p.receiver.url(),
+            p.notifier_url().as_deref(),
+            &closed,
+            &stages,
+            "notified",
+        )
+        .await?
+    };
     results.insert("end_to_end", e2e);
 
     eprintln!("4/6 latency at {} orders/s (open loop, {duration})", a.rate);
@@ -699,6 +777,39 @@ fn table(report: &Value, baseline: f64) -> String {
             "≤ 64 MiB".into(),
         ]);
     }
+    // CPU per order, against the echo call's total (server + client) in the same run.
+    let echo_call = get(r, &["echo", "cpu_us_per_order", "echo"])
+        + get(r, &["echo", "cpu_us_per_order", "client"]);
+    let us = |v: f64| format!("{v:.1} µs");
+    let of_echo = |v: f64| format!("{:.2} ×", v / echo_call);
+    rows.push([
+        "echo call CPU (server + client)".into(),
+        us(echo_call),
+        "1.00 ×".into(),
+        String::new(),
+    ]);
+    for (row, path, target) in [
+        ("echo server CPU per call", ["echo", "echo"], ""),
+        ("load client CPU per call (echo)", ["echo", "client"], ""),
+        (
+            "receiver alone CPU per order",
+            ["place_order", "receiver"],
+            "",
+        ),
+        (
+            "stages CPU per order, end to end",
+            ["end_to_end", "servers"],
+            "≤ 3.00 ×",
+        ),
+        ("  receiver", ["end_to_end", "receiver"], "≤ 1.00 ×"),
+        ("  stock", ["end_to_end", "stock"], "≤ 1.00 ×"),
+        ("  invoice", ["end_to_end", "invoice"], "≤ 1.00 ×"),
+        ("  notifier", ["end_to_end", "notifier"], "≤ 1.00 ×"),
+        ("load client CPU per order", ["end_to_end", "client"], ""),
+    ] {
+        let v = get(r, &[path[0], "cpu_us_per_order", path[1]]);
+        rows.push([row.into(), us(v), of_echo(v), target.into()]);
+    }
     rows.push([
         "catch-up (events/s)".into(),
         format!("{:.0}", get(r, &["catch_up", "events_per_second"])),
@@ -728,5 +839,40 @@ async fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_from_proc_and_grows_with_work() {
+        let before = process_cpu("/proc/self/stat").expect("/proc/self/stat parses");
+        // Spin until the kernel has counted 30 ms more (ticks are 10 ms), or give up after 10 s.
+        let started = Instant::now();
+        let mut x = 0u64;
+        let mut after = before;
+        while after < before + Duration::from_millis(30)
+            && started.elapsed() < Duration::from_secs(10)
+        {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            after = process_cpu("/proc/self/stat").expect("/proc/self/stat parses");
+        }
+        assert!(
+            after >= before + Duration::from_millis(30),
+            "{before:?} → {after:?} after {:?} of spinning",
+            started.elapsed()
+        );
+        assert_eq!(process_cpu("/proc/self/no-such-file"), None);
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
     }
 }
