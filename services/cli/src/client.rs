@@ -6,11 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, anyhow};
 use clap::Args;
 use orderflow_proto::v1::event_log_client::EventLogClient;
-use orderflow_runtime::{
-    AdminToken,
-    auth::{LinkAuth, LinkToken},
-    tls,
-};
+use orderflow_runtime::{AdminToken, LinkAuth, LinkToken, tls};
 use tonic::{Request, Status, service::interceptor::InterceptedService, transport::Channel};
 use tonic_types::StatusExt;
 

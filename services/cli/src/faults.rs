@@ -19,10 +19,10 @@ pub enum FaultsCommand {
         #[arg(long, value_parser = orderflow_invoice::parse_latency)]
         latency: Option<Duration>,
         /// Share of captures failing transiently, 0.0 to 1.0
-        #[arg(long, value_parser = orderflow_invoice::parse_rate)]
+        #[arg(long, value_parser = orderflow_invoice::parse_probability)]
         transient_failure_rate: Option<f64>,
         /// Share of captures declined, 0.0 to 1.0
-        #[arg(long, value_parser = orderflow_invoice::parse_rate)]
+        #[arg(long, value_parser = orderflow_invoice::parse_probability)]
         decline_rate: Option<f64>,
     },
 }

@@ -39,7 +39,7 @@ pub const UNKNOWN_SKU: &str = "LOAD-NO-SUCH-SKU";
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoadArgs {
     /// Orders per second, open loop (latency counts from each order's due time)
-    #[arg(long, value_parser = parse_rate, conflicts_with = "concurrency")]
+    #[arg(long, value_parser = parse_orders_per_second, conflicts_with = "concurrency")]
     pub rate: Option<f64>,
     /// Calls in flight, closed loop (default 64 when --rate is not given)
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -89,7 +89,8 @@ pub struct LoadArgs {
     pub json: bool,
 }
 
-fn parse_rate(s: &str) -> Result<f64, String> {
+/// Flag value of a rate of orders: a positive number per second.
+pub(crate) fn parse_orders_per_second(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(rate) if rate > 0.0 && rate.is_finite() => Ok(rate),
         _ => Err("expected a positive number of orders per second".into()),

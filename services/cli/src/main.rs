@@ -18,7 +18,7 @@ use orderflow_invoice::{GatewayArgs, PaymentRetryArgs};
 use orderflow_notifier::{DeliveryRetryArgs, SinkArgs};
 use orderflow_proto::v1::OrderLine;
 use orderflow_runtime::{
-    config::OptionalAddr,
+    OptionalAddr,
     telemetry::{self, LogFormat, TelemetryConfig},
 };
 use orderflow_stock::CatalogSource;
@@ -60,16 +60,16 @@ enum Command {
         #[arg(long, default_value = "18s", value_parser = humantime::parse_duration)]
         duration: Duration,
         /// Orders per second, all customers together
-        #[arg(long, default_value_t = 8.0, value_parser = parse_rate)]
+        #[arg(long, default_value_t = 8.0, value_parser = load::parse_orders_per_second)]
         rate: f64,
         /// Tax rate in basis points on every invoice
         #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(0..=10_000))]
         tax_rate_bps: u32,
         /// Share of payments the simulated gateway declines (the stock is given back)
-        #[arg(long, default_value_t = 0.03, value_parser = orderflow_invoice::parse_rate)]
+        #[arg(long, default_value_t = 0.03, value_parser = orderflow_invoice::parse_probability)]
         decline_rate: f64,
         /// Share of payment attempts that fail transiently (they are retried)
-        #[arg(long, default_value_t = 0.1, value_parser = orderflow_invoice::parse_rate)]
+        #[arg(long, default_value_t = 0.1, value_parser = orderflow_invoice::parse_probability)]
         transient_failure_rate: f64,
     },
     /// Run the four stages in this process on their default ports and wait (for grpcurl)
@@ -151,13 +151,6 @@ struct UpArgs {
     sink: SinkArgs,
     #[command(flatten)]
     delivery_retry: DeliveryRetryArgs,
-}
-
-fn parse_rate(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(rate) if rate > 0.0 && rate.is_finite() => Ok(rate),
-        _ => Err("expected a positive number of orders per second".into()),
-    }
 }
 
 #[tokio::main]

@@ -11,8 +11,7 @@ use anyhow::Context;
 use orderflow_invoice::{GatewayArgs, PaymentRetryArgs};
 use orderflow_notifier::{DeliveryRetryArgs, SinkArgs};
 use orderflow_runtime::{
-    ServeError, ServerArgs, UpstreamArgs, UpstreamUrl,
-    config::{ConsumerNames, OptionalAddr},
+    ConsumerNames, OptionalAddr, ServeError, ServerArgs, UpstreamArgs, UpstreamUrl,
 };
 use orderflow_stock::CatalogSource;
 use tokio::task::JoinHandle;

@@ -68,8 +68,8 @@ pub(crate) fn set_faults(
     Ok(get_faults(gateway))
 }
 
-/// Flag value of a rate: a number from 0.0 to 1.0.
-pub fn parse_rate(s: &str) -> Result<f64, String> {
+/// Flag value of a probability (a failure or decline rate): a number from 0.0 to 1.0.
+pub fn parse_probability(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
         _ => Err("expected a number from 0.0 to 1.0".into()),

@@ -33,17 +33,17 @@ pub(crate) fn create_tables(store: &Store, queue: &PaymentQueue) -> Result<(), S
         txn.redb().open_table(BY_ORDER)?;
         crate::payments::create_tables(txn)?;
         queue.create_table(txn)?;
-        queue.handler().refunds.create_table(txn)
+        queue.worker().refunds.create_table(txn)
     })
 }
 
 /// Schedules payment for `StockReserved`, passes `OrderRejected` on, ignores the rest.
-pub(crate) struct InvoiceCreator {
+pub(crate) struct Pricing {
     pub tax_rate_bps: u32,
     pub payments: PaymentQueue,
 }
 
-impl Apply for InvoiceCreator {
+impl Apply for Pricing {
     fn apply(&self, txn: &mut Txn, entry: &LogEntry) -> Result<(), StoreError> {
         let Some(event) = &entry.event else {
             return Ok(());

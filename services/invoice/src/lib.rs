@@ -32,7 +32,7 @@ use orderflow_runtime::{
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-pub use faults::{parse_latency, parse_rate};
+pub use faults::{parse_latency, parse_probability};
 pub use gateway::{
     CaptureRequest, Captured, Faults, PaymentError, PaymentGateway, SimulatedGateway,
 };
@@ -80,11 +80,11 @@ pub struct GatewayArgs {
     pub latency: Duration,
 
     /// Share of captures that fail transiently (unreachable, or timing out after charging), 0.0 to 1.0
-    #[arg(long = "gateway-transient-failure-rate", env = "ORDERFLOW_GATEWAY_TRANSIENT_FAILURE_RATE", default_value_t = 0.0, value_parser = parse_rate, value_name = "RATE")]
+    #[arg(long = "gateway-transient-failure-rate", env = "ORDERFLOW_GATEWAY_TRANSIENT_FAILURE_RATE", default_value_t = 0.0, value_parser = parse_probability, value_name = "RATE")]
     pub transient_failure_rate: f64,
 
     /// Share of captures the simulated gateway declines (final), 0.0 to 1.0
-    #[arg(long = "gateway-decline-rate", env = "ORDERFLOW_GATEWAY_DECLINE_RATE", default_value_t = 0.0, value_parser = parse_rate, value_name = "RATE")]
+    #[arg(long = "gateway-decline-rate", env = "ORDERFLOW_GATEWAY_DECLINE_RATE", default_value_t = 0.0, value_parser = parse_probability, value_name = "RATE")]
     pub decline_rate: f64,
 }
 
@@ -236,7 +236,7 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
         "stock",
         upstream,
         server.store().clone(),
-        Arc::new(invoicing::InvoiceCreator {
+        Arc::new(invoicing::Pricing {
             tax_rate_bps: config.tax_rate_bps,
             payments: payments.clone(),
         }),

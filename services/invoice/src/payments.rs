@@ -23,7 +23,7 @@ use orderflow_proto::v1::{
     PaymentFailureReason, event::Kind,
 };
 use orderflow_runtime::{
-    Attempt, Handler, Outcome, RetryPolicy, RetryQueue, StoreError, Txn, dead_letters, follow_up,
+    Attempt, Outcome, RetryPolicy, RetryQueue, RetryWork, StoreError, Txn, dead_letters, follow_up,
     now_timestamp, record_processed, telemetry,
 };
 use prost::Message;
@@ -91,7 +91,7 @@ pub(crate) struct Refunds<G> {
     pub gateway: Arc<G>,
 }
 
-impl<G: PaymentGateway> Handler for Refunds<G> {
+impl<G: PaymentGateway> RetryWork for Refunds<G> {
     type Task = RefundTask;
     type Done = Option<String>;
 
@@ -134,7 +134,7 @@ impl<G: PaymentGateway> Handler for Refunds<G> {
     }
 }
 
-impl<G: PaymentGateway> Handler for Payments<G> {
+impl<G: PaymentGateway> RetryWork for Payments<G> {
     type Task = PaymentTask;
     type Done = Captured;
 

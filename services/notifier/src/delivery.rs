@@ -16,7 +16,7 @@ use orderflow_proto::v1::{
     event::Kind,
 };
 use orderflow_runtime::{
-    Attempt, Handler, Outcome, StoreError, Txn, dead_letters, follow_up, metrics as names,
+    Attempt, Outcome, RetryWork, StoreError, Txn, dead_letters, follow_up, metrics as names,
     now_timestamp, record_processed, telemetry,
 };
 use prost::Message;
@@ -53,7 +53,7 @@ pub(crate) struct Deliveries {
     pub sink: Sink,
 }
 
-impl Handler for Deliveries {
+impl RetryWork for Deliveries {
     type Task = DeliveryTask;
     type Done = ();
 

@@ -207,7 +207,7 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
         "invoice",
         upstream,
         server.store().clone(),
-        Arc::new(notifying::Notifier {
+        Arc::new(notifying::Notifying {
             deliveries: deliveries.clone(),
         }),
     )

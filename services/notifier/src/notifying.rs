@@ -42,11 +42,11 @@ pub(crate) fn create_tables(store: &Store, queue: &DeliveryQueue) -> Result<(), 
 }
 
 /// Schedules a notification for every order that reached the end of the pipeline.
-pub(crate) struct Notifier {
+pub(crate) struct Notifying {
     pub deliveries: DeliveryQueue,
 }
 
-impl Apply for Notifier {
+impl Apply for Notifying {
     fn apply(&self, txn: &mut Txn, entry: &LogEntry) -> Result<(), StoreError> {
         let Some(event) = &entry.event else {
             return Ok(());

@@ -37,7 +37,7 @@ use axum::{
 use orderflow_proto::v1::{
     GetOrderRequest, LineRejection, Money, Order, OrderLine, OrderStatus, PlaceOrderRequest,
 };
-use orderflow_runtime::{telemetry, tls::ServerIdentity};
+use orderflow_runtime::{ServerIdentity, telemetry};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};

@@ -33,8 +33,8 @@ use std::{sync::Arc, time::Duration};
 use clap::Parser;
 use orderflow_proto::v1::order_receiver_server::OrderReceiverServer;
 use orderflow_runtime::{
-    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, ServeError, ServerArgs, StageServer, Subscription,
-    UpstreamUrl, config::OptionalAddr,
+    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, OptionalAddr, ServeError, ServerArgs, StageServer,
+    Subscription, UpstreamUrl,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -94,28 +94,28 @@ pub struct Config {
     /// The stock stage, whose log tells the receiver about reservations and rejections (`none`: do
     /// not follow orders)
     #[arg(long, env = "ORDERFLOW_STOCK_URL", value_name = "URL|none")]
-    pub stock_url: DownstreamUrl,
+    pub stock_url: ProgressLogUrl,
 
     /// The invoice stage, whose log tells about invoices and payment failures (`none`: do not follow)
     #[arg(long, env = "ORDERFLOW_INVOICE_URL", value_name = "URL|none")]
-    pub invoice_url: DownstreamUrl,
+    pub invoice_url: ProgressLogUrl,
 
     /// The notifier, whose log tells about notifications and dead letters (`none`: do not follow)
     #[arg(long, env = "ORDERFLOW_NOTIFIER_URL", value_name = "URL|none")]
-    pub notifier_url: DownstreamUrl,
+    pub notifier_url: ProgressLogUrl,
 }
 
-/// The URL of a stage the receiver follows, or `none`.
+/// The URL of a later stage whose log tells the receiver how its orders progress, or `none`.
 #[derive(Debug, Clone)]
-pub struct DownstreamUrl(pub Option<UpstreamUrl>);
+pub struct ProgressLogUrl(pub Option<UpstreamUrl>);
 
-impl std::str::FromStr for DownstreamUrl {
+impl std::str::FromStr for ProgressLogUrl {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "none" | "" => Ok(DownstreamUrl(None)),
-            url => url.parse().map(|u| DownstreamUrl(Some(u))),
+            "none" | "" => Ok(ProgressLogUrl(None)),
+            url => url.parse().map(|u| ProgressLogUrl(Some(u))),
         }
     }
 }
@@ -130,9 +130,9 @@ impl Config {
             idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
             http_listen: OptionalAddr(None),
             http_max_connections: http::DEFAULT_MAX_CONNECTIONS,
-            stock_url: DownstreamUrl(None),
-            invoice_url: DownstreamUrl(None),
-            notifier_url: DownstreamUrl(None),
+            stock_url: ProgressLogUrl(None),
+            invoice_url: ProgressLogUrl(None),
+            notifier_url: ProgressLogUrl(None),
         }
     }
 
@@ -143,9 +143,9 @@ impl Config {
         invoice: UpstreamUrl,
         notifier: UpstreamUrl,
     ) -> Self {
-        self.stock_url = DownstreamUrl(Some(stock));
-        self.invoice_url = DownstreamUrl(Some(invoice));
-        self.notifier_url = DownstreamUrl(Some(notifier));
+        self.stock_url = ProgressLogUrl(Some(stock));
+        self.invoice_url = ProgressLogUrl(Some(invoice));
+        self.notifier_url = ProgressLogUrl(Some(notifier));
         self
     }
 
@@ -170,7 +170,7 @@ pub(crate) struct Receiver {
     pub watchers: Arc<progress::Watchers>,
     pub max_backlog: u64,
     /// The data volume's free space against `--min-free-space`: below it, new orders wait.
-    pub free_space: Arc<orderflow_runtime::disk::FreeSpace>,
+    pub free_space: Arc<orderflow_runtime::FreeSpace>,
     /// Cancelled when the stage drains: open watches end.
     pub draining: CancellationToken,
 }

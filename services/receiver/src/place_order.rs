@@ -118,7 +118,7 @@ pub(crate) const VOLUME_LOW_REASON: &str = "DATA_VOLUME_LOW";
 const VOLUME_LOW_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// RESOURCE_EXHAUSTED with a google.rpc.RetryInfo and an ErrorInfo naming the reason.
-fn volume_low(space: &orderflow_runtime::disk::FreeSpace) -> Status {
+fn volume_low(space: &orderflow_runtime::FreeSpace) -> Status {
     let mut details = ErrorDetails::new();
     details.set_retry_info(Some(VOLUME_LOW_RETRY_AFTER));
     details.set_error_info(

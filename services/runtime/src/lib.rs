@@ -6,44 +6,65 @@
 //! tonic service through [`StageServer::serve`].
 //!
 //! # Layout
-//! - [`store`]: `Store` and `Txn` — one redb transaction per batch: state, outbox appends, offsets;
-//!   storage faults, and reopening the store to recover from them.
-//! - [`disk`]: the data volume's free space against `--min-free-space`.
-//! - [`eventlog`]: `Subscribe`/`Ack`/`Head` over the outbox, and retention.
-//! - [`subscription`]: a downstream stage's loop over its upstream's log.
-//! - [`server`]: `StageServer` — bind, serve with health and reflection, drain on shutdown.
-//! - [`config`]: flags and env vars every stage shares, with errors that name both.
+//! Private modules, whose surface is re-exported below:
+//! - `store`: [`Store`] and [`Txn`] — one redb transaction per batch: state, outbox appends,
+//!   offsets; storage faults ([`Fault`], [`Condition`]), and reopening the store to recover.
+//! - `disk`: the data volume's [`FreeSpace`] against `--min-free-space` ([`MinFreeSpace`]).
+//! - `eventlog`: [`EventLogService`] — `Subscribe`/`Ack`/`Head` over the outbox, and retention.
+//! - `subscription`: [`Subscription`] — a downstream stage's loop over its upstream's log, applying
+//!   each batch through the stage's [`Apply`]; [`Admission`] for backpressure.
+//! - `group_commit`: [`GroupCommit`] — many callers' writes in one fsync'd transaction.
+//! - `retry`: [`RetryQueue`] — durable outside calls with backoff; the stage's side is
+//!   [`RetryWork`].
+//! - `server`: [`StageServer`] — bind, serve with health and reflection, drain on shutdown;
+//!   [`run_main`], [`respond`].
+//! - `health`: `grpc.health.v1` with strict decoding.
+//! - `config`: flags and env vars every stage shares ([`ServerArgs`], [`UpstreamArgs`]), with errors
+//!   that name both.
+//! - `auth`: the admin token ([`AdminGuard`]) and the link credential ([`LinkGuard`], [`LinkAuth`]).
+//! - `shutdown`: [`shutdown_on_signal`].
+//!
+//! Public modules, used by name (`telemetry::inject`, `metrics::EVENTS_PROCESSED`, …):
+//! - [`telemetry`]: logging, tracing and trace-context propagation.
+//! - [`metrics`]: the names of every metric the stages export.
 //! - [`status`]: gRPC statuses for store errors and field violations; paging.
-//! - [`shutdown`], [`telemetry`]: signals and logging.
+//! - [`dead_letters`]: the dead-letter table every stage with outside calls keeps.
+//! - [`tls`]: server identities, client configs and endpoints.
 
-pub mod auth;
-pub mod config;
+mod auth;
+mod config;
 pub mod dead_letters;
-pub mod disk;
-pub mod eventlog;
-pub mod group_commit;
-pub mod health;
+mod disk;
+mod eventlog;
+mod group_commit;
+mod health;
 pub mod metrics;
-pub mod retry;
-pub mod server;
-pub mod shutdown;
+mod retry;
+mod server;
+mod shutdown;
 pub mod status;
-pub mod store;
-pub mod subscription;
+mod store;
+mod subscription;
 pub mod telemetry;
 pub mod tls;
 
-pub use auth::{AdminGuard, AdminToken};
-pub use config::{ServerArgs, StageCommand, UpstreamArgs, UpstreamUrl, parse_args};
+pub use auth::{AdminGuard, AdminToken, LinkAuth, LinkGuard, LinkToken};
+pub use config::{
+    ConsumerNames, OptionalAddr, ServerArgs, StageCommand, UpstreamArgs, UpstreamUrl, parse_args,
+};
+pub use disk::{FreeSpace, MinFreeSpace};
+pub use eventlog::EventLogService;
 pub use group_commit::GroupCommit;
-pub use retry::{Attempt, Failure, Handler, Outcome, RetryPolicy, RetryQueue};
+pub use retry::{Attempt, Failure, Outcome, RetryPolicy, RetryQueue, RetryWork};
 pub use server::{
-    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, ServeError, StageServer, respond, run_main,
+    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, ServeError, StageServer, raise_open_files_limit,
+    respond, run_main,
 };
 pub use shutdown::shutdown_on_signal;
 pub use status::{FieldViolations, NumericPage, PageFill};
-pub use store::{Commit, Store, StoreError, Txn, decode_record};
+pub use store::{Commit, Condition, Fault, FaultKind, Store, StoreError, Txn, decode_record};
 pub use subscription::{Admission, Apply, Subscription};
+pub use tls::ServerIdentity;
 
 /// The event a stage emits about the order `upstream` is about: same order, customer and placement
 /// time, stamped now, with the stage's own payload and `trace_context` — that of the stage's span for

@@ -14,9 +14,9 @@
 //! others up. Each attempt is its own span, a child of the span that scheduled the task. Results go
 //! to the settler, which applies every result waiting in ONE transaction:
 //! - success, or a final failure (permanent, or the last allowed attempt): the row is deleted and the
-//!   stage records the outcome and appends its events ([`Handler::settle`]);
+//!   stage records the outcome and appends its events ([`RetryWork::settle`]);
 //! - a transient failure with attempts left: the row is rewritten with the next due time — backoff
-//!   doubling from `backoff_min` to `backoff_max` with full jitter, and never sooner than a
+//!   doubling from `backoff_min` to `backoff_max` with equal jitter, and never sooner than a
 //!   `Retry-After` the outside system asked for.
 //!
 //! An [`Admission`] counts the tasks held, so the stage's subscription stops reading while the queue
@@ -65,7 +65,7 @@ pub enum Attempt<D> {
     Fail { error: String },
 }
 
-/// A task's final result, handed to [`Handler::settle`].
+/// A task's final result, handed to [`RetryWork::settle`].
 #[derive(Debug)]
 pub struct Outcome<D> {
     pub result: Result<D, Failure>,
@@ -84,8 +84,8 @@ pub struct Failure {
     pub exhausted: bool,
 }
 
-/// A stage's side of a retry queue.
-pub trait Handler: Send + Sync + 'static {
+/// The work behind a retry queue: the stage's outside call, and how its outcome is recorded.
+pub trait RetryWork: Send + Sync + 'static {
     /// What the stage stores per task.
     type Task: Message + Default + Send + Sync + 'static;
     /// What a successful attempt yields.
@@ -126,7 +126,7 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     /// The pause before attempt `attempts + 1`, after `attempts` failed: `backoff_min × 2^(attempts−1)`
-    /// up to `backoff_max`, full jitter over its upper half, and at least `retry_after` (capped at an
+    /// up to `backoff_max`, with equal jitter (a random pause in its upper half), and at least `retry_after` (capped at an
     /// hour, so a hostile header cannot park a task forever).
     pub fn pause(&self, attempts: u32, retry_after: Option<Duration>) -> Duration {
         let exponent = attempts.saturating_sub(1).min(30);
@@ -175,11 +175,11 @@ struct Finished<D> {
 }
 
 /// A durable queue of tasks for one kind of outside call. Cheap to clone.
-pub struct RetryQueue<H: Handler> {
-    shared: Arc<Shared<H>>,
+pub struct RetryQueue<H: RetryWork> {
+    shared: Arc<QueueState<H>>,
 }
 
-impl<H: Handler> Clone for RetryQueue<H> {
+impl<H: RetryWork> Clone for RetryQueue<H> {
     fn clone(&self) -> Self {
         RetryQueue {
             shared: self.shared.clone(),
@@ -187,12 +187,13 @@ impl<H: Handler> Clone for RetryQueue<H> {
     }
 }
 
-struct Shared<H: Handler> {
+/// What the queue's runner, settler and `enqueue` share: the store, the schedule and the counts.
+struct QueueState<H: RetryWork> {
     stage: &'static str,
     work: &'static str,
     table: String,
     store: Store,
-    handler: Arc<H>,
+    worker: Arc<H>,
     policy: RetryPolicy,
     /// `(due, key)` of every pending task not being attempted.
     schedule: Mutex<BinaryHeap<Reverse<(u64, String)>>>,
@@ -205,22 +206,22 @@ struct Shared<H: Handler> {
     admission: Admission,
 }
 
-impl<H: Handler> RetryQueue<H> {
+impl<H: RetryWork> RetryQueue<H> {
     /// A queue for `work` ("payment", "delivery") of `stage`, stored in `store`.
     pub fn new(
         stage: &'static str,
         work: &'static str,
         store: Store,
-        handler: Arc<H>,
+        worker: Arc<H>,
         policy: RetryPolicy,
     ) -> Self {
         RetryQueue {
-            shared: Arc::new(Shared {
+            shared: Arc::new(QueueState {
                 stage,
                 work,
                 table: format!("{work}.pending"),
                 store,
-                handler,
+                worker,
                 policy,
                 schedule: Mutex::new(BinaryHeap::new()),
                 running: Mutex::new(HashSet::new()),
@@ -236,9 +237,9 @@ impl<H: Handler> RetryQueue<H> {
         self.shared.admission.clone()
     }
 
-    /// The stage's handler.
-    pub fn handler(&self) -> &Arc<H> {
-        &self.shared.handler
+    /// The stage's side of this queue.
+    pub fn worker(&self) -> &Arc<H> {
+        &self.shared.worker
     }
 
     /// Creates the pending table, so that reading it on a new store finds it empty.
@@ -352,7 +353,7 @@ impl<H: Handler> RetryQueue<H> {
     }
 }
 
-impl<H: Handler> Shared<H> {
+impl<H: RetryWork> QueueState<H> {
     fn definition(&self) -> TableDefinition<'_, &'static str, &'static [u8]> {
         TableDefinition::new(&self.table)
     }
@@ -523,7 +524,7 @@ impl<H: Handler> Shared<H> {
         telemetry::set_parent(&span, &row.trace_context);
         let started = Instant::now();
         let result = self
-            .handler
+            .worker
             .attempt(key, &task, attempt)
             .instrument(span.clone())
             .await;
@@ -559,8 +560,8 @@ impl<H: Handler> Shared<H> {
 }
 
 /// Applies attempt results, as many as are waiting per transaction.
-async fn settle_results<H: Handler>(
-    shared: Arc<Shared<H>>,
+async fn settle_results<H: RetryWork>(
+    shared: Arc<QueueState<H>>,
     mut results: mpsc::Receiver<Finished<H::Done>>,
 ) {
     let mut batch = Vec::new();
@@ -588,8 +589,8 @@ async fn settle_results<H: Handler>(
     }
 }
 
-fn settle_batch<H: Handler>(
-    shared: &Arc<Shared<H>>,
+fn settle_batch<H: RetryWork>(
+    shared: &Arc<QueueState<H>>,
     txn: &mut Txn,
     finished: Vec<Finished<H::Done>>,
 ) -> Result<(), StoreError> {
@@ -644,7 +645,7 @@ fn settle_batch<H: Handler>(
             metrics::counter!(names::DEAD_LETTERS, "stage" => shared.stage, "work" => shared.work)
                 .increment(1);
         }
-        shared.handler.settle(
+        shared.worker.settle(
             txn,
             &key,
             task,
@@ -693,7 +694,7 @@ mod tests {
         running: AtomicU32,
     }
 
-    impl Handler for Flaky {
+    impl RetryWork for Flaky {
         type Task = Event;
         type Done = ();
 

@@ -269,7 +269,7 @@ impl Store {
         Self::open_with_cache(path, CACHE_BYTES)
     }
 
-    /// [`Store::open`] with a page cache of `cache_bytes` instead of [`CACHE_BYTES`].
+    /// [`Store::open`] with a page cache of `cache_bytes` instead of `CACHE_BYTES` (32 MiB).
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         let (db, loaded) = open_database(path, cache_bytes)?;
         tracing::debug!(path = %path.display(), first = loaded.first, next = loaded.next, "store opened");
@@ -329,7 +329,7 @@ impl Store {
 
     /// Closes the database and opens it again until a probe commit succeeds, each time the store
     /// turns to failing, until `shutdown`. While the volume is full it keeps trying, backing off to
-    /// [`RECOVERY_BACKOFF_MAX`]; after [`REOPEN_ATTEMPTS`] failures in a row to open the database
+    /// `RECOVERY_BACKOFF_MAX`; after `REOPEN_ATTEMPTS` failures in a row to open the database
     /// for any other reason it gives up and returns the last error (the stage then exits).
     pub async fn recover(
         &self,

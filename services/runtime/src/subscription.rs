@@ -461,7 +461,8 @@ async fn acknowledge(
     }
 }
 
-/// Exponential backoff with full jitter between [`BACKOFF_MIN`] and [`BACKOFF_MAX`].
+/// Exponential backoff between [`BACKOFF_MIN`] and [`BACKOFF_MAX`], with equal jitter: a random
+/// pause in the upper half of the current step.
 #[derive(Debug)]
 pub struct Backoff {
     ceiling: Duration,
@@ -474,7 +475,8 @@ impl Backoff {
         }
     }
 
-    /// A random pause up to the current ceiling, which then doubles (up to the maximum).
+    /// A random pause between half the current ceiling and the ceiling, which then doubles (up to
+    /// the maximum).
     pub fn next_pause(&mut self) -> Duration {
         let ceiling = self.ceiling;
         self.ceiling = (ceiling * 2).min(BACKOFF_MAX);

@@ -14,7 +14,7 @@
 //! exported, never those of its libraries.
 //!
 //! A process running several stages (`orderflow demo`, `orderflow up`) still shows four services in
-//! Jaeger: spans carry `orderflow.stage`, and [`StageRouter`] exports each stage's spans under that
+//! Jaeger: spans carry `orderflow.stage`, and `StageRouter` exports each stage's spans under that
 //! stage's service name.
 //!
 //! The W3C trace context of an order travels inside its events ([`inject`], [`set_parent`]), so each
