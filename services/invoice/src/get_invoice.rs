@@ -9,7 +9,7 @@ use orderflow_runtime::{
 };
 use tonic::Status;
 
-use crate::invoicing::{BY_ORDER, INVOICES, INVOICES_NAME};
+use crate::tables::{BY_ORDER, INVOICES, INVOICES_NAME};
 
 pub(crate) async fn get_invoice(
     store: &Store,

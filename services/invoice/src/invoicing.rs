@@ -1,8 +1,7 @@
 //! Turning stock events into payments to capture.
 //!
-//! Tables: `invoices` (number → encoded `Invoice`) and `invoice_by_order` (order id → number), written
-//! when a payment is captured (see `payments`); `payment.pending`, the retry queue's table, written
-//! here. For each `StockReserved` this prices the order and schedules its payment, in the batch's one
+//! Writes only `payment.pending`, the retry queue's table (the invoice tables are written when a
+//! payment settles, see `payments`; all are listed in `tables`). For each `StockReserved` this prices the order and schedules its payment, in the batch's one
 //! transaction with the consumed offset: a reservation is scheduled exactly once and survives any
 //! crash. `OrderRejected` is passed on for the notifier.
 
@@ -10,18 +9,14 @@ use orderflow_proto::v1::{Invoice, LogEntry, event::Kind};
 use orderflow_runtime::{
     Apply, RetryQueue, Store, StoreError, Txn, follow_up, record_processed, telemetry,
 };
-use redb::TableDefinition;
 
 use crate::{
     STAGE,
     gateway::SimulatedGateway,
-    payments::{FAILED_BY_ORDER, PaymentTask, Payments},
+    payments::{PaymentTask, Payments},
     pricing::price,
+    tables::{self, BY_ORDER, FAILED_BY_ORDER},
 };
-
-pub(crate) const INVOICES: TableDefinition<u64, &[u8]> = TableDefinition::new("invoices");
-pub(crate) const INVOICES_NAME: &str = "invoices";
-pub(crate) const BY_ORDER: TableDefinition<&str, u64> = TableDefinition::new("invoice_by_order");
 
 /// The stage's payment queue.
 pub(crate) type PaymentQueue = RetryQueue<Payments<SimulatedGateway>>;
@@ -29,9 +24,7 @@ pub(crate) type PaymentQueue = RetryQueue<Payments<SimulatedGateway>>;
 /// Creates the tables so that queries on a new store find them empty.
 pub(crate) fn create_tables(store: &Store, queue: &PaymentQueue) -> Result<(), StoreError> {
     store.write(|txn| {
-        txn.redb().open_table(INVOICES)?;
-        txn.redb().open_table(BY_ORDER)?;
-        crate::payments::create_tables(txn)?;
+        tables::create(txn)?;
         queue.create_table(txn)?;
         queue.worker().refunds.create_table(txn)
     })

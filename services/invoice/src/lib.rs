@@ -11,6 +11,7 @@
 //! - `invoicing`: the `Apply` for stock events: price and schedule payment.
 //! - `payments`: capture attempts and settling them (numbering, dead letters).
 //! - `gateway`: the [`PaymentGateway`] trait and the [`SimulatedGateway`] with its ledger.
+//! - `tables`: every table of the stage's store.
 //! - `get_invoice`, `faults`: the RPCs; `service` only delegates.
 
 mod faults;
@@ -20,6 +21,7 @@ mod invoicing;
 mod payments;
 mod pricing;
 mod service;
+mod tables;
 
 use std::{sync::Arc, time::Duration};
 

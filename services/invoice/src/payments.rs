@@ -27,19 +27,13 @@ use orderflow_runtime::{
     now_timestamp, record_processed, telemetry,
 };
 use prost::Message;
-use redb::{ReadableTable, TableDefinition};
+use redb::ReadableTable;
 
 use crate::{
     STAGE,
     gateway::{CaptureRequest, Captured, PaymentError, PaymentGateway},
-    invoicing::{BY_ORDER, INVOICES},
+    tables::{BY_ORDER, COUNTER, FAILED_BY_ORDER, INVOICES, NEXT_NUMBER},
 };
-
-const COUNTER: TableDefinition<&str, u64> = TableDefinition::new("invoice_counter");
-const NEXT_NUMBER: &str = "next";
-/// order id → dead letter id, for orders whose payment failed.
-pub(crate) const FAILED_BY_ORDER: TableDefinition<&str, u64> =
-    TableDefinition::new("payment_failed_by_order");
 
 /// What waits for payment: the reservation and the priced invoice (number 0 until captured).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -54,13 +48,6 @@ pub(crate) struct PaymentTask {
 /// The idempotency key of an order's payment: stable across attempts and restarts.
 pub(crate) fn idempotency_key(order_id: &str) -> String {
     format!("orderflow-payment-{order_id}")
-}
-
-/// Creates the tables settling writes, so queries on a new store find them empty.
-pub(crate) fn create_tables(txn: &mut Txn) -> Result<(), StoreError> {
-    txn.redb().open_table(COUNTER)?;
-    txn.redb().open_table(FAILED_BY_ORDER)?;
-    dead_letters::create_table(txn)
 }
 
 /// The invoice stage's side of the payment queue.

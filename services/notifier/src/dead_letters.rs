@@ -12,10 +12,7 @@ use orderflow_runtime::{FieldViolations, Store, StoreError, dead_letters, decode
 use redb::ReadableTable;
 use tonic::Status;
 
-use crate::{
-    delivery::DeliveryTask,
-    notifying::{DEAD_LETTER_TASKS, DeliveryQueue},
-};
+use crate::{delivery::DeliveryTask, notifying::DeliveryQueue, tables::DEAD_LETTER_TASKS};
 
 pub(crate) async fn list_dead_letters(
     store: &Store,

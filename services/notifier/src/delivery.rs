@@ -23,8 +23,8 @@ use prost::Message;
 
 use crate::{
     STAGE,
-    notifying::{BY_ORDER, DEAD_LETTER_BY_ORDER, DEAD_LETTER_TASKS, NOTIFICATIONS},
     sinks::Sink,
+    tables::{BY_ORDER, DEAD_LETTER_BY_ORDER, DEAD_LETTER_TASKS, NOTIFICATIONS},
 };
 
 /// A notification waiting for delivery.

@@ -8,9 +8,10 @@
 //! # Layout
 //! - [`Config`]: flags and env vars, including the sink and the retry policy.
 //! - `render`: the customer-facing text of confirmations, rejections and payment failures.
-//! - `notifying`: the `Apply` for invoice events (schedule a delivery) and the stage's tables.
+//! - `notifying`: the `Apply` for invoice events (schedule a delivery).
 //! - `delivery`: delivery attempts and settling them (record, or dead-letter).
 //! - `sinks`: log, webhook and file.
+//! - `tables`: every table of the stage's store.
 //! - `list_notifications`, `dead_letters`: the RPCs; `service` only delegates.
 
 mod dead_letters;
@@ -20,6 +21,7 @@ mod notifying;
 mod render;
 mod service;
 mod sinks;
+mod tables;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 

@@ -4,7 +4,7 @@ use orderflow_proto::v1::{ListNotificationsRequest, ListNotificationsResponse};
 use orderflow_runtime::{NumericPage, Store, StoreError, decode_record, status};
 use tonic::Status;
 
-use crate::notifying::{BY_ORDER, NOTIFICATIONS, NOTIFICATIONS_NAME};
+use crate::tables::{BY_ORDER, NOTIFICATIONS, NOTIFICATIONS_NAME};
 
 pub(crate) async fn list_notifications(
     store: &Store,

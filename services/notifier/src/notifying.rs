@@ -7,24 +7,13 @@
 
 use orderflow_proto::v1::{LogEntry, Notification, NotificationKind, event::Kind};
 use orderflow_runtime::{Apply, RetryQueue, Store, StoreError, Txn, record_processed, telemetry};
-use redb::TableDefinition;
 
 use crate::{
     STAGE,
     delivery::{Deliveries, DeliveryTask, idempotency_key},
     render,
+    tables::{self, BY_ORDER, DEAD_LETTER_BY_ORDER},
 };
-
-pub(crate) const NOTIFICATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("notifications");
-pub(crate) const NOTIFICATIONS_NAME: &str = "notifications";
-pub(crate) const BY_ORDER: TableDefinition<&str, u64> =
-    TableDefinition::new("notification_by_order");
-/// Dead letter id → encoded `DeliveryTask`, what a replay delivers.
-pub(crate) const DEAD_LETTER_TASKS: TableDefinition<u64, &[u8]> =
-    TableDefinition::new("dead_letter_tasks");
-/// order id → dead letter id.
-pub(crate) const DEAD_LETTER_BY_ORDER: TableDefinition<&str, u64> =
-    TableDefinition::new("dead_letter_by_order");
 
 /// The stage's delivery queue.
 pub(crate) type DeliveryQueue = RetryQueue<Deliveries>;
@@ -32,11 +21,7 @@ pub(crate) type DeliveryQueue = RetryQueue<Deliveries>;
 /// Creates the tables so that queries on a new store find them empty.
 pub(crate) fn create_tables(store: &Store, queue: &DeliveryQueue) -> Result<(), StoreError> {
     store.write(|txn| {
-        txn.redb().open_table(NOTIFICATIONS)?;
-        txn.redb().open_table(BY_ORDER)?;
-        orderflow_runtime::dead_letters::create_table(txn)?;
-        txn.redb().open_table(DEAD_LETTER_TASKS)?;
-        txn.redb().open_table(DEAD_LETTER_BY_ORDER)?;
+        tables::create(txn)?;
         queue.create_table(txn)
     })
 }

@@ -1,4 +1,4 @@
-//! Initial catalogs: a TOML or JSON file, or the built-in demo catalog.
+//! Initial catalogs: a TOML or JSON file, or the built-in demo catalog, and seeding the store from one.
 //!
 //! ```toml
 //! [[items]]
@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use orderflow_proto::v1::{Money, StockItem};
-use orderflow_runtime::FieldViolations;
+use orderflow_runtime::{FieldViolations, Store, StoreError};
 use serde::Deserialize;
 
 use crate::{CatalogSource, items};
@@ -130,6 +130,22 @@ fn read_file(path: &Path) -> Result<Vec<CatalogEntry>, String> {
         toml::from_str(&text).map_err(|e| e.to_string())?
     };
     Ok(file.items)
+}
+
+/// Adds every catalog entry whose sku is not in the store yet; existing items keep their state.
+/// Returns how many were added.
+pub(crate) fn seed(store: &Store, entries: &[CatalogEntry]) -> Result<usize, StoreError> {
+    store.write(|txn| {
+        let mut items = txn.redb().open_table(items::ITEMS)?;
+        let mut added = 0;
+        for entry in entries {
+            if items::get(&items, &entry.sku)?.is_none() {
+                items::put(&mut items, &entry.to_item())?;
+                added += 1;
+            }
+        }
+        Ok(added)
+    })
 }
 
 #[cfg(test)]

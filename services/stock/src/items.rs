@@ -1,11 +1,9 @@
 //! The `items` table — sku → encoded `StockItem` — and what makes an item valid.
 
 use orderflow_proto::{money::is_currency_code, v1::StockItem};
-use orderflow_runtime::{FieldViolations, Store, StoreError, decode_record};
+use orderflow_runtime::{FieldViolations, StoreError, decode_record};
 use prost::Message;
 use redb::{ReadableTable, Table, TableDefinition};
-
-use crate::catalog::CatalogEntry;
 
 pub(crate) const ITEMS: TableDefinition<&str, &[u8]> = TableDefinition::new("items");
 pub(crate) const ITEMS_NAME: &str = "items";
@@ -84,20 +82,4 @@ pub(crate) fn check_item_fields(
             format!("must be at most {MAX_AVAILABLE}"),
         );
     }
-}
-
-/// Adds every catalog entry whose sku is not in the store yet; existing items keep their state.
-/// Returns how many were added.
-pub(crate) fn seed(store: &Store, entries: &[CatalogEntry]) -> Result<usize, StoreError> {
-    store.write(|txn| {
-        let mut items = txn.redb().open_table(ITEMS)?;
-        let mut added = 0;
-        for entry in entries {
-            if get(&items, &entry.sku)?.is_none() {
-                put(&mut items, &entry.to_item())?;
-                added += 1;
-            }
-        }
-        Ok(added)
-    })
 }

@@ -12,7 +12,7 @@
 //! # Layout
 //! - [`Config`], [`CatalogSource`]: flags and env vars; where the initial catalog comes from.
 //! - `items`: the `items` table and the rules of a valid catalog item.
-//! - `catalog`: catalog files (TOML or JSON) and the built-in demo catalog.
+//! - `catalog`: catalog files (TOML or JSON), the built-in demo catalog, and seeding the store.
 //! - `reserve`: the all-or-nothing reservation, applied per `OrderPlaced`.
 //! - `release`: giving a failed payment's reservation back, per `PaymentFailed`.
 //! - `set_stock`, `get_stock`: one file per admin/query RPC; `service` only delegates.
@@ -142,7 +142,7 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
         .await?;
     let seeded = server
         .store()
-        .call(move |store| items::seed(store, &entries))
+        .call(move |store| catalog::seed(store, &entries))
         .await
         .map_err(|status| {
             ServeError::Config(format!("cannot seed the catalog: {}", status.message()))
