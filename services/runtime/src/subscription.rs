@@ -201,7 +201,7 @@ impl<A: Apply> Subscription<A> {
             self.consumer.clone(),
             // Lazy commits are durable only once a durable commit follows: make one before telling
             // upstream it may delete what they hold.
-            (self.commit == Commit::Lazy).then(|| self.store.clone()),
+            (self.commit == Commit::Lazy).then(|| (self.store.clone(), self.upstream_name.clone())),
             acked_rx,
             shutdown.clone(),
         ));
@@ -394,13 +394,16 @@ impl<A: Apply> Subscription<A> {
 /// The client of an upstream `EventLog`, with the link credential on every call.
 type LogClient = EventLogClient<InterceptedService<Channel, LinkAuth>>;
 
-/// Tells upstream how far this stage has committed, at most every [`ACK_INTERVAL`]; with `flush`,
-/// after making that position durable first. Failures are only logged: an acknowledgement just lets
-/// upstream trim its log, and the next one catches up.
+/// Tells upstream how far this stage has committed, at most every [`ACK_INTERVAL`]. With `flush`
+/// (the store and the upstream's name in it, for lazy commits) it first makes a durable commit and
+/// acknowledges no further than the consumed offset that commit holds: a store opened again after a
+/// fault is back at its last durable commit, behind what the subscription had applied lazily, and
+/// upstream must keep those entries to be applied again. Failures are only logged: an
+/// acknowledgement just lets upstream trim its log, and the next one catches up.
 async fn acknowledge(
     mut client: LogClient,
     consumer: String,
-    flush: Option<Store>,
+    flush: Option<(Store, String)>,
     mut committed: watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
@@ -410,23 +413,23 @@ async fn acknowledge(
         let offset = *committed.borrow_and_update();
         if last_acked != Some(offset) {
             let durable = match &flush {
-                Some(store) => {
-                    let store = store.clone();
-                    matches!(
-                        blocking(move || store.write(|_| Ok::<_, StoreError>(()))).await,
-                        Ok(Ok(()))
-                    )
+                Some((store, upstream)) => {
+                    let (store, upstream) = (store.clone(), upstream.clone());
+                    match blocking(move || store.write(|txn| txn.consumed(&upstream))).await {
+                        Ok(Ok(durable)) => Some(durable.min(offset)),
+                        _ => None,
+                    }
                 }
-                None => true,
+                None => Some(offset),
             };
-            let request = AckRequest {
-                consumer: consumer.clone(),
-                offset,
-            };
-            if durable {
+            if let Some(durable) = durable {
+                let request = AckRequest {
+                    consumer: consumer.clone(),
+                    offset: durable,
+                };
                 match client.ack(request).await {
                     Ok(_) => {
-                        last_acked = Some(offset);
+                        last_acked = Some(durable);
                         last_refusal = None;
                     }
                     Err(status)
