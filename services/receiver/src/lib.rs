@@ -199,6 +199,10 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
         config.idempotency_window,
     );
     let watchers = Arc::new(progress::Watchers::default());
+    // The recorder is installed on first use: make sure this gauge is not set before it exists.
+    let _ = orderflow_runtime::metrics::handle();
+    metrics::gauge!(orderflow_runtime::metrics::MAX_BACKLOG, "stage" => STAGE)
+        .set(config.max_backlog as f64);
     let draining = CancellationToken::new();
     let receiver = Arc::new(Receiver {
         intake,

@@ -49,6 +49,8 @@ pub const STORE_HEALTHY: &str = "orderflow_store_healthy";
 pub const STORE_FAULTS: &str = "orderflow_store_faults_total";
 /// Bytes free on the stage's data volume (gauge).
 pub const DATA_FREE_BYTES: &str = "orderflow_data_free_bytes";
+/// The receiver's `--max-backlog`: the backlog at which it refuses new orders (gauge).
+pub const MAX_BACKLOG: &str = "orderflow_max_backlog";
 /// Seconds from acceptance to the customer being notified (histogram).
 pub const PLACED_TO_NOTIFIED_SECONDS: &str = "orderflow_placed_to_notified_seconds";
 

@@ -392,7 +392,8 @@ async fn report_store_condition(
     shutdown: CancellationToken,
 ) {
     let mut condition = store.condition();
-    // Looked up each time: the recorder may be installed after this task starts.
+    // The recorder is installed on first use: make sure it exists before the first value is set.
+    let _ = crate::metrics::handle();
     let healthy = |value: f64| {
         metrics::gauge!(crate::metrics::STORE_HEALTHY, "stage" => stage).set(value);
     };
