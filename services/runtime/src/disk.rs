@@ -81,12 +81,17 @@ impl FromStr for MinFreeSpace {
 
 /// Bytes available to this process on the volume of `dir`, if it can be measured.
 pub fn available_bytes(dir: &Path) -> Option<u64> {
+    volume(dir).map(|(free, _)| free)
+}
+
+/// `(bytes available to this process, bytes in all)` of the volume of `dir`.
+fn volume(dir: &Path) -> Option<(u64, u64)> {
     let stats = nix::sys::statvfs::statvfs(dir).ok()?;
-    Some(
-        stats
-            .blocks_available()
-            .saturating_mul(stats.fragment_size()),
-    )
+    let unit = stats.fragment_size();
+    Some((
+        stats.blocks_available().saturating_mul(unit),
+        stats.blocks().saturating_mul(unit),
+    ))
 }
 
 /// The free space of one stage's data volume, as last measured.
@@ -128,10 +133,7 @@ impl FreeSpace {
 
     /// Measures now; a volume that cannot be measured is never called low.
     fn measure(&self) -> Option<(u64, u64)> {
-        let stats = nix::sys::statvfs::statvfs(&self.dir).ok()?;
-        let unit = stats.fragment_size();
-        let free = stats.blocks_available().saturating_mul(unit);
-        let total = stats.blocks().saturating_mul(unit);
+        let (free, total) = volume(&self.dir)?;
         let was_low = self.is_low();
         let low = free < self.floor.bytes(total);
         self.free.store(free, Ordering::Relaxed);
