@@ -1,13 +1,16 @@
 //! Turning stock events into payments to capture.
 //!
-//! Writes only `payment.pending`, the retry queue's table (the invoice tables are written when a
-//! payment settles, see `payments`; all are listed in `tables`). For each `StockReserved` this prices the order and schedules its payment, in the batch's one
-//! transaction with the consumed offset: a reservation is scheduled exactly once and survives any
-//! crash. `OrderRejected` is passed on for the notifier.
+//! For each `StockReserved` this prices the order and, before the batch's transaction, makes the
+//! payment's first attempt (see `orderflow_runtime::retry`). The transaction records it with the
+//! consumed offset: a payment captured or declined at once is settled there (see `payments`), one
+//! that must be retried waits in `payment.pending`. So a reservation is paid for exactly once and
+//! survives any crash. `OrderRejected` is passed on for the notifier. The tables are listed in
+//! `tables`.
 
-use orderflow_proto::v1::{Invoice, LogEntry, event::Kind};
+use orderflow_proto::v1::{Event, Invoice, LogEntry, StockReserved, event::Kind};
 use orderflow_runtime::{
-    Apply, RetryQueue, Store, StoreError, Txn, follow_up, record_processed, telemetry,
+    Apply, FirstAttempt, FirstAttempts, NewTask, RetryQueue, Store, StoreError, Txn, follow_up,
+    record_processed, telemetry,
 };
 
 use crate::{
@@ -30,14 +33,74 @@ pub(crate) fn create_tables(store: &Store, queue: &PaymentQueue) -> Result<(), S
     })
 }
 
-/// Schedules payment for `StockReserved`, passes `OrderRejected` on, ignores the rest.
+/// Prices every `StockReserved` and makes its payment's first attempt before the batch's
+/// transaction; inside it, settles or schedules each payment. Passes `OrderRejected` on, ignores the
+/// rest.
 pub(crate) struct Pricing {
     pub tax_rate_bps: u32,
     pub payments: PaymentQueue,
 }
 
+impl Pricing {
+    /// Prices `reserved`, the payload of `event`, as the payment task to make, in the order's "price
+    /// order" span.
+    fn payment(&self, event: &Event, reserved: &StockReserved) -> NewTask<PaymentTask> {
+        let span = telemetry::order_span(
+            STAGE,
+            "price order",
+            &event.order_id,
+            &event.customer_id,
+            &event.trace_context,
+        );
+        span.record("outcome", "payment scheduled");
+        let priced = price(&reserved.lines, self.tax_rate_bps);
+        let invoice = Invoice {
+            number: 0,
+            order_id: event.order_id.clone(),
+            customer_id: event.customer_id.clone(),
+            lines: priced.lines,
+            subtotal: Some(priced.subtotal),
+            tax_rate_bps: self.tax_rate_bps,
+            tax: Some(priced.tax),
+            total: Some(priced.total),
+            created_at: None,
+            payment: None,
+        };
+        NewTask {
+            key: event.order_id.clone(),
+            customer_id: event.customer_id.clone(),
+            task: PaymentTask {
+                reserved: Some(event.clone()),
+                invoice: Some(invoice),
+            },
+            trace_context: telemetry::inject(&span),
+        }
+    }
+}
+
 impl Apply for Pricing {
-    fn apply(&self, txn: &mut Txn, entry: &LogEntry) -> Result<(), StoreError> {
+    type Prepared = FirstAttempts<Payments<SimulatedGateway>>;
+
+    async fn prepare(&self, entries: &[LogEntry]) -> Self::Prepared {
+        let payments = entries
+            .iter()
+            .filter_map(|entry| {
+                let event = entry.event.as_ref()?;
+                match &event.kind {
+                    Some(Kind::StockReserved(reserved)) => Some(self.payment(event, reserved)),
+                    _ => None,
+                }
+            })
+            .collect();
+        self.payments.attempt_first(payments).await
+    }
+
+    fn apply(
+        &self,
+        txn: &mut Txn,
+        entry: &LogEntry,
+        first: &mut Self::Prepared,
+    ) -> Result<(), StoreError> {
         let Some(event) = &entry.event else {
             return Ok(());
         };
@@ -45,43 +108,18 @@ impl Apply for Pricing {
             Some(Kind::StockReserved(reserved)) => {
                 let settled = txn.has_key_in_any(&[BY_ORDER, FAILED_BY_ORDER], &event.order_id)?;
                 if settled {
-                    // An upstream duplicate must not bill twice.
+                    // An upstream duplicate must not bill twice (its attempt, if any, was a
+                    // replay under the same idempotency key).
                     tracing::warn!(order_id = %event.order_id, "duplicate reservation ignored");
                     return Ok(());
                 }
-                let span = telemetry::order_span(
-                    STAGE,
-                    "price order",
-                    &event.order_id,
-                    &event.customer_id,
-                    &event.trace_context,
-                );
-                let priced = price(&reserved.lines, self.tax_rate_bps);
-                let invoice = Invoice {
-                    number: 0,
-                    order_id: event.order_id.clone(),
-                    customer_id: event.customer_id.clone(),
-                    lines: priced.lines,
-                    subtotal: Some(priced.subtotal),
-                    tax_rate_bps: self.tax_rate_bps,
-                    tax: Some(priced.tax),
-                    total: Some(priced.total),
-                    created_at: None,
-                    payment: None,
-                };
-                let task = PaymentTask {
-                    reserved: Some(event.clone()),
-                    invoice: Some(invoice),
-                };
-                self.payments.enqueue(
-                    txn,
-                    &event.order_id,
-                    &event.customer_id,
-                    &task,
-                    telemetry::inject(&span),
-                )?;
-                span.record("outcome", "payment scheduled");
-                record_processed(STAGE, "payment scheduled", event);
+                // A duplicate within the batch has no first attempt of its own.
+                let payment = first
+                    .take(&event.order_id)
+                    .unwrap_or_else(|| FirstAttempt::not_attempted(self.payment(event, reserved)));
+                if self.payments.submit(txn, payment)? {
+                    record_processed(STAGE, "payment scheduled", event);
+                }
             }
             Some(Kind::OrderRejected(rejected)) => {
                 let span = telemetry::order_span(

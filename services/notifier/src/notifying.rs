@@ -1,12 +1,16 @@
 //! Turning invoice-stage events into deliveries to make.
 //!
 //! For each `InvoiceCreated`, `OrderRejected` or `PaymentFailed` this renders the customer's message
-//! and schedules its delivery (`delivery.pending`, the retry queue's table), in the batch's one
-//! transaction with the consumed offset: every order is scheduled exactly once, whatever crashes.
-//! Delivering, recording and announcing happen when the delivery settles (see `delivery`).
+//! and, before the batch's transaction, makes the first delivery attempt (see
+//! `orderflow_runtime::retry`). The transaction records it with the consumed offset: a delivery made
+//! (or refused for good) at once is settled there (see `delivery`), one that must be retried waits
+//! in `delivery.pending`. Every order is notified exactly once in the store, whatever crashes.
 
-use orderflow_proto::v1::{LogEntry, Notification, NotificationKind, event::Kind};
-use orderflow_runtime::{Apply, RetryQueue, Store, StoreError, Txn, record_processed, telemetry};
+use orderflow_proto::v1::{Event, LogEntry, Notification, NotificationKind, event::Kind};
+use orderflow_runtime::{
+    Apply, FirstAttempt, FirstAttempts, NewTask, RetryQueue, Store, StoreError, Txn,
+    record_processed, telemetry,
+};
 
 use crate::{
     STAGE,
@@ -26,21 +30,21 @@ pub(crate) fn create_tables(store: &Store, queue: &DeliveryQueue) -> Result<(), 
     })
 }
 
-/// Schedules a notification for every order that reached the end of the pipeline.
+/// Renders a notification for every order that reached the end of the pipeline and makes its first
+/// delivery attempt before the batch's transaction; inside it, settles or schedules each delivery.
 pub(crate) struct Notifying {
     pub deliveries: DeliveryQueue,
 }
 
-impl Apply for Notifying {
-    fn apply(&self, txn: &mut Txn, entry: &LogEntry) -> Result<(), StoreError> {
-        let Some(event) = &entry.event else {
-            return Ok(());
-        };
+impl Notifying {
+    /// The delivery that tells the customer how `event` ended their order, in the order's "notify
+    /// customer" span; `None` for events that end nothing.
+    fn delivery(&self, event: &Event) -> Option<NewTask<DeliveryTask>> {
         let (kind, message, invoice_number) = match &event.kind {
             Some(Kind::InvoiceCreated(created)) => {
                 let Some(invoice) = &created.invoice else {
                     tracing::warn!(order_id = %event.order_id, "invoice event without invoice skipped");
-                    return Ok(());
+                    return None;
                 };
                 (
                     NotificationKind::Confirmed,
@@ -58,13 +62,8 @@ impl Apply for Notifying {
                 render::payment_failure(&event.order_id, failed),
                 0,
             ),
-            _ => return Ok(()),
+            _ => return None,
         };
-        let known = txn.has_key_in_any(&[BY_ORDER, DEAD_LETTER_BY_ORDER], &event.order_id)?;
-        if known {
-            tracing::warn!(order_id = %event.order_id, "order already notified; duplicate ignored");
-            return Ok(());
-        }
         let span = telemetry::order_span(
             STAGE,
             "notify customer",
@@ -72,6 +71,7 @@ impl Apply for Notifying {
             &event.customer_id,
             &event.trace_context,
         );
+        span.record("outcome", "delivery scheduled");
         let notification = Notification {
             id: 0,
             order_id: event.order_id.clone(),
@@ -85,16 +85,56 @@ impl Apply for Notifying {
             idempotency_key: idempotency_key(&event.order_id),
         };
         let context = telemetry::inject(&span);
-        let task = DeliveryTask {
-            upstream: Some(event.clone()),
-            notification: Some(notification),
-            dead_letter_id: 0,
-            trace_context: context.clone(),
+        Some(NewTask {
+            key: event.order_id.clone(),
+            customer_id: event.customer_id.clone(),
+            task: DeliveryTask {
+                upstream: Some(event.clone()),
+                notification: Some(notification),
+                dead_letter_id: 0,
+                trace_context: context.clone(),
+            },
+            trace_context: context,
+        })
+    }
+}
+
+impl Apply for Notifying {
+    type Prepared = FirstAttempts<Deliveries>;
+
+    async fn prepare(&self, entries: &[LogEntry]) -> Self::Prepared {
+        let deliveries = entries
+            .iter()
+            .filter_map(|entry| self.delivery(entry.event.as_ref()?))
+            .collect();
+        self.deliveries.attempt_first(deliveries).await
+    }
+
+    fn apply(
+        &self,
+        txn: &mut Txn,
+        entry: &LogEntry,
+        first: &mut Self::Prepared,
+    ) -> Result<(), StoreError> {
+        let Some(event) = &entry.event else {
+            return Ok(());
         };
-        self.deliveries
-            .enqueue(txn, &event.order_id, &event.customer_id, &task, context)?;
-        span.record("outcome", "delivery scheduled");
-        record_processed(STAGE, "delivery scheduled", event);
+        let delivery = match first.take(&event.order_id) {
+            Some(delivery) => delivery,
+            // A duplicate within the batch, or an event that ends nothing.
+            None => match self.delivery(event) {
+                Some(delivery) => FirstAttempt::not_attempted(delivery),
+                None => return Ok(()),
+            },
+        };
+        let known = txn.has_key_in_any(&[BY_ORDER, DEAD_LETTER_BY_ORDER], &event.order_id)?;
+        if known {
+            tracing::warn!(order_id = %event.order_id, "order already notified; duplicate ignored");
+            return Ok(());
+        }
+        if self.deliveries.submit(txn, delivery)? {
+            record_processed(STAGE, "delivery scheduled", event);
+        }
         Ok(())
     }
 }

@@ -62,7 +62,9 @@ impl Progress {
 }
 
 impl Apply for Progress {
-    fn apply(&self, txn: &mut Txn, entry: &LogEntry) -> Result<(), StoreError> {
+    type Prepared = ();
+
+    fn apply(&self, txn: &mut Txn, entry: &LogEntry, _: &mut ()) -> Result<(), StoreError> {
         let Some(event) = &entry.event else {
             return Ok(());
         };

@@ -55,7 +55,10 @@ pub use config::{
 pub use disk::{FreeSpace, MinFreeSpace};
 pub use eventlog::EventLogService;
 pub use group_commit::GroupCommit;
-pub use retry::{Attempt, Failure, Outcome, RetryPolicy, RetryQueue, RetryWork};
+pub use retry::{
+    Attempt, FIRST_ATTEMPTS_BUDGET, Failure, FirstAttempt, FirstAttempts, NewTask, Outcome,
+    RetryPolicy, RetryQueue, RetryWork,
+};
 pub use server::{
     MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, ServeError, StageServer, raise_open_files_limit,
     respond, run_main,

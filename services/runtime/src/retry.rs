@@ -3,8 +3,17 @@
 //! exactly once.
 //!
 //! # Design
-//! A task enters the queue inside a stage transaction ([`RetryQueue::enqueue`]), in the same commit
-//! as the upstream offset that caused it: from then on it is on disk. The table `<work>.pending`
+//! Most calls succeed at once, so a stage first tries each task of a batch itself, before the batch's
+//! transaction ([`RetryQueue::attempt_first`], from [`crate::Apply::prepare`]), and records the result
+//! in that transaction with the upstream offset ([`RetryQueue::submit`]): a task whose first attempt
+//! succeeded, or failed for good, is settled there and then, and never touches the queue's table.
+//! Only what must wait — a transient failure, or an attempt the batch had no time for — enters the
+//! queue. A crash before the commit makes the first attempt again with the same key, like any attempt
+//! whose result was not recorded.
+//!
+//! A task enters the queue inside a stage transaction ([`RetryQueue::submit`] or
+//! [`RetryQueue::enqueue`]), in the same commit as the upstream offset that caused it: from then on it
+//! is on disk. The table `<work>.pending`
 //! holds one row per task, keyed by a stage-chosen key (the order id): the stage's task (encoded),
 //! the attempts made, when the next one is due, the last error, and the trace context of the span
 //! that scheduled it.
@@ -83,6 +92,59 @@ pub struct Failure {
     /// `true`: every attempt failed transiently; `false`: an attempt failed permanently.
     pub exhausted: bool,
 }
+
+/// A task to attempt at once, before the transaction that records it.
+#[derive(Debug)]
+pub struct NewTask<T> {
+    /// The stage-chosen key (an order id).
+    pub key: String,
+    pub customer_id: String,
+    pub task: T,
+    /// Context of the span that scheduled the task: the parent of its attempt spans.
+    pub trace_context: HashMap<String, String>,
+}
+
+/// A task and what its first attempt came to, to record with [`RetryQueue::submit`].
+pub struct FirstAttempt<H: RetryWork> {
+    new: NewTask<H::Task>,
+    /// `None`: not attempted (no time was left in the batch, or the store cannot record results).
+    finished: Option<Finished<H::Done>>,
+}
+
+impl<H: RetryWork> FirstAttempt<H> {
+    /// `new`, not attempted: [`RetryQueue::submit`] schedules it, due now.
+    pub fn not_attempted(new: NewTask<H::Task>) -> Self {
+        FirstAttempt {
+            new,
+            finished: None,
+        }
+    }
+}
+
+/// The first attempts of one batch, by key.
+pub struct FirstAttempts<H: RetryWork> {
+    by_key: HashMap<String, FirstAttempt<H>>,
+}
+
+impl<H: RetryWork> Default for FirstAttempts<H> {
+    fn default() -> Self {
+        FirstAttempts {
+            by_key: HashMap::new(),
+        }
+    }
+}
+
+impl<H: RetryWork> FirstAttempts<H> {
+    /// The task under `key` with its first attempt; `None` when the batch had no task under it, or
+    /// it was taken already.
+    pub fn take(&mut self, key: &str) -> Option<FirstAttempt<H>> {
+        self.by_key.remove(key)
+    }
+}
+
+/// How long a batch's first attempts may take in all; what has not finished by then is left to the
+/// queue, so one slow outside call never holds a whole batch up for long.
+pub const FIRST_ATTEMPTS_BUDGET: Duration = Duration::from_millis(500);
 
 /// The work behind a retry queue: the stage's outside call, and how its outcome is recorded.
 pub trait RetryWork: Send + Sync + 'static {
@@ -172,6 +234,14 @@ struct Finished<D> {
     attempt: u32,
     result: Attempt<D>,
     trace_context: HashMap<String, String>,
+}
+
+/// Where an attempt leaves its task.
+enum Concluded<D> {
+    /// Done, or failed for good: settle it.
+    Settle(Result<D, Failure>),
+    /// Failed transiently with attempts left: try again at `due` (Unix ms).
+    Retry { due: u64, error: String },
 }
 
 /// A durable queue of tasks for one kind of outside call. Cheap to clone.
@@ -278,6 +348,112 @@ impl<H: RetryWork> RetryQueue<H> {
         let shared = self.shared.clone();
         let key = key.to_owned();
         txn.after_commit(move || {
+            shared.hold([key.as_str()]);
+            shared.push(due, key);
+        });
+        Ok(true)
+    }
+
+    /// Makes the first attempt of each task now, as many at once as the policy's concurrency and for
+    /// [`FIRST_ATTEMPTS_BUDGET`] in all. Tasks with a key seen before in `tasks`, and every task while
+    /// the store cannot record results, are not attempted. Record each with [`RetryQueue::submit`].
+    pub async fn attempt_first(&self, tasks: Vec<NewTask<H::Task>>) -> FirstAttempts<H> {
+        use futures::StreamExt;
+
+        let shared = &self.shared;
+        let mut by_key = HashMap::with_capacity(tasks.len());
+        for new in tasks {
+            by_key.entry(new.key.clone()).or_insert(FirstAttempt {
+                new,
+                finished: None,
+            });
+        }
+        if shared.store.fault().is_some() {
+            return FirstAttempts { by_key };
+        }
+        let deadline = tokio::time::Instant::now() + FIRST_ATTEMPTS_BUDGET;
+        let mut finished = Vec::with_capacity(by_key.len());
+        {
+            // Futures made up front rather than in a `map` closure: such a closure's borrows defeat
+            // the compiler's proof that the stream is `Send`.
+            let calls: Vec<_> = by_key
+                .values()
+                .map(|FirstAttempt { new, .. }| {
+                    shared.attempt_task(
+                        &new.key,
+                        &new.task,
+                        1,
+                        &new.customer_id,
+                        &new.trace_context,
+                    )
+                })
+                .collect();
+            let mut attempts =
+                futures::stream::iter(calls).buffer_unordered(shared.policy.concurrency.max(1));
+            while let Ok(Some(done)) = tokio::time::timeout_at(deadline, attempts.next()).await {
+                finished.push(done);
+            }
+        }
+        for done in finished {
+            if let Some(first) = by_key.get_mut(&done.key) {
+                first.finished = Some(done);
+            }
+        }
+        FirstAttempts { by_key }
+    }
+
+    /// Records `first` inside the caller's transaction: a success or a final failure is settled at
+    /// once ([`RetryWork::settle`]); a transient failure is scheduled after its backoff, and a task
+    /// not attempted is scheduled due now. Returns `false` (and changes nothing) when a task with this
+    /// key is already pending.
+    pub fn submit(&self, txn: &mut Txn, first: FirstAttempt<H>) -> Result<bool, StoreError> {
+        let shared = &self.shared;
+        let FirstAttempt { new, finished } = first;
+        if txn
+            .redb()
+            .open_table(shared.definition())?
+            .get(new.key.as_str())?
+            .is_some()
+        {
+            return Ok(false);
+        }
+        let (attempts, due, last_error) = match finished {
+            None => (0, now_unix_ms(), String::new()),
+            Some(done) => match shared.conclude(done.attempt, done.result) {
+                Concluded::Settle(result) => {
+                    shared.settle(
+                        txn,
+                        &new.key,
+                        new.task,
+                        Outcome {
+                            result,
+                            attempts: done.attempt,
+                            trace_context: done.trace_context,
+                        },
+                    )?;
+                    return Ok(true);
+                }
+                Concluded::Retry { due, error } => (done.attempt, due, error),
+            },
+        };
+        let row = PendingRow {
+            task: new.task.encode_to_vec(),
+            attempts,
+            due_unix_ms: due,
+            last_error,
+            trace_context: new.trace_context,
+            customer_id: new.customer_id,
+        };
+        txn.redb()
+            .open_table(shared.definition())?
+            .insert(new.key.as_str(), row.encode_to_vec().as_slice())?;
+        let shared = shared.clone();
+        let key = new.key;
+        txn.after_commit(move || {
+            if attempts > 0 {
+                metrics::counter!(names::RETRIES, "stage" => shared.stage, "work" => shared.work)
+                    .increment(1);
+            }
             shared.hold([key.as_str()]);
             shared.push(due, key);
         });
@@ -499,7 +675,7 @@ impl<H: RetryWork> QueueState<H> {
         Ok(count)
     }
 
-    /// One attempt for `key`: runs the stage's call in its own span.
+    /// One attempt for `key`, from its pending row.
     async fn attempt(self: &Arc<Self>, key: &str, row: PendingRow) -> Option<Finished<H::Done>> {
         let task = match H::Task::decode(row.task.as_slice()) {
             Ok(task) => task,
@@ -509,7 +685,28 @@ impl<H: RetryWork> QueueState<H> {
                 return None;
             }
         };
-        let attempt = row.attempts + 1;
+        Some(
+            self.attempt_task(
+                key,
+                &task,
+                row.attempts + 1,
+                &row.customer_id,
+                &row.trace_context,
+            )
+            .await,
+        )
+    }
+
+    /// Attempt number `attempt` of `task`: runs the stage's call in its own span, a child of the
+    /// span whose context is `parent`.
+    async fn attempt_task(
+        &self,
+        key: &str,
+        task: &H::Task,
+        attempt: u32,
+        customer_id: &str,
+        parent: &HashMap<String, String>,
+    ) -> Finished<H::Done> {
         let span = tracing::info_span!(
             parent: None,
             "attempt",
@@ -517,15 +714,15 @@ impl<H: RetryWork> QueueState<H> {
             otel.status_description = tracing::field::Empty,
             orderflow.stage = self.stage,
             order.id = key,
-            customer.id = row.customer_id.as_str(),
+            customer.id = customer_id,
             attempt,
             outcome = tracing::field::Empty,
         );
-        telemetry::set_parent(&span, &row.trace_context);
+        telemetry::set_parent(&span, parent);
         let started = Instant::now();
         let result = self
             .worker
-            .attempt(key, &task, attempt)
+            .attempt(key, task, attempt)
             .instrument(span.clone())
             .await;
         metrics::histogram!(names::ATTEMPT_SECONDS, "stage" => self.stage, "work" => self.work)
@@ -544,12 +741,48 @@ impl<H: RetryWork> QueueState<H> {
         span.record("outcome", outcome);
         metrics::counter!(names::ATTEMPTS, "stage" => self.stage, "work" => self.work, "outcome" => outcome)
             .increment(1);
-        Some(Finished {
+        Finished {
             key: key.to_owned(),
             attempt,
             result,
             trace_context: telemetry::inject(&span),
-        })
+        }
+    }
+
+    /// Where attempt number `attempt`, which came to `result`, leaves its task.
+    fn conclude(&self, attempt: u32, result: Attempt<H::Done>) -> Concluded<H::Done> {
+        match result {
+            Attempt::Done(done) => Concluded::Settle(Ok(done)),
+            Attempt::Retry { error, after } if attempt < self.policy.max_attempts => {
+                Concluded::Retry {
+                    due: now_unix_ms() + self.policy.pause(attempt, after).as_millis() as u64,
+                    error,
+                }
+            }
+            Attempt::Retry { error, .. } => Concluded::Settle(Err(Failure {
+                error,
+                exhausted: true,
+            })),
+            Attempt::Fail { error } => Concluded::Settle(Err(Failure {
+                error,
+                exhausted: false,
+            })),
+        }
+    }
+
+    /// Hands a task's final outcome to the stage, counting a failure as a dead letter.
+    fn settle(
+        &self,
+        txn: &mut Txn,
+        key: &str,
+        task: H::Task,
+        outcome: Outcome<H::Done>,
+    ) -> Result<(), StoreError> {
+        if outcome.result.is_err() {
+            metrics::counter!(names::DEAD_LETTERS, "stage" => self.stage, "work" => self.work)
+                .increment(1);
+        }
+        self.worker.settle(txn, key, task, outcome)
     }
 
     fn finish_running(&self, key: &str) {
@@ -612,10 +845,9 @@ fn settle_batch<H: RetryWork>(
                 None => continue,
             }
         };
-        let result = match result {
-            Attempt::Done(done) => Ok(done),
-            Attempt::Retry { error, after } if attempt < shared.policy.max_attempts => {
-                let due = now_unix_ms() + shared.policy.pause(attempt, after).as_millis() as u64;
+        let result = match shared.conclude(attempt, result) {
+            Concluded::Settle(result) => result,
+            Concluded::Retry { due, error } => {
                 let updated = PendingRow {
                     attempts: attempt,
                     due_unix_ms: due,
@@ -628,24 +860,12 @@ fn settle_batch<H: RetryWork>(
                 retries.push((due, key));
                 continue;
             }
-            Attempt::Retry { error, .. } => Err(Failure {
-                error,
-                exhausted: true,
-            }),
-            Attempt::Fail { error } => Err(Failure {
-                error,
-                exhausted: false,
-            }),
         };
         txn.redb()
             .open_table(shared.definition())?
             .remove(key.as_str())?;
         let task = decode_record::<H::Task>("pending work", &key, &row.task)?;
-        if result.is_err() {
-            metrics::counter!(names::DEAD_LETTERS, "stage" => shared.stage, "work" => shared.work)
-                .increment(1);
-        }
-        shared.worker.settle(
+        shared.settle(
             txn,
             &key,
             task,
@@ -692,6 +912,17 @@ mod tests {
         calls: AtomicU32,
         max_parallel: AtomicU32,
         running: AtomicU32,
+    }
+
+    impl Flaky {
+        fn new(fail_first: u32) -> Arc<Self> {
+            Arc::new(Flaky {
+                fail_first,
+                calls: AtomicU32::new(0),
+                max_parallel: AtomicU32::new(0),
+                running: AtomicU32::new(0),
+            })
+        }
     }
 
     impl RetryWork for Flaky {
@@ -772,12 +1003,7 @@ mod tests {
     async fn tasks_are_retried_then_settled_once_each() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("q.redb")).unwrap();
-        let handler = Arc::new(Flaky {
-            fail_first: 2,
-            calls: AtomicU32::new(0),
-            max_parallel: AtomicU32::new(0),
-            running: AtomicU32::new(0),
-        });
+        let handler = Flaky::new(2);
         let queue = RetryQueue::new("test", "call", store.clone(), handler.clone(), policy());
         let shutdown = CancellationToken::new();
         let runner = tokio::spawn(queue.clone().run(shutdown.clone()));
@@ -819,18 +1045,97 @@ mod tests {
         runner.await.unwrap();
     }
 
+    fn new_task(key: &str) -> NewTask<Event> {
+        NewTask {
+            key: key.into(),
+            customer_id: "c".into(),
+            task: Event::default(),
+            trace_context: HashMap::new(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_attempts_settle_in_the_batch_and_only_retries_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("q.redb")).unwrap();
+        let handler = Flaky::new(0);
+        let queue = RetryQueue::new("test", "call", store.clone(), handler.clone(), policy());
+        let mut first = queue
+            .attempt_first(["a", "b", "bad", "never", "a"].map(new_task).into())
+            .await;
+        // The second "a" is the same task: attempted once.
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 4);
+        store
+            .write(|txn| {
+                for key in ["a", "b", "bad", "never"] {
+                    assert!(queue.submit(txn, first.take(key).unwrap())?);
+                }
+                assert!(first.take("a").is_none());
+                // Not attempted: scheduled, due now.
+                assert!(queue.submit(txn, FirstAttempt::not_attempted(new_task("late")))?);
+                // Already pending: nothing changes.
+                assert!(!queue.submit(txn, FirstAttempt::not_attempted(new_task("never")))?);
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        // Settled in that transaction, without the queue's table or its runner.
+        assert_eq!(
+            settled(&store, 3).await,
+            vec!["a done 1", "b done 1", "bad failed 1"]
+        );
+        let pending = store
+            .read(|read| {
+                let table = read.open_table(queue.shared.definition())?;
+                let mut keys = Vec::new();
+                for row in table.iter()? {
+                    let (key, bytes) = row?;
+                    let row = PendingRow::decode(bytes.value()).unwrap();
+                    keys.push((key.value().to_owned(), row.attempts));
+                }
+                Ok::<_, StoreError>(keys)
+            })
+            .unwrap();
+        assert_eq!(
+            pending,
+            vec![("late".to_owned(), 0), ("never".to_owned(), 1)]
+        );
+        assert_eq!(queue.admission().pending(), 2);
+        // The runner takes what waits from there: "never" has three attempts left.
+        let shutdown = CancellationToken::new();
+        let runner = tokio::spawn(queue.clone().run(shutdown.clone()));
+        assert_eq!(
+            settled(&store, 5).await,
+            vec![
+                "a done 1",
+                "b done 1",
+                "bad failed 1",
+                "late done 1",
+                "never exhausted 4"
+            ]
+        );
+        shutdown.cancel();
+        runner.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_first_attempt_while_the_store_cannot_record_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("q.redb")).unwrap();
+        let handler = Flaky::new(0);
+        let queue = RetryQueue::new("test", "call", store.clone(), handler.clone(), policy());
+        // As the first failed commit on a full volume does.
+        let full = StoreError::Storage(redb::Error::Io(std::io::Error::from_raw_os_error(28)));
+        assert!(store.observe::<()>(Err(full)).is_err());
+        let mut first = queue.attempt_first(vec![new_task("a")]).await;
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 0);
+        assert!(first.take("a").unwrap().finished.is_none());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pending_tasks_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("q.redb")).unwrap();
-        let handler = || {
-            Arc::new(Flaky {
-                fail_first: 0,
-                calls: AtomicU32::new(0),
-                max_parallel: AtomicU32::new(0),
-                running: AtomicU32::new(0),
-            })
-        };
+        let handler = || Flaky::new(0);
         // Enqueued but never run: as after a crash right after the commit.
         let queue = RetryQueue::new("test", "call", store.clone(), handler(), policy());
         store

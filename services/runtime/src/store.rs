@@ -310,7 +310,7 @@ impl Store {
     }
 
     /// Passes `result` through, turning the store to failing if it is a storage fault.
-    fn observe<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+    pub(crate) fn observe<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         if let Err(e) = &result
             && let Some(fault) = e.fault()
             && !matches!(e, StoreError::Unavailable(_))

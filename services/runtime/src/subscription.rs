@@ -18,6 +18,7 @@
 //! upstream's disk rather than in this stage's memory.
 
 use std::{
+    future::Future,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -50,12 +51,28 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// At most one acknowledgement upstream per this interval.
 const ACK_INTERVAL: Duration = Duration::from_millis(200);
 
-/// A stage's reaction to one upstream event, inside the batch's transaction.
+/// A stage's reaction to a batch of upstream events: an optional step outside the transaction, then
+/// each event inside it.
 pub trait Apply: Send + Sync + 'static {
+    /// What [`Apply::prepare`] hands to [`Apply::apply`] for one batch.
+    type Prepared: Default + Send + 'static;
+
+    /// Runs before the batch's transaction, outside it: the place for outside calls whose results
+    /// the transaction records (a payment's first attempt, say). The batch may not commit and then
+    /// comes again, so whatever this does must be safe to do again (idempotent outside calls).
+    fn prepare(&self, _entries: &[LogEntry]) -> impl Future<Output = Self::Prepared> + Send {
+        std::future::ready(Self::Prepared::default())
+    }
+
     /// Applies `entry` to the stage's tables and appends the resulting events through `txn`. Must be
-    /// deterministic in the store's state, and must fail only on storage errors: a malformed event is
-    /// the stage's to handle (skip, reject), never a reason to stop the pipeline.
-    fn apply(&self, txn: &mut Txn, entry: &LogEntry) -> Result<(), StoreError>;
+    /// deterministic in the store's state and `prepared`, and must fail only on storage errors: a
+    /// malformed event is the stage's to handle (skip, reject), never a reason to stop the pipeline.
+    fn apply(
+        &self,
+        txn: &mut Txn,
+        entry: &LogEntry,
+        prepared: &mut Self::Prepared,
+    ) -> Result<(), StoreError>;
 }
 
 /// What went wrong with one connection to upstream (the loop logs it and reconnects).
@@ -355,6 +372,7 @@ impl<A: Apply> Subscription<A> {
         let key = self.upstream_name.clone();
         let commit = self.commit;
         let started = Instant::now();
+        let mut prepared = self.applier.prepare(&entries).await;
         let committed = blocking(move || {
             store.write_as(commit, |txn| {
                 // The batch must start where the store says this stage is: a store opened again
@@ -365,7 +383,7 @@ impl<A: Apply> Subscription<A> {
                     return Err(BatchError::Moved { found });
                 }
                 for entry in &entries {
-                    applier.apply(txn, entry)?;
+                    applier.apply(txn, entry, &mut prepared)?;
                 }
                 txn.set_consumed(&key, new_next)?;
                 Ok(())

@@ -17,7 +17,9 @@ use crate::{
 pub(crate) struct Releaser;
 
 impl Apply for Releaser {
-    fn apply(&self, txn: &mut Txn, entry: &LogEntry) -> Result<(), StoreError> {
+    type Prepared = ();
+
+    fn apply(&self, txn: &mut Txn, entry: &LogEntry, _: &mut ()) -> Result<(), StoreError> {
         let Some(event) = &entry.event else {
             return Ok(());
         };
@@ -108,7 +110,9 @@ mod tests {
                 ..Default::default()
             }),
         };
-        store.write(|txn| Releaser.apply(txn, &failed)).unwrap();
+        store
+            .write(|txn| Releaser.apply(txn, &failed, &mut ()))
+            .unwrap();
         let item = store
             .read(|read| items::get(&read.open_table(ITEMS)?, "A"))
             .unwrap()

@@ -15,7 +15,9 @@ use crate::{
 pub(crate) struct Reserver;
 
 impl Apply for Reserver {
-    fn apply(&self, txn: &mut Txn, entry: &LogEntry) -> Result<(), StoreError> {
+    type Prepared = ();
+
+    fn apply(&self, txn: &mut Txn, entry: &LogEntry, _: &mut ()) -> Result<(), StoreError> {
         let Some(event) = &entry.event else {
             return Ok(());
         };
