@@ -20,6 +20,7 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
+    pin::Pin,
     process::Stdio,
     sync::{
         Arc,
@@ -33,9 +34,10 @@ use clap::{Parser, Subcommand};
 use orderflow_e2e::otlp;
 use orderflow_proto::v1::{
     GetOrderRequest, GetOrderResponse, HeadRequest, OrderStatus, PlaceOrderRequest,
-    PlaceOrderResponse, WatchOrderRequest,
+    PlaceOrderResponse, PlaceOrdersResponse, WatchOrderRequest,
     event_log_client::EventLogClient,
     order_receiver_server::{OrderReceiver, OrderReceiverServer},
+    place_orders_response,
 };
 use serde_json::{Value, json};
 use tokio::{
@@ -43,9 +45,9 @@ use tokio::{
     net::TcpListener,
     process::{Child, Command},
 };
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{Stream, StreamExt, wrappers::TcpListenerStream};
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 #[derive(Parser, Debug)]
 #[command(about = "orderflow measured against a bare tonic echo server, in one run")]
@@ -65,6 +67,10 @@ struct Args {
     /// A smoke run: 3 s measurements and a 20,000-event backlog (not figures for the record)
     #[arg(long)]
     quick: bool,
+    /// Send the receiver's orders over one PlaceOrders stream (`orderflow load --bulk`) instead of
+    /// one call each; the echo baseline stays one call per order
+    #[arg(long)]
+    bulk: bool,
     /// Where the JSON results go
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
@@ -104,6 +110,32 @@ impl OrderReceiver for Echo {
         _: Request<GetOrderRequest>,
     ) -> Result<Response<GetOrderResponse>, Status> {
         Err(Status::unimplemented("echo server"))
+    }
+
+    type PlaceOrdersStream =
+        Pin<Box<dyn Stream<Item = Result<PlaceOrdersResponse, Status>> + Send>>;
+
+    async fn place_orders(
+        &self,
+        request: Request<Streaming<PlaceOrderRequest>>,
+    ) -> Result<Response<Self::PlaceOrdersStream>, Status> {
+        let mut next = 0u64;
+        let answers = request.into_inner().map(move |request| {
+            let index = next;
+            next += 1;
+            request.map(|request| PlaceOrdersResponse {
+                index,
+                result: Some(place_orders_response::Result::Accepted(
+                    PlaceOrderResponse {
+                        order_id: format!("{:032x}", request.lines.len()),
+                        status: OrderStatus::Accepted.into(),
+                        offset: 0,
+                        replayed: false,
+                    },
+                )),
+            })
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     type WatchOrderStream = tokio_stream::Empty<Result<orderflow_proto::v1::Order, Status>>;
@@ -510,6 +542,11 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
         "--skus",
         SKUS,
     ]);
+    // The receiver's load: the same, over a PlaceOrders stream with --bulk.
+    let mut orders = closed.clone();
+    if a.bulk {
+        orders.push("--bulk".into());
+    }
     let mut results = BTreeMap::new();
     let machine = machine();
     eprintln!("machine: {machine}");
@@ -563,7 +600,7 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
         &orderflow,
         &receiver.url(),
         None,
-        &closed,
+        &orders,
         &[&receiver],
         "accepted",
     )
@@ -607,7 +644,7 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
             &orderflow,
             &p.receiver.url(),
             p.notifier_url().as_deref(),
-            &closed,
+            &orders,
             &stages,
             "notified",
         )
@@ -621,7 +658,10 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
         &orderflow,
         &pipeline.receiver.url(),
         pipeline.notifier_url().as_deref(),
-        &args(&["--rate", &rate, "--duration", &duration, "--skus", SKUS]),
+        &args(&["--rate", &rate, "--duration", &duration, "--skus", SKUS])
+            .into_iter()
+            .chain(a.bulk.then(|| "--bulk".to_owned()))
+            .collect::<Vec<_>>(),
     )
     .await?;
     results.insert("fixed_rate", fixed);

@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use orderflow_e2e::{Pipeline, PipelineOptions, catalog, line};
 use orderflow_proto::v1::{
     GetInvoiceRequest, GetOrderRequest, GetStockRequest, ListNotificationsRequest, Money,
@@ -483,4 +485,132 @@ async fn sigterm_with_an_open_stream_still_exits() {
     // The watch stays open on purpose; the stage must still exit, and cleanly.
     assert!(exited.await.unwrap().unwrap(), "receiver did not exit 0");
     drop(watch);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn place_orders_answers_every_order_of_a_stream_in_turn() {
+    use orderflow_proto::v1::place_orders_response::Result as Answer;
+
+    let pipeline = Pipeline::start(PipelineOptions {
+        catalog: catalog(&[("A", 1000, 10_000)]),
+        with_notifier: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let request = |customer: &str, key: &str, quantity| PlaceOrderRequest {
+        customer_id: customer.into(),
+        lines: vec![line("A", quantity)],
+        idempotency_key: key.into(),
+    };
+    let mut requests: Vec<_> = (0..300)
+        .map(|i| request(&format!("bulk-{i}"), "", 1))
+        .collect();
+    requests[5].customer_id = String::new();
+    requests[10] = request("kim", "k-1", 2);
+    // The same key and request: the same order. The same key, another request: refused.
+    requests[11] = request("kim", "k-1", 2);
+    requests[12] = request("kim", "k-1", 3);
+    let answers: Vec<_> = pipeline
+        .receiver()
+        .await
+        .place_orders(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .map(|answer| answer.unwrap())
+        .collect();
+    assert_eq!(answers.len(), 300);
+    let mut placed = std::collections::HashSet::new();
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(answer.index, i as u64, "answers out of order");
+        match (i, answer.result.as_ref().unwrap()) {
+            (5, Answer::Refused(refused)) => {
+                assert_eq!(refused.code, Code::InvalidArgument as i32);
+                assert_eq!(refused.code_name, "INVALID_ARGUMENT");
+                assert_eq!(refused.field_violations[0].field, "customer_id");
+            }
+            (12, Answer::Refused(refused)) => {
+                assert_eq!(refused.code_name, "ALREADY_EXISTS", "{refused:?}");
+            }
+            (11, Answer::Accepted(again)) => {
+                assert!(again.replayed);
+                assert!(
+                    placed.contains(&again.order_id),
+                    "a replay made a new order"
+                );
+            }
+            (_, Answer::Accepted(accepted)) => {
+                assert!(!accepted.replayed);
+                assert_eq!(accepted.status(), OrderStatus::Accepted);
+                assert!(placed.insert(accepted.order_id.clone()));
+            }
+            (i, other) => panic!("order {i}: {other:?}"),
+        }
+    }
+    // Every order placed went all the way, once: 297 orders, 298 units.
+    assert_eq!(placed.len(), 297);
+    let notifications = pipeline
+        .wait_for_notifications(297, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let notified: std::collections::HashSet<_> =
+        notifications.iter().map(|n| n.order_id.clone()).collect();
+    assert_eq!(notified, placed);
+    assert!(
+        notifications
+            .iter()
+            .all(|n| n.kind() == NotificationKind::Confirmed)
+    );
+    assert_eq!(
+        pipeline.stock_levels().await.unwrap()["A"].available,
+        10_000 - 298
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_ends_a_place_orders_stream_after_answering_what_it_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut receiver = orderflow_e2e::Stage::start(
+        "receiver",
+        "127.0.0.1:0",
+        dir.path(),
+        vec!["--shutdown-grace".into(), "5s".into()],
+    )
+    .await
+    .unwrap();
+    let (requests, rx) = tokio::sync::mpsc::channel(8);
+    let mut answers = orderflow_proto::v1::order_receiver_client::OrderReceiverClient::new(
+        receiver.channel().await,
+    )
+    .place_orders(tokio_stream::wrappers::ReceiverStream::new(rx))
+    .await
+    .unwrap()
+    .into_inner();
+    requests
+        .send(PlaceOrderRequest {
+            customer_id: "early".into(),
+            lines: vec![line("A", 1)],
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap();
+    let first = answers.message().await.unwrap().unwrap();
+    assert!(matches!(
+        first.result,
+        Some(orderflow_proto::v1::place_orders_response::Result::Accepted(_))
+    ));
+    // The client keeps its side open; the stage must still end the stream and exit cleanly.
+    let exited = tokio::spawn(async move { receiver.terminate().await });
+    let ending = answers.message().await.unwrap_err();
+    assert_eq!(ending.code(), Code::Unavailable, "{ending:?}");
+    assert!(
+        ending.message().contains("send the rest again"),
+        "{ending:?}"
+    );
+    assert!(exited.await.unwrap().unwrap(), "receiver did not exit 0");
+    drop(requests);
 }

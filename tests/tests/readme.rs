@@ -337,6 +337,16 @@ fn grpcurl_line(tools: &Tools, cwd: &Path, line: &str, answers: &mut Answers) {
             answers.id = first["orderId"].as_str().map(str::to_owned);
             first["status"] == "ORDER_STATUS_ACCEPTED" && answers.id.is_some()
         }
+        "PlaceOrders" => {
+            // README: "one answer per order, in turn": bob's order, then the empty one refused.
+            values.len() == 2
+                && values[0]["accepted"]["status"] == "ORDER_STATUS_ACCEPTED"
+                && values[1]["index"] == "1"
+                && values[1]["refused"]["codeName"] == "INVALID_ARGUMENT"
+                && values[1]["refused"]["fieldViolations"]
+                    .as_array()
+                    .is_some_and(|v| v.iter().any(|v| v["field"] == "customer_id"))
+        }
         "GetOrder" => first["order"]["orderId"] == id.as_str(),
         "WatchOrder" => {
             let last = values.last().unwrap();
@@ -476,7 +486,7 @@ fn command_rows() -> Vec<(&'static str, Vec<Invocation>)> {
             ],
         ),
         (
-            "orderflow load [--rate R | --concurrency N] [--duration 30s] [--orders N] …",
+            "orderflow load [--rate R | --concurrency N] [--bulk] [--duration 30s] [--orders N] …",
             vec![
                 ok(
                     "orderflow load --rate 100 --duration 2s",
@@ -485,6 +495,14 @@ fn command_rows() -> Vec<(&'static str, Vec<Invocation>)> {
                 ok(
                     "orderflow load --concurrency 8 --orders 50",
                     &["accepted", "confirmed 50"],
+                ),
+                ok(
+                    "orderflow load --bulk --concurrency 8 --orders 50",
+                    &["over one PlaceOrders stream", "accepted", "confirmed 50"],
+                ),
+                ok(
+                    "orderflow load --bulk --rate 100 --duration 2s",
+                    &["over one PlaceOrders stream", "notified"],
                 ),
             ],
         ),

@@ -5,12 +5,16 @@
 //! of silently slowing the sender (coordinated omission). Closed loop (`--concurrency`): that many
 //! calls in flight, each sent as soon as the previous one returns.
 //!
+//! With `--bulk` the orders go over one `PlaceOrders` stream instead of one call each: the same
+//! modes, with `--concurrency` (or `--max-in-flight`) orders unanswered at most, and each answer's
+//! latency counted the same way.
+//!
 //! Placed→notified latency comes from following the notifier's own log (`EventLog/Subscribe` from
 //! its head): the time from an order's due time to the moment its `CustomerNotified` (or
 //! `NotificationDeadLettered`) entry reaches this process.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -23,11 +27,16 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use orderflow_proto::v1::{
     HeadRequest, NotificationKind, OrderLine, PlaceOrderRequest, SubscribeRequest, event::Kind,
-    order_receiver_client::OrderReceiverClient,
+    order_receiver_client::OrderReceiverClient, place_orders_response,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
-use tokio::{sync::Semaphore, time::Instant};
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinHandle,
+    time::Instant,
+};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::client::{Connect, LogClient, Stage};
@@ -78,6 +87,9 @@ pub struct LoadArgs {
     /// With --rate: calls in flight at most; beyond it orders wait, and the wait counts
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_in_flight: u64,
+    /// Send the orders over one PlaceOrders stream instead of one PlaceOrder call each
+    #[arg(long)]
+    pub bulk: bool,
     /// Do not follow the notifier's log (no placed→notified figures)
     #[arg(long)]
     pub no_notified: bool,
@@ -241,6 +253,23 @@ impl State {
         }
     }
 
+    /// Records the answer to an order due at `due`: its id, or the code it was refused with.
+    fn answered(&self, due: Instant, result: Result<String, tonic::Code>, follow: bool) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut h) = self.accept_us.lock() {
+            h.saturating_record(micros(due.elapsed()));
+        }
+        match result {
+            Ok(order_id) => self.accepted(order_id, due, follow),
+            Err(code) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut errors) = self.errors.lock() {
+                    *errors.entry(format!("{code:?}")).or_default() += 1;
+                }
+            }
+        }
+    }
+
     fn accepted(&self, order_id: String, due: Instant, follow: bool) {
         self.accepted.fetch_add(1, Ordering::Relaxed);
         if !follow {
@@ -325,19 +354,103 @@ async fn send(
 ) {
     state.in_flight.fetch_add(1, Ordering::Relaxed);
     let result = client.place_order(request).await;
-    let took = due.elapsed();
-    state.in_flight.fetch_sub(1, Ordering::Relaxed);
-    if let Ok(mut h) = state.accept_us.lock() {
-        h.saturating_record(micros(took));
-    }
-    match result {
-        Ok(response) => state.accepted(response.into_inner().order_id, due, follow),
-        Err(status) => {
-            state.failed.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut errors) = state.errors.lock() {
-                *errors.entry(format!("{:?}", status.code())).or_default() += 1;
+    state.answered(
+        due,
+        result
+            .map(|r| r.into_inner().order_id)
+            .map_err(|s| s.code()),
+        follow,
+    );
+}
+
+/// Orders going over one `PlaceOrders` stream (`--bulk`), `window` unanswered at most.
+struct BulkStream {
+    requests: mpsc::Sender<PlaceOrderRequest>,
+    /// Due times of the orders sent and not answered yet, in the order sent (answers come in
+    /// that order).
+    due: Arc<Mutex<VecDeque<Instant>>>,
+    slots: Arc<Semaphore>,
+    reader: JoinHandle<()>,
+}
+
+impl BulkStream {
+    fn open(
+        mut client: OrderReceiverClient<Channel>,
+        state: Arc<State>,
+        follow: bool,
+        window: usize,
+    ) -> Self {
+        let (requests, rx) = mpsc::channel(window);
+        let due: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
+        let slots = Arc::new(Semaphore::new(window));
+        let reader = tokio::spawn({
+            let (due, slots) = (due.clone(), slots.clone());
+            async move {
+                let next_due = || due.lock().ok().and_then(|mut d| d.pop_front());
+                let mut answers = match client.place_orders(ReceiverStream::new(rx)).await {
+                    Ok(answers) => answers.into_inner(),
+                    Err(status) => {
+                        // Nothing was placed: every order sent counts as refused with this code.
+                        while let Some(at) = next_due() {
+                            state.answered(at, Err(status.code()), follow);
+                        }
+                        return;
+                    }
+                };
+                loop {
+                    let answer = answers.message().await;
+                    let result = match answer {
+                        Ok(Some(answer)) => match answer.result {
+                            Some(place_orders_response::Result::Accepted(accepted)) => {
+                                Ok(accepted.order_id)
+                            }
+                            Some(place_orders_response::Result::Refused(refused)) => {
+                                Err(tonic::Code::from(refused.code))
+                            }
+                            None => Err(tonic::Code::Unknown),
+                        },
+                        Ok(None) => break,
+                        Err(status) => {
+                            while let Some(at) = next_due() {
+                                state.answered(at, Err(status.code()), follow);
+                            }
+                            break;
+                        }
+                    };
+                    if let Some(at) = next_due() {
+                        state.answered(at, result, follow);
+                    }
+                    slots.add_permits(1);
+                }
             }
+        });
+        BulkStream {
+            requests,
+            due,
+            slots,
+            reader,
         }
+    }
+
+    /// Sends `request` once fewer than `window` orders are unanswered; its latency counts from
+    /// `due`, or (closed loop) from when it could go. `false` once the stream is broken.
+    async fn send(&self, request: PlaceOrderRequest, due: Option<Instant>, state: &State) -> bool {
+        let Ok(slot) = self.slots.acquire().await else {
+            return false;
+        };
+        slot.forget();
+        let due = due.unwrap_or_else(Instant::now);
+        if let Ok(mut d) = self.due.lock() {
+            d.push_back(due);
+        }
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.send(request).await.is_ok()
+    }
+
+    /// Ends the request stream and waits for every answer.
+    async fn finish(self) {
+        drop(self.requests);
+        let _ = self.reader.await;
     }
 }
 
@@ -437,8 +550,13 @@ pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyho
     let start = Instant::now();
     let deadline = start + args.duration;
     let mode;
-    match args.rate {
-        Some(rate) => {
+    let over = if args.bulk {
+        ", over one PlaceOrders stream"
+    } else {
+        ""
+    };
+    match (args.rate, args.bulk) {
+        (Some(rate), false) => {
             mode = format!("open loop, {rate} orders/s");
             let slots = Arc::new(Semaphore::new(args.max_in_flight as usize));
             let mut tasks = tokio::task::JoinSet::new();
@@ -459,7 +577,28 @@ pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyho
             }
             while tasks.join_next().await.is_some() {}
         }
-        None => {
+        (Some(rate), true) => {
+            mode = format!("open loop, {rate} orders/s{over}");
+            let stream = BulkStream::open(
+                receiver.clone(),
+                state.clone(),
+                follow,
+                args.max_in_flight as usize,
+            );
+            for i in 0..limit {
+                let due = start + Duration::from_secs_f64(i as f64 / rate);
+                if due >= deadline {
+                    break;
+                }
+                tokio::time::sleep_until(due).await;
+                state.sent.fetch_add(1, Ordering::Relaxed);
+                if !stream.send(shape.order(), Some(due), &state).await {
+                    break;
+                }
+            }
+            stream.finish().await;
+        }
+        (None, false) => {
             let concurrency = args.concurrency.unwrap_or(64);
             mode = format!("closed loop, {concurrency} in flight");
             let shape = Arc::new(Mutex::new(shape));
@@ -482,6 +621,23 @@ pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyho
             let sent =
                 state.accepted.load(Ordering::Relaxed) + state.failed.load(Ordering::Relaxed);
             state.sent.store(sent, Ordering::Relaxed);
+        }
+        (None, true) => {
+            let concurrency = args.concurrency.unwrap_or(64);
+            mode = format!("closed loop, {concurrency} in flight{over}");
+            let stream = BulkStream::open(
+                receiver.clone(),
+                state.clone(),
+                follow,
+                concurrency as usize,
+            );
+            while Instant::now() < deadline && state.sent.load(Ordering::Relaxed) < limit {
+                state.sent.fetch_add(1, Ordering::Relaxed);
+                if !stream.send(shape.order(), None, &state).await {
+                    break;
+                }
+            }
+            stream.finish().await;
         }
     }
     let send_seconds = start.elapsed().as_secs_f64();

@@ -461,8 +461,7 @@ impl From<Status> for ApiError {
             Code::Unauthenticated => StatusCode::UNAUTHORIZED,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let code = format!("{:?}", status.code());
-        let mut error = ApiError::new(http, &screaming(&code), status.message());
+        let mut error = ApiError::new(http, &code_name(status.code()), status.message());
         if let Some(bad) = status.get_details_bad_request() {
             let violations: Vec<_> = bad
                 .field_violations
@@ -479,6 +478,11 @@ impl From<Status> for ApiError {
 }
 
 /// `InvalidArgument` → `INVALID_ARGUMENT`.
+/// A gRPC code's name as the specification spells it: `INVALID_ARGUMENT`.
+pub(crate) fn code_name(code: Code) -> String {
+    screaming(&format!("{code:?}"))
+}
+
 fn screaming(camel: &str) -> String {
     let mut out = String::with_capacity(camel.len() + 4);
     for (i, c) in camel.chars().enumerate() {

@@ -17,13 +17,15 @@
 //! - `intake`: the group-commit writer, the only code that writes new orders and idempotency keys.
 //! - `validate`: the rules of a well-formed order, as field violations.
 //! - `progress`: order progress from the downstream logs, and the watchers waiting for it.
-//! - `place_order`, `get_order` (with `WatchOrder`): one file per RPC; `service` only delegates.
+//! - `place_order`, `place_orders` (the bulk stream), `get_order` (with `WatchOrder`): one file per
+//!   RPC; `service` only delegates.
 //! - `http`: the HTTP/JSON door over the same functions.
 
 mod get_order;
 mod http;
 mod intake;
 mod place_order;
+mod place_orders;
 mod progress;
 mod service;
 mod validate;

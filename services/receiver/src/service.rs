@@ -7,9 +7,9 @@ use orderflow_proto::v1::{
     order_receiver_server::OrderReceiver,
 };
 use orderflow_runtime::respond;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
-use crate::{Receiver, get_order::OrderStream};
+use crate::{Receiver, get_order::OrderStream, place_orders::AnswerStream};
 
 pub(crate) struct OrderReceiverService {
     receiver: Arc<Receiver>,
@@ -28,6 +28,18 @@ impl OrderReceiver for OrderReceiverService {
         request: Request<PlaceOrderRequest>,
     ) -> Result<Response<PlaceOrderResponse>, Status> {
         respond(crate::place_order::place_order(&self.receiver, request.into_inner()).await)
+    }
+
+    type PlaceOrdersStream = AnswerStream;
+
+    async fn place_orders(
+        &self,
+        request: Request<Streaming<PlaceOrderRequest>>,
+    ) -> Result<Response<Self::PlaceOrdersStream>, Status> {
+        respond(Ok(crate::place_orders::place_orders(
+            self.receiver.clone(),
+            request.into_inner(),
+        )))
     }
 
     async fn get_order(
