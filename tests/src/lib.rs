@@ -993,6 +993,22 @@ pub async fn place_all(
         .await
 }
 
+/// Sends `requests` on one `PlaceOrders` stream and returns every answer, in order.
+pub async fn place_streamed(
+    mut client: OrderReceiverClient<Channel>,
+    requests: Vec<PlaceOrderRequest>,
+) -> Result<Vec<orderflow_proto::v1::PlaceOrdersResponse>, tonic::Status> {
+    let mut answers = client
+        .place_orders(stream::iter(requests))
+        .await?
+        .into_inner();
+    let mut all = Vec::new();
+    while let Some(answer) = answers.message().await? {
+        all.push(answer);
+    }
+    Ok(all)
+}
+
 /// Every notification a notifier recorded, through the paged RPC.
 pub async fn notifications(client: NotifierClient<Channel>) -> anyhow::Result<Vec<Notification>> {
     all_pages(|page_token| {

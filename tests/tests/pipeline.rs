@@ -5,9 +5,7 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
-
-use orderflow_e2e::{Pipeline, PipelineOptions, catalog, line};
+use orderflow_e2e::{Pipeline, PipelineOptions, catalog, line, place_streamed};
 use orderflow_proto::v1::{
     GetInvoiceRequest, GetOrderRequest, GetStockRequest, ListNotificationsRequest, Money,
     NotificationKind, OrderLine, OrderStatus, PlaceOrderRequest, SetStockRequest, SubscribeRequest,
@@ -511,18 +509,9 @@ async fn place_orders_answers_every_order_of_a_stream_in_turn() {
     // The same key and request: the same order. The same key, another request: refused.
     requests[11] = request("kim", "k-1", 2);
     requests[12] = request("kim", "k-1", 3);
-    let answers: Vec<_> = pipeline
-        .receiver()
+    let answers = place_streamed(pipeline.receiver().await, requests)
         .await
-        .place_orders(tokio_stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner()
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .map(|answer| answer.unwrap())
-        .collect();
+        .unwrap();
     assert_eq!(answers.len(), 300);
     let mut placed = std::collections::HashSet::new();
     for (i, answer) in answers.iter().enumerate() {

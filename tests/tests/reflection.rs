@@ -58,7 +58,7 @@ async fn every_binary_serves_reflection_and_health() {
         (
             "receiver",
             "orderflow.v1.OrderReceiver",
-            &["GetOrder", "PlaceOrder", "WatchOrder"],
+            &["GetOrder", "PlaceOrder", "PlaceOrders", "WatchOrder"],
         ),
         (
             "stock",

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use orderflow_e2e::{
     Pipeline, PipelineOptions, catalog, line, otlp::OtlpReceiver, otlp::verify_order_traces,
-    place_all,
+    place_all, place_streamed,
 };
 use orderflow_proto::v1::PlaceOrderRequest;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -175,5 +175,135 @@ async fn every_order_is_one_trace_across_the_four_services() {
     assert!(
         !spans.iter().any(|s| s.name.contains("grpc.health")),
         "health checks were traced"
+    );
+}
+
+/// With a ratio sampler, an order is exported whole or not at all, whether it came by `PlaceOrder`
+/// or on a `PlaceOrders` stream: the stages skip the spans of an unsampled order but pass its
+/// context on, so no later stage starts a trace of its own for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn sampled_orders_are_whole_traces_and_unsampled_ones_export_nothing() {
+    let collector = OtlpReceiver::start().await.unwrap();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint().as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .to_vec();
+    let mut pipeline = Pipeline::start(PipelineOptions {
+        catalog: catalog(&[("A", 1000, 10_000)]),
+        with_notifier: true,
+        invoice_args: [
+            "--gateway-transient-failure-rate",
+            "0.3",
+            "--payment-backoff-min",
+            "5ms",
+        ]
+        .map(String::from)
+        .to_vec(),
+        env,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let single = place_all(
+        pipeline.receiver().await,
+        "sampled",
+        (0..40).map(|_| vec![line("A", 1)]).collect(),
+        8,
+    )
+    .await;
+    let mut order_ids: Vec<String> = single
+        .into_iter()
+        .map(|p| p.result.expect("order accepted"))
+        .collect();
+    let requests = (0..40)
+        .map(|i| PlaceOrderRequest {
+            customer_id: format!("streamed-{i}"),
+            lines: vec![line("A", 1)],
+            idempotency_key: String::new(),
+        })
+        .collect();
+    let answers = place_streamed(pipeline.receiver().await, requests)
+        .await
+        .unwrap();
+    for answer in answers {
+        match answer.result {
+            Some(orderflow_proto::v1::place_orders_response::Result::Accepted(accepted)) => {
+                order_ids.push(accepted.order_id)
+            }
+            other => panic!("refused: {other:?}"),
+        }
+    }
+    pipeline
+        .wait_for_notifications(80, Duration::from_secs(120))
+        .await
+        .unwrap();
+    for stage in &mut pipeline.stages {
+        assert!(
+            stage.terminate().await.unwrap(),
+            "{} exited badly",
+            stage.name
+        );
+    }
+    let spans = collector.spans();
+    let sampled: Vec<String> = order_ids
+        .iter()
+        .filter(|id| {
+            spans
+                .iter()
+                .any(|s| s.attribute("order.id") == Some(id.as_str()))
+        })
+        .cloned()
+        .collect();
+    eprintln!(
+        "{} of 80 orders sampled, {} spans",
+        sampled.len(),
+        spans.len()
+    );
+    // At 50 %, 80 orders all or none sampled is a 1-in-10^24 event.
+    assert!(
+        !sampled.is_empty() && sampled.len() < 80,
+        "{}",
+        sampled.len()
+    );
+    // Each sampled order is one whole trace: all four services, one root, no dangling parent.
+    let traces = verify_order_traces(&spans, &sampled).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(traces.len(), sampled.len());
+    for id in &sampled {
+        let names: Vec<&str> = spans
+            .iter()
+            .filter(|s| s.attribute("order.id") == Some(id.as_str()))
+            .map(|s| s.name.as_str())
+            .collect();
+        for expected in [
+            "reserve stock",
+            "price order",
+            "payment attempt",
+            "create invoice",
+            "notify customer",
+            "delivery attempt",
+            "customer notified",
+        ] {
+            assert!(
+                names.contains(&expected),
+                "order {id}: no {expected:?} in {names:?}"
+            );
+        }
+    }
+    // Nothing else was exported: no span of an unsampled order.
+    let traced: std::collections::HashSet<&str> = traces.values().map(String::as_str).collect();
+    let strays: Vec<_> = spans
+        .iter()
+        // Calls that are not about one order (the stream itself, the test's own queries) are
+        // traces of their own, sampled on their own.
+        .filter(|s| s.attribute("order.id").is_some() && !traced.contains(s.trace_id.as_str()))
+        .map(|s| format!("{}:{} {:?}", s.service, s.name, s.attribute("order.id")))
+        .collect();
+    assert!(
+        strays.is_empty(),
+        "spans outside the sampled orders' traces: {strays:?}"
     );
 }

@@ -73,7 +73,7 @@ impl Pricing {
                 reserved: Some(event.clone()),
                 invoice: Some(invoice),
             },
-            trace_context: telemetry::inject(&span),
+            trace_context: span.context(),
         }
     }
 }
@@ -133,7 +133,7 @@ impl Apply for Pricing {
                 record_processed(STAGE, "rejection passed on", event);
                 txn.append(&follow_up(
                     event,
-                    telemetry::inject(&span),
+                    span.context(),
                     Kind::OrderRejected(rejected.clone()),
                 ));
             }

@@ -185,7 +185,7 @@ impl<G: PaymentGateway> RetryWork for Payments<G> {
                 record_processed(STAGE, "invoiced", &reserved);
                 txn.append(&follow_up(
                     &reserved,
-                    telemetry::inject(&span),
+                    span.context(),
                     Kind::InvoiceCreated(InvoiceCreated {
                         invoice: Some(invoice),
                     }),
@@ -239,13 +239,13 @@ impl<G: PaymentGateway> RetryWork for Payments<G> {
                         &RefundTask {
                             dead_letter_id: letter.id,
                         },
-                        telemetry::inject(&span),
+                        span.context(),
                     )?;
                 }
                 txn.redb()
                     .open_table(FAILED_BY_ORDER)?
                     .insert(key, letter.id)?;
-                tracing::warn!(parent: &span, order_id = %key, attempts = outcome.attempts, error = %failure.error, reason = why, "payment failed");
+                tracing::warn!(parent: span.span(), order_id = %key, attempts = outcome.attempts, error = %failure.error, reason = why, "payment failed");
                 record_processed(STAGE, "payment failed", &reserved);
                 let lines = match &reserved.kind {
                     Some(Kind::StockReserved(r)) => r.lines.clone(),
@@ -253,7 +253,7 @@ impl<G: PaymentGateway> RetryWork for Payments<G> {
                 };
                 txn.append(&follow_up(
                     &reserved,
-                    telemetry::inject(&span),
+                    span.context(),
                     Kind::PaymentFailed(PaymentFailed {
                         reason: reason.into(),
                         attempts: outcome.attempts,

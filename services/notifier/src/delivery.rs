@@ -113,7 +113,7 @@ impl RetryWork for Deliveries {
                 }
                 txn.append(&follow_up(
                     &upstream,
-                    telemetry::inject(&span),
+                    span.context(),
                     Kind::CustomerNotified(CustomerNotified {
                         notification: Some(notification),
                     }),
@@ -137,7 +137,7 @@ impl RetryWork for Deliveries {
                     "otel.status_description",
                     format!("{reason}: {}", failure.error).as_str(),
                 );
-                tracing::warn!(parent: &span, order_id = %key, attempts = outcome.attempts, error = %failure.error, "notification dead-lettered");
+                tracing::warn!(parent: span.span(), order_id = %key, attempts = outcome.attempts, error = %failure.error, "notification dead-lettered");
                 let letter = if task.dead_letter_id != 0 {
                     dead_letters::update(txn, task.dead_letter_id, |letter| {
                         letter.set_state(DeadLetterState::Dead);
@@ -180,7 +180,7 @@ impl RetryWork for Deliveries {
                 record_processed(STAGE, "dead-lettered", &upstream);
                 txn.append(&follow_up(
                     &upstream,
-                    telemetry::inject(&span),
+                    span.context(),
                     Kind::NotificationDeadLettered(NotificationDeadLettered {
                         dead_letter: letter,
                         notification: Some(notification),

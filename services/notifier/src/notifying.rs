@@ -84,7 +84,7 @@ impl Notifying {
             invoice_number,
             idempotency_key: idempotency_key(&event.order_id),
         };
-        let context = telemetry::inject(&span);
+        let context = span.context();
         Some(NewTask {
             key: event.order_id.clone(),
             customer_id: event.customer_id.clone(),

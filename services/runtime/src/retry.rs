@@ -707,23 +707,24 @@ impl<H: RetryWork> QueueState<H> {
         customer_id: &str,
         parent: &HashMap<String, String>,
     ) -> Finished<H::Done> {
-        let span = tracing::info_span!(
-            parent: None,
-            "attempt",
-            otel.name = %format_args!("{} attempt", self.work),
-            otel.status_description = tracing::field::Empty,
-            orderflow.stage = self.stage,
-            order.id = key,
-            customer.id = customer_id,
-            attempt,
-            outcome = tracing::field::Empty,
-        );
-        telemetry::set_parent(&span, parent);
+        let span = telemetry::OrderSpan::child_of(parent, || {
+            tracing::info_span!(
+                parent: None,
+                "attempt",
+                otel.name = %format_args!("{} attempt", self.work),
+                otel.status_description = tracing::field::Empty,
+                orderflow.stage = self.stage,
+                order.id = key,
+                customer.id = customer_id,
+                attempt,
+                outcome = tracing::field::Empty,
+            )
+        });
         let started = Instant::now();
         let result = self
             .worker
             .attempt(key, task, attempt)
-            .instrument(span.clone())
+            .instrument(span.span().clone())
             .await;
         metrics::histogram!(names::ATTEMPT_SECONDS, "stage" => self.stage, "work" => self.work)
             .record(started.elapsed().as_secs_f64());
@@ -745,7 +746,7 @@ impl<H: RetryWork> QueueState<H> {
             key: key.to_owned(),
             attempt,
             result,
-            trace_context: telemetry::inject(&span),
+            trace_context: span.context(),
         }
     }
 

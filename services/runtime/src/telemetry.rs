@@ -18,9 +18,15 @@
 //! stage's service name.
 //!
 //! The W3C trace context of an order travels inside its events ([`inject`], [`set_parent`]), so each
-//! stage's span for an order is a child of the previous stage's span: one trace per order.
+//! stage's span for an order is a child of the previous stage's span: one trace per order. With a
+//! parent-based sampler (the default), an order whose trace is not sampled costs no spans after the
+//! one that decided it: the stages pass its context on untouched ([`OrderSpan`]).
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use opentelemetry::{
     KeyValue,
@@ -95,6 +101,7 @@ pub struct Telemetry {
 /// channel is created on it). Calling it again in the same process keeps the first subscriber.
 pub fn init(config: &TelemetryConfig) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    PARENT_DECIDES.store(sampler_follows_parent(), Ordering::Relaxed);
     let (provider, exporting, export_error) = tracer_provider(config);
     let tracer = provider.tracer("orderflow");
     let filter = EnvFilter::try_from_default_env()
@@ -262,30 +269,107 @@ impl<E: SpanExporter> SpanExporter for StageRouter<E> {
     }
 }
 
+/// Whether a span's sampling follows its parent's: true with a `parentbased_*` sampler (the
+/// default), set by [`init`]. Only then may a stage skip the spans of an unsampled order.
+static PARENT_DECIDES: AtomicBool = AtomicBool::new(false);
+
+/// Whether `OTEL_TRACES_SAMPLER` (unset: `parentbased_always_on`) lets the parent decide.
+fn sampler_follows_parent() -> bool {
+    std::env::var("OTEL_TRACES_SAMPLER")
+        .map(|sampler| sampler.trim().is_empty() || sampler.trim().starts_with("parentbased_"))
+        .unwrap_or(true)
+}
+
+/// Whether the trace whose context `carrier` holds is not sampled, so that no child span of it
+/// would be exported: its `traceparent` (`00-<trace id>-<span id>-<flags>`) has the sampled flag off
+/// and the sampler follows the parent.
+pub fn unsampled(carrier: &HashMap<String, String>) -> bool {
+    PARENT_DECIDES.load(Ordering::Relaxed)
+        && carrier
+            .get("traceparent")
+            .and_then(|traceparent| traceparent.rsplit_once('-'))
+            .and_then(|(_, flags)| u8::from_str_radix(flags, 16).ok())
+            .is_some_and(|flags| flags & 1 == 0)
+}
+
+/// A stage's span for one order, and the trace context its events carry on. For an order whose
+/// trace is not sampled no span is built at all (nothing of it would be exported, and building it
+/// costs more than the work it would time): the span is [`tracing::Span::none`] and the context
+/// passed on is the parent's, so the later stages skip theirs too.
+#[derive(Debug)]
+pub struct OrderSpan {
+    span: tracing::Span,
+    /// The parent's context, when no span was built.
+    passed_on: Option<HashMap<String, String>>,
+}
+
+impl OrderSpan {
+    /// `make()`'s span as a child of the span whose context `parent` holds — or none, when that
+    /// trace is not sampled.
+    pub fn child_of(
+        parent: &HashMap<String, String>,
+        make: impl FnOnce() -> tracing::Span,
+    ) -> Self {
+        if unsampled(parent) {
+            return OrderSpan {
+                span: tracing::Span::none(),
+                passed_on: Some(parent.clone()),
+            };
+        }
+        let span = make();
+        set_parent(&span, parent);
+        OrderSpan {
+            span,
+            passed_on: None,
+        }
+    }
+
+    /// The trace context for the events that follow from this span ([`inject`]), or the parent's.
+    pub fn context(&self) -> HashMap<String, String> {
+        match &self.passed_on {
+            Some(parent) => parent.clone(),
+            None => inject(&self.span),
+        }
+    }
+
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+}
+
+impl std::ops::Deref for OrderSpan {
+    type Target = tracing::Span;
+
+    fn deref(&self) -> &tracing::Span {
+        &self.span
+    }
+}
+
 /// The span of one stage's work on one order: named `name` in Jaeger, a child of the span whose
 /// context `parent` holds (the upstream event's), and never of whatever span is current — a batch or
 /// subscription must not adopt order spans. Fields to record later: `outcome`,
-/// `otel.status_description` (marks the span as an error), `invoice.number`.
+/// `otel.status_description` (marks the span as an error), `invoice.number`. None for an unsampled
+/// order ([`OrderSpan`]).
 pub fn order_span(
     stage: &'static str,
     name: &'static str,
     order_id: &str,
     customer_id: &str,
     parent: &HashMap<String, String>,
-) -> tracing::Span {
-    let span = tracing::info_span!(
-        parent: None,
-        "order",
-        otel.name = name,
-        otel.status_description = tracing::field::Empty,
-        orderflow.stage = stage,
-        order.id = order_id,
-        customer.id = customer_id,
-        outcome = tracing::field::Empty,
-        invoice.number = tracing::field::Empty,
-    );
-    set_parent(&span, parent);
-    span
+) -> OrderSpan {
+    OrderSpan::child_of(parent, || {
+        tracing::info_span!(
+            parent: None,
+            "order",
+            otel.name = name,
+            otel.status_description = tracing::field::Empty,
+            orderflow.stage = stage,
+            order.id = order_id,
+            customer.id = customer_id,
+            outcome = tracing::field::Empty,
+            invoice.number = tracing::field::Empty,
+        )
+    })
 }
 
 /// The W3C trace context (`traceparent`, `tracestate`) of `span`, to carry inside an event.
@@ -414,6 +498,37 @@ mod tests {
         assert_eq!(trace_id(&child), trace_id(&parent));
         let other = tracing::info_span!(target: "orderflow_test", parent: None, "other");
         assert_ne!(trace_id(&other), trace_id(&parent));
+        telemetry.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_unsampled_order_gets_no_span_and_passes_its_context_on() {
+        let telemetry = init(&TelemetryConfig::stage("test", LogFormat::Text));
+        let carrier = |flags: &str| {
+            HashMap::from([(
+                "traceparent".to_owned(),
+                format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}"),
+            )])
+        };
+        let make = || tracing::info_span!(target: "orderflow_test", parent: None, "child");
+        // The default sampler follows the parent.
+        assert!(unsampled(&carrier("00")));
+        assert!(!unsampled(&carrier("01")));
+        assert!(!unsampled(&HashMap::new()));
+        let skipped = OrderSpan::child_of(&carrier("00"), make);
+        assert!(skipped.is_none());
+        assert_eq!(skipped.context(), carrier("00"));
+        let sampled = OrderSpan::child_of(&carrier("01"), make);
+        assert!(!sampled.is_none());
+        assert_eq!(
+            trace_id(&sampled).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_ne!(sampled.context(), carrier("01"), "the child's own span id");
+        // A sampler that ignores the parent must build every span.
+        PARENT_DECIDES.store(false, Ordering::Relaxed);
+        assert!(!OrderSpan::child_of(&carrier("00"), make).is_none());
+        PARENT_DECIDES.store(true, Ordering::Relaxed);
         telemetry.shutdown().await;
     }
 }

@@ -51,7 +51,7 @@ impl Apply for Releaser {
         record_processed(STAGE, "released", event);
         txn.append(&follow_up(
             event,
-            telemetry::inject(&span),
+            span.context(),
             Kind::StockReleased(StockReleased {
                 lines: failed.lines.clone(),
             }),

@@ -50,7 +50,7 @@ impl Apply for Reserver {
                 Kind::OrderRejected(OrderRejected { lines })
             }
         };
-        txn.append(&follow_up(event, telemetry::inject(&span), kind));
+        txn.append(&follow_up(event, span.context(), kind));
         Ok(())
     }
 }
