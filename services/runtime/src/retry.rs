@@ -934,7 +934,8 @@ mod tests {
             let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
             self.max_parallel.fetch_max(now, Ordering::SeqCst);
             self.calls.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            let pause = if key == "slow" { 60_000 } else { 2 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
             self.running.fetch_sub(1, Ordering::SeqCst);
             match key {
                 "bad" => Attempt::Fail { error: "no".into() },
@@ -1116,6 +1117,25 @@ mod tests {
         );
         shutdown.cancel();
         runner.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_first_attempt_is_left_to_the_queue_after_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("q.redb")).unwrap();
+        let queue = RetryQueue::new("test", "call", store.clone(), Flaky::new(0), policy());
+        let started = Instant::now();
+        let mut first = queue
+            .attempt_first(["a", "slow"].map(new_task).into())
+            .await;
+        let took = started.elapsed();
+        assert!(took >= FIRST_ATTEMPTS_BUDGET, "{took:?}");
+        assert!(
+            took < Duration::from_secs(30),
+            "waited for the slow attempt: {took:?}"
+        );
+        assert!(first.take("a").unwrap().finished.is_some());
+        assert!(first.take("slow").unwrap().finished.is_none());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
