@@ -489,3 +489,40 @@ async fn load_counts_every_order_and_reports_its_latencies() {
     let (ok, _, err) = orderflow(&pipeline, &["load", "--rate", "0", "--orders", "1"]);
     assert!(!ok && err.contains("--rate"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bulk_load_ends_and_accounts_for_every_order_when_the_receiver_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut receiver = orderflow_e2e::Stage::start("receiver", "127.0.0.1:0", dir.path(), vec![])
+        .await
+        .unwrap();
+    let load = tokio::process::Command::new(binary("orderflow"))
+        .args(["--receiver", &receiver.url()])
+        .args(["load", "--bulk", "--concurrency", "64", "--duration", "60s"])
+        .args(["--no-notified", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    receiver.kill9().await;
+    // The stream breaks with orders unanswered: load must neither hang on them nor lose count.
+    let output = tokio::time::timeout(Duration::from_secs(30), load.wait_with_output())
+        .await
+        .expect("load ended once the receiver was gone")
+        .unwrap();
+    assert!(output.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let refused: u64 = report["errors"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert!(report["accepted"].as_u64().unwrap() > 0, "{report}");
+    assert!(refused > 0, "{report}");
+    assert_eq!(
+        report["sent"].as_u64().unwrap(),
+        report["accepted"].as_u64().unwrap() + refused,
+        "{report}"
+    );
+}

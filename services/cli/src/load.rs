@@ -386,42 +386,11 @@ impl BulkStream {
         let reader = tokio::spawn({
             let (due, slots) = (due.clone(), slots.clone());
             async move {
-                let next_due = || due.lock().ok().and_then(|mut d| d.pop_front());
-                let mut answers = match client.place_orders(ReceiverStream::new(rx)).await {
-                    Ok(answers) => answers.into_inner(),
-                    Err(status) => {
-                        // Nothing was placed: every order sent counts as refused with this code.
-                        while let Some(at) = next_due() {
-                            state.answered(at, Err(status.code()), follow);
-                        }
-                        return;
-                    }
-                };
-                loop {
-                    let answer = answers.message().await;
-                    let result = match answer {
-                        Ok(Some(answer)) => match answer.result {
-                            Some(place_orders_response::Result::Accepted(accepted)) => {
-                                Ok(accepted.order_id)
-                            }
-                            Some(place_orders_response::Result::Refused(refused)) => {
-                                Err(tonic::Code::from(refused.code))
-                            }
-                            None => Err(tonic::Code::Unknown),
-                        },
-                        Ok(None) => break,
-                        Err(status) => {
-                            while let Some(at) = next_due() {
-                                state.answered(at, Err(status.code()), follow);
-                            }
-                            break;
-                        }
-                    };
-                    if let Some(at) = next_due() {
-                        state.answered(at, result, follow);
-                    }
-                    slots.add_permits(1);
-                }
+                let ended = read_answers(&mut client, rx, &due, &slots, &state, follow).await;
+                // No answer comes any more: the sender must not wait for a slot, and what is still
+                // unanswered counts as refused with the code the stream ended with.
+                slots.close();
+                refuse_unanswered(&due, &state, ended, follow);
             }
         });
         BulkStream {
@@ -432,13 +401,15 @@ impl BulkStream {
         }
     }
 
-    /// Sends `request` once fewer than `window` orders are unanswered; its latency counts from
-    /// `due`, or (closed loop) from when it could go. `false` once the stream is broken.
+    /// Sends `request` once fewer than `window` orders are unanswered, counting it as sent; its
+    /// latency counts from `due`, or (closed loop) from when it could go. `false` once the stream
+    /// is broken.
     async fn send(&self, request: PlaceOrderRequest, due: Option<Instant>, state: &State) -> bool {
         let Ok(slot) = self.slots.acquire().await else {
             return false;
         };
         slot.forget();
+        state.sent.fetch_add(1, Ordering::Relaxed);
         let due = due.unwrap_or_else(Instant::now);
         if let Ok(mut d) = self.due.lock() {
             d.push_back(due);
@@ -447,10 +418,62 @@ impl BulkStream {
         self.requests.send(request).await.is_ok()
     }
 
-    /// Ends the request stream and waits for every answer.
-    async fn finish(self) {
+    /// Ends the request stream and waits for every answer; an order sent after the stream broke
+    /// counts as refused (UNAVAILABLE).
+    async fn finish(self, state: &State, follow: bool) {
         drop(self.requests);
         let _ = self.reader.await;
+        refuse_unanswered(&self.due, state, tonic::Code::Unavailable, follow);
+    }
+}
+
+/// Reads a `PlaceOrders` stream's answers, matching each to the oldest unanswered due time, until
+/// the stream ends; returns the code it ended with (`Unknown` if it ended early without one).
+async fn read_answers(
+    client: &mut OrderReceiverClient<Channel>,
+    requests: mpsc::Receiver<PlaceOrderRequest>,
+    due: &Mutex<VecDeque<Instant>>,
+    slots: &Semaphore,
+    state: &State,
+    follow: bool,
+) -> tonic::Code {
+    let mut answers = match client.place_orders(ReceiverStream::new(requests)).await {
+        Ok(answers) => answers.into_inner(),
+        Err(status) => return status.code(),
+    };
+    loop {
+        let result = match answers.message().await {
+            Ok(Some(answer)) => match answer.result {
+                Some(place_orders_response::Result::Accepted(accepted)) => Ok(accepted.order_id),
+                Some(place_orders_response::Result::Refused(refused)) => {
+                    Err(tonic::Code::from(refused.code))
+                }
+                None => Err(tonic::Code::Unknown),
+            },
+            // Every order sent was answered, or the receiver broke its promise to answer each.
+            Ok(None) => return tonic::Code::Unknown,
+            Err(status) => return status.code(),
+        };
+        if let Some(at) = due.lock().ok().and_then(|mut d| d.pop_front()) {
+            state.answered(at, result, follow);
+        }
+        slots.add_permits(1);
+    }
+}
+
+/// Counts every order still waiting for an answer as refused with `code`.
+fn refuse_unanswered(
+    due: &Mutex<VecDeque<Instant>>,
+    state: &State,
+    code: tonic::Code,
+    follow: bool,
+) {
+    let unanswered: Vec<Instant> = due
+        .lock()
+        .map(|mut d| d.drain(..).collect())
+        .unwrap_or_default();
+    for at in unanswered {
+        state.answered(at, Err(code), follow);
     }
 }
 
@@ -591,12 +614,11 @@ pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyho
                     break;
                 }
                 tokio::time::sleep_until(due).await;
-                state.sent.fetch_add(1, Ordering::Relaxed);
                 if !stream.send(shape.order(), Some(due), &state).await {
                     break;
                 }
             }
-            stream.finish().await;
+            stream.finish(&state, follow).await;
         }
         (None, false) => {
             let concurrency = args.concurrency.unwrap_or(64);
@@ -632,12 +654,11 @@ pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyho
                 concurrency as usize,
             );
             while Instant::now() < deadline && state.sent.load(Ordering::Relaxed) < limit {
-                state.sent.fetch_add(1, Ordering::Relaxed);
                 if !stream.send(shape.order(), None, &state).await {
                     break;
                 }
             }
-            stream.finish().await;
+            stream.finish(&state, follow).await;
         }
     }
     let send_seconds = start.elapsed().as_secs_f64();
