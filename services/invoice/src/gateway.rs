@@ -27,7 +27,9 @@ use std::{
 };
 
 use orderflow_proto::v1::{Capture, GatewayStats, Money};
-use orderflow_runtime::{GroupCommit, Store, StoreError, Txn, decode_record, now_timestamp};
+use orderflow_runtime::{
+    GroupCommit, Store, StoreError, Txn, WriterName, decode_record, now_timestamp,
+};
 use prost::Message;
 use rand::Rng;
 use redb::{ReadableTable, TableDefinition};
@@ -86,6 +88,11 @@ pub struct Faults {
 
 /// The ledger's page cache: it only looks keys up and appends.
 const LEDGER_CACHE_BYTES: usize = 4 * 1024 * 1024;
+/// The ledger's group commit, in metrics.
+const LEDGER_WRITER: WriterName = WriterName {
+    stage: "invoice",
+    writer: "gateway_ledger",
+};
 
 /// Longest latency the simulated gateway accepts.
 pub const MAX_LATENCY: Duration = Duration::from_secs(60);
@@ -148,7 +155,7 @@ impl SimulatedGateway {
             txn.redb().open_table(CAPTURES)?;
             Ok::<_, StoreError>(())
         })?;
-        let (ledger, writer) = GroupCommit::start(store.clone(), 1024, record);
+        let (ledger, writer) = GroupCommit::start(store.clone(), LEDGER_WRITER, 1024, record);
         Ok((
             SimulatedGateway {
                 faults: RwLock::new(faults),

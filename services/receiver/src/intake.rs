@@ -16,13 +16,17 @@
 use std::time::Duration;
 
 use orderflow_proto::v1::{Event, Order, PlaceOrderRequest};
-use orderflow_runtime::{Commit, GroupCommit, Store, StoreError, Txn, decode_record, now_unix_ms};
+use orderflow_runtime::{
+    Commit, GroupCommit, Store, StoreError, Txn, WriterName, decode_record, now_unix_ms,
+};
 use prost::Message;
 use redb::{ReadableTable, TableDefinition};
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
+
+use crate::STAGE;
 
 /// `order_id` → encoded [`Order`], progress included.
 pub(crate) const ORDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("orders");
@@ -98,7 +102,11 @@ impl Intake {
         max_batch: usize,
         window: Duration,
     ) -> (Intake, JoinHandle<()>) {
-        let (writer, task) = GroupCommit::start(store, max_batch, move |txn, orders| {
+        let name = WriterName {
+            stage: STAGE,
+            writer: "intake",
+        };
+        let (writer, task) = GroupCommit::start(store, name, max_batch, move |txn, orders| {
             write(txn, orders, window)
         });
         (Intake { writer }, task)

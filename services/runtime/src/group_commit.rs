@@ -12,7 +12,17 @@ use tokio::{
 };
 use tonic::Status;
 
-use crate::store::{Store, StoreError, Txn};
+use crate::{
+    metrics as names,
+    store::{Store, StoreError, Txn},
+};
+
+/// Which group commit this is, in its metrics: the stage and what it writes (e.g. `intake`).
+#[derive(Debug, Clone, Copy)]
+pub struct WriterName {
+    pub stage: &'static str,
+    pub writer: &'static str,
+}
 
 /// Items waiting for the writer at most; further callers wait for room.
 const QUEUE_DEPTH: usize = 16_384;
@@ -42,14 +52,21 @@ impl<T, R> Clone for GroupCommit<T, R> {
 impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
     /// Starts the writer over `store`. `write` gets each batch inside one durable transaction and
     /// returns one result per item, in order. The writer ends once every `GroupCommit` clone is
-    /// dropped and the queue is written.
-    pub fn start<W>(store: Store, max_batch: usize, write: W) -> (Self, JoinHandle<()>)
+    /// dropped and the queue is written. Each batch's size is recorded as
+    /// `orderflow_group_commit_entries{stage, writer}`.
+    pub fn start<W>(
+        store: Store,
+        name: WriterName,
+        max_batch: usize,
+        write: W,
+    ) -> (Self, JoinHandle<()>)
     where
         W: Fn(&mut Txn, Vec<T>) -> Result<Vec<ItemResult<R>>, StoreError> + Send + Sync + 'static,
     {
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = tokio::spawn(write_batches(
             store,
+            name,
             rx,
             max_batch.max(1),
             std::sync::Arc::new(write),
@@ -71,6 +88,7 @@ impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
 
 async fn write_batches<T, R, W>(
     store: Store,
+    name: WriterName,
     mut rx: mpsc::Receiver<Pending<T, R>>,
     max_batch: usize,
     write: std::sync::Arc<W>,
@@ -83,6 +101,8 @@ async fn write_batches<T, R, W>(
     while rx.recv_many(&mut batch, max_batch).await > 0 {
         let (items, replies): (Vec<_>, Vec<_>) = batch.drain(..).map(|p| (p.item, p.reply)).unzip();
         let count = items.len();
+        metrics::histogram!(names::GROUP_COMMIT_ENTRIES, "stage" => name.stage, "writer" => name.writer)
+            .record(count as f64);
         let store = store.clone();
         let write = write.clone();
         let committed =
@@ -132,20 +152,25 @@ mod tests {
     async fn concurrent_items_share_commits_and_answer_each() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("g.redb")).unwrap();
-        let (commit, writer) = GroupCommit::start(store.clone(), 1000, |txn, items: Vec<u32>| {
-            Ok(items
-                .into_iter()
-                .map(|i| {
-                    if i % 100 == 99 {
-                        return Err(Status::already_exists(format!("{i}")));
-                    }
-                    Ok(txn.append(&Event {
-                        order_id: i.to_string(),
-                        ..Default::default()
-                    }))
-                })
-                .collect())
-        });
+        let name = WriterName {
+            stage: "test",
+            writer: "events",
+        };
+        let (commit, writer) =
+            GroupCommit::start(store.clone(), name, 1000, |txn, items: Vec<u32>| {
+                Ok(items
+                    .into_iter()
+                    .map(|i| {
+                        if i % 100 == 99 {
+                            return Err(Status::already_exists(format!("{i}")));
+                        }
+                        Ok(txn.append(&Event {
+                            order_id: i.to_string(),
+                            ..Default::default()
+                        }))
+                    })
+                    .collect())
+            });
         let calls: Vec<_> = (0..500u32)
             .map(|i| {
                 let commit = commit.clone();

@@ -54,7 +54,7 @@ pub use config::{
 };
 pub use disk::{FreeSpace, MinFreeSpace};
 pub use eventlog::EventLogService;
-pub use group_commit::GroupCommit;
+pub use group_commit::{GroupCommit, WriterName};
 pub use retry::{
     Attempt, FIRST_ATTEMPTS_BUDGET, Failure, FirstAttempt, FirstAttempts, NewTask, Outcome,
     RetryPolicy, RetryQueue, RetryWork,

@@ -18,6 +18,9 @@ pub const EVENTS_PROCESSED: &str = "orderflow_events_processed_total";
 pub const BATCH_COMMIT_SECONDS: &str = "orderflow_batch_commit_seconds";
 /// Entries applied per batch transaction (histogram).
 pub const BATCH_ENTRIES: &str = "orderflow_batch_entries";
+/// Items one group commit wrote in one transaction, by `writer` (histogram): how many callers
+/// shared each fsync.
+pub const GROUP_COMMIT_ENTRIES: &str = "orderflow_group_commit_entries";
 /// Seconds from the upstream stage committing an event to this stage committing its effect
 /// (histogram).
 pub const HOP_SECONDS: &str = "orderflow_hop_seconds";
@@ -71,6 +74,9 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             let installed = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_ENTRIES.into()), SIZE_BUCKETS))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(GROUP_COMMIT_ENTRIES.into()), SIZE_BUCKETS)
+                })
                 .and_then(|b| b.install_recorder());
             match installed {
                 Ok(handle) => Some(handle),
