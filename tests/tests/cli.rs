@@ -486,6 +486,24 @@ async fn load_counts_every_order_and_reports_its_latencies() {
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["accepted"], 100, "{report}");
     assert!(report["notified"].is_null(), "{report}");
+    // Without a terminal (a container's log) progress is a line on stderr every 10 s.
+    let (ok, out, err) = orderflow(
+        &pipeline,
+        &[
+            "load",
+            "--rate",
+            "20",
+            "--duration",
+            "11s",
+            "--skus",
+            "A",
+            "--no-notified",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("accepted"), "{out}");
+    let progress = err.lines().find(|l| l.starts_with("load: 10 s  sent "));
+    assert!(progress.is_some_and(|l| l.contains("accepted")), "{err}");
     let (ok, _, err) = orderflow(&pipeline, &["load", "--rate", "0", "--orders", "1"]);
     assert!(!ok && err.contains("--rate"), "{err}");
 }

@@ -15,6 +15,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
+    io::IsTerminal,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -40,6 +41,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::client::{Connect, LogClient, Stage};
+
+/// How often a load whose stderr is not a terminal logs its progress.
+const LOG_PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// SKU that no catalog has: orders meant to be rejected ask for it.
 pub const UNKNOWN_SKU: &str = "LOAD-NO-SUCH-SKU";
@@ -517,7 +521,8 @@ async fn follow_notifier(mut log: LogClient, state: Arc<State>) -> anyhow::Resul
     Ok(())
 }
 
-/// Runs the load and returns what it measured; `progress` draws a live bar.
+/// Runs the load and returns what it measured. With `progress`: a live bar on a terminal, otherwise
+/// a progress line on stderr every 10 s.
 pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyhow::Result<Summary> {
     if args.skus.is_empty() || args.skus.iter().any(String::is_empty) {
         return Err(anyhow!("--skus: give at least one SKU, none empty"));
@@ -533,7 +538,9 @@ pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyho
     } else {
         None
     };
-    let bar = if progress {
+    // On a terminal a live bar; otherwise (a container's log, a CI job) a line every 10 s.
+    let terminal = std::io::stderr().is_terminal();
+    let bar = if progress && terminal {
         let bar = ProgressBar::new_spinner();
         bar.set_style(
             ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
@@ -544,23 +551,36 @@ pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyho
     } else {
         None
     };
-    let ticker = bar.clone().map(|bar| {
-        let state = state.clone();
+    let ticker = progress.then(|| {
+        let (state, bar) = (state.clone(), bar.clone());
+        let every = if bar.is_some() {
+            Duration::from_millis(500)
+        } else {
+            LOG_PROGRESS_EVERY
+        };
         tokio::spawn(async move {
-            let mut last = (Instant::now(), 0u64);
+            let started = Instant::now();
+            let mut last = (started, 0u64);
             loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(every).await;
                 let sent = state.sent.load(Ordering::Relaxed);
                 let now = Instant::now();
                 let rate = (sent - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
                 last = (now, sent);
-                bar.set_message(format!(
+                let line = format!(
                     "sent {sent}  {rate:.0}/s  accepted {}  errors {}  in flight {}  notified {}",
                     state.accepted.load(Ordering::Relaxed),
                     state.failed.load(Ordering::Relaxed),
                     state.in_flight.load(Ordering::Relaxed),
                     state.notified.load(Ordering::Relaxed),
-                ));
+                );
+                match &bar {
+                    Some(bar) => bar.set_message(line),
+                    None => eprintln!(
+                        "load: {:.0} s  {line}",
+                        now.duration_since(started).as_secs_f64()
+                    ),
+                }
             }
         })
     });
