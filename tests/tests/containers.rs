@@ -71,6 +71,12 @@ fn missing_prerequisite() -> Option<String> {
     {
         return Some("neither `docker compose` nor `docker-compose` is installed".into());
     }
+    if host_prometheus().is_none() {
+        return Some(
+            "the Prometheus image is made from Debian's package, which is missing (apt-get install prometheus)"
+                .into(),
+        );
+    }
     if docker(&["image", "inspect", BASE_IMAGE]).is_err() {
         if run("debootstrap", &["--version"], &[]).is_err() {
             return Some(format!(
@@ -84,6 +90,12 @@ fn missing_prerequisite() -> Option<String> {
         }
     }
     None
+}
+
+/// The Prometheus binary of Debian's `prometheus` package, if it is installed.
+fn host_prometheus() -> Option<PathBuf> {
+    let path = run("sh", &["-c", "command -v prometheus"], &[]).ok()?;
+    (!path.is_empty()).then(|| PathBuf::from(path))
 }
 
 /// Whether the test can run here; `ORDERFLOW_REQUIRE_DOCKER=1` turns "no" into a failure.
@@ -214,8 +226,14 @@ struct Project {
 
 impl Project {
     fn compose(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.compose_with(&[], args)
+    }
+
+    /// `compose <global…> --project-name … -f … <args…>`, e.g. with `--profile load`.
+    fn compose_with(&self, global: &[&str], args: &[&str]) -> anyhow::Result<String> {
         let root = repo_root().join("docker-compose.yml");
         let mut full: Vec<&str> = self.command[1..].iter().map(String::as_str).collect();
+        full.extend(global);
         full.extend([
             "--project-name",
             &self.name,
@@ -309,12 +327,28 @@ impl Drop for Project {
                 eprintln!("--- {service} logs\n{}", self.logs(service));
             }
         }
-        if let Err(e) = self.compose(&["down", "-v", "--remove-orphans", "--timeout", "10"]) {
+        let down = ["down", "-v", "--remove-orphans", "--timeout", "10"];
+        if let Err(e) = self.compose_with(&["--profile", "load"], &down) {
             eprintln!("compose down failed: {e}");
         }
         for image in &self.images {
             let _ = docker(&["rmi", "-f", image]);
         }
+        prune_intermediate_images();
+    }
+}
+
+/// Removes the untagged images the classic builder leaves of the Dockerfile's tools-prebuilt stage.
+fn prune_intermediate_images() {
+    let pruned = docker(&[
+        "image",
+        "prune",
+        "--force",
+        "--filter",
+        "label=org.orderflow.stage=tools-prebuilt",
+    ]);
+    if let Err(e) = pruned {
+        eprintln!("could not remove intermediate images: {e}");
     }
 }
 
@@ -325,33 +359,74 @@ fn start_project() -> anyhow::Result<Project> {
     let dir = tempfile::tempdir()?;
     let spans_dir = dir.path().join("spans");
     std::fs::create_dir(&spans_dir)?;
-    let dockerfile = repo_root().join("Dockerfile");
+    let shipped = repo_root().join("Dockerfile");
     let mut images = Vec::new();
+    let mut build = |context: &Path, tag: String, args: &[String]| -> anyhow::Result<String> {
+        let mut full: Vec<&str> = vec!["build", "--quiet", "--tag", &tag];
+        full.extend(args.iter().map(String::as_str));
+        full.push(context.to_str().context("temp path")?);
+        run("docker", &full, &[("DOCKER_BUILDKIT".into(), "0".into())])?;
+        images.push(tag.clone());
+        Ok(tag)
+    };
+    // The shipped Dockerfile's prebuilt targets, with host-built binaries.
+    let shipped_target = |target: &str, stage: Option<&str>| {
+        let mut args = vec![
+            "--file".to_owned(),
+            shipped.display().to_string(),
+            "--target".into(),
+            target.into(),
+            "--build-arg".into(),
+            format!("RUNTIME_IMAGE={base}"),
+        ];
+        if let Some(stage) = stage {
+            args.extend(["--build-arg".into(), format!("STAGE={stage}")]);
+        }
+        args
+    };
     for stage in STAGES {
-        let binary = format!("orderflow-{stage}");
-        let context = context_with(&[&binary])?;
-        let tag = format!("orderflow-e2e/{stage}:{run_id}");
-        run(
-            "docker",
-            &[
-                "build",
-                "--quiet",
-                "--file",
-                dockerfile.to_str().unwrap(),
-                "--target",
-                "prebuilt",
-                "--build-arg",
-                &format!("RUNTIME_IMAGE={base}"),
-                "--build-arg",
-                &format!("STAGE={stage}"),
-                "--tag",
-                &tag,
-                context.path().to_str().unwrap(),
-            ],
-            &[("DOCKER_BUILDKIT".into(), "0".into())],
+        let context = context_with(&[&format!("orderflow-{stage}")])?;
+        let args = shipped_target("prebuilt", Some(stage));
+        build(
+            context.path(),
+            format!("orderflow-e2e/{stage}:{run_id}"),
+            &args,
         )?;
-        images.push(tag);
     }
+    // The classic builder ran the tools-prebuilt stage for each of those and left it untagged.
+    prune_intermediate_images();
+    // The tools image (the `orderflow` command) from its prebuilt target, like the stages.
+    let tools_context = context_with(&["orderflow"])?;
+    let args = shipped_target("tools-prebuilt", None);
+    let tools_image = build(
+        tools_context.path(),
+        format!("orderflow-e2e/tools:{run_id}"),
+        &args,
+    )?;
+
+    // Prometheus from Debian's package on the same base (no image can be pulled here), laid out
+    // like the official image: /bin/prometheus as nobody, its data in /prometheus.
+    let prometheus_context = tempfile::tempdir()?;
+    std::fs::create_dir(prometheus_context.path().join("bin"))?;
+    let host_binary = host_prometheus().context("prometheus is not installed")?;
+    std::fs::copy(
+        &host_binary,
+        prometheus_context.path().join("bin/prometheus"),
+    )?;
+    std::fs::write(
+        prometheus_context.path().join("Dockerfile"),
+        format!(
+            "FROM {base}\nCOPY bin/prometheus /bin/prometheus\n\
+             RUN mkdir -p /prometheus && chown 65534:65534 /prometheus\n\
+             USER 65534\nENTRYPOINT [\"/bin/prometheus\"]\n"
+        ),
+    )?;
+    let prometheus_image = build(
+        prometheus_context.path(),
+        format!("orderflow-e2e/prometheus:{run_id}"),
+        &[],
+    )?;
+
     let sink_context = context_with(&["orderflow-otlp-sink"])?;
     std::fs::write(
         sink_context.path().join("Dockerfile"),
@@ -360,19 +435,11 @@ fn start_project() -> anyhow::Result<Project> {
              ENTRYPOINT [\"/usr/local/bin/orderflow-otlp-sink\"]\n"
         ),
     )?;
-    let sink_image = format!("orderflow-e2e/otlp-sink:{run_id}");
-    run(
-        "docker",
-        &[
-            "build",
-            "--quiet",
-            "--tag",
-            &sink_image,
-            sink_context.path().to_str().unwrap(),
-        ],
-        &[("DOCKER_BUILDKIT".into(), "0".into())],
+    let sink_image = build(
+        sink_context.path(),
+        format!("orderflow-e2e/otlp-sink:{run_id}"),
+        &[],
     )?;
-    images.push(sink_image.clone());
 
     let mut override_yaml = format!(
         "services:\n  jaeger:\n    image: {sink_image}\n    command: [\"0.0.0.0:4317\", \"/spans/spans.jsonl\"]\n\
@@ -380,6 +447,9 @@ fn start_project() -> anyhow::Result<Project> {
          \x20     interval: 1s\n      retries: 30\n",
         spans_dir.display()
     );
+    override_yaml.push_str(&format!(
+        "  prometheus:\n    image: {prometheus_image}\n  load:\n    image: {tools_image}\n"
+    ));
     for stage in STAGES {
         override_yaml.push_str(&format!(
             "  {stage}:\n    image: orderflow-e2e/{stage}:{run_id}\n    environment:\n      OTEL_BSP_SCHEDULE_DELAY: \"200\"\n"
@@ -400,8 +470,10 @@ fn start_project() -> anyhow::Result<Project> {
         "NOTIFIER_METRICS_PORT",
         "JAEGER_UI_PORT",
         "JAEGER_OTLP_PORT",
+        "PROMETHEUS_PORT",
+        "GRAFANA_PORT",
     ];
-    let free = free_ports::<11>();
+    let free = free_ports::<13>();
     let ports: HashMap<&'static str, u16> = names.into_iter().zip(free).collect();
     let mut env: Vec<(String, String)> = ports
         .iter()
@@ -409,6 +481,9 @@ fn start_project() -> anyhow::Result<Project> {
         .collect();
     env.push(("ORDERFLOW_PUBLISH_ADDR".into(), "127.0.0.1".into()));
     env.push(("ORDERFLOW_TAX_RATE_BPS".into(), "2000".into()));
+    // The load profile's shipped command, made short.
+    env.push(("ORDERFLOW_LOAD_RATE".into(), "20".into()));
+    env.push(("ORDERFLOW_LOAD_DURATION".into(), "5s".into()));
     let project = Project {
         command: compose_command(),
         name: format!("orderflow-e2e-{run_id}"),
@@ -419,7 +494,19 @@ fn start_project() -> anyhow::Result<Project> {
         spans_dir,
         _dir: dir,
     };
-    project.compose(&["up", "-d", "--no-build"])?;
+    // Everything but Grafana, which cannot be installed here (tests/tests/prometheus.rs checks its
+    // provisioning and dashboard against a real Prometheus instead).
+    project.compose(&[
+        "up",
+        "-d",
+        "--no-build",
+        "jaeger",
+        "receiver",
+        "stock",
+        "invoice",
+        "notifier",
+        "prometheus",
+    ])?;
     Ok(project)
 }
 
@@ -601,4 +688,71 @@ async fn compose_pipeline_survives_a_stopped_stage_and_a_partition() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // Prometheus, from the shipped config on the compose network, scrapes every stage.
+    let prometheus = format!("http://127.0.0.1:{}", project.ports["PROMETHEUS_PORT"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let up: Option<serde_json::Value> = match reqwest::Client::new()
+            .get(format!("{prometheus}/api/v1/query"))
+            .query(&[("query", r#"up{job="orderflow"}"#)])
+            .send()
+            .await
+        {
+            Ok(response) => response.json().await.ok(),
+            Err(_) => None,
+        };
+        let series = up
+            .as_ref()
+            .and_then(|up| up["data"]["result"].as_array().cloned())
+            .unwrap_or_default();
+        let instances: HashSet<&str> = series
+            .iter()
+            .filter(|s| s["value"][1] == "1")
+            .filter_map(|s| s["metric"]["instance"].as_str())
+            .collect();
+        let expected = HashSet::from([
+            "receiver:9451",
+            "stock:9452",
+            "invoice:9453",
+            "notifier:9454",
+        ]);
+        if instances == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus does not see every stage up: {up:?}\n{}",
+            project.logs("prometheus")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // The load profile's shipped command (made short by ORDERFLOW_LOAD_DURATION) drives the stack
+    // from the tools image, and every order it placed is notified.
+    let before = notifications(notifier.clone()).await.unwrap().len();
+    let summary = project
+        .compose_with(&["--profile", "load"], &["run", "-T", "--rm", "load"])
+        .unwrap();
+    let count = |label: &str| -> usize {
+        summary
+            .lines()
+            .find_map(|l| l.strip_prefix(label))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {label:?} in the load summary:\n{summary}"))
+    };
+    let accepted = count("accepted");
+    assert!(accepted >= 50, "{summary}");
+    assert_eq!(count("notified"), accepted, "{summary}");
+    let after = notifications(notifier.clone()).await.unwrap().len();
+    assert_eq!(after - before, accepted);
+    // Any subcommand runs the same way.
+    let levels = project
+        .compose_with(
+            &["--profile", "load"],
+            &["run", "-T", "--rm", "load", "stock", "list"],
+        )
+        .unwrap();
+    assert!(levels.contains("KB-01"), "{levels}");
 }

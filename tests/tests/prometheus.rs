@@ -1,7 +1,10 @@
-//! The shipped Prometheus configuration and alerting rules (`deploy/prometheus/`), checked with the
-//! real `promtool` and run by a real Prometheus scraping four real stages under load: every rule
-//! evaluates without error, the dashboard's key expressions (orders/s, lag, p99) return data, and
-//! dead letters really fire `OrderflowDeadLetters`.
+//! The shipped Prometheus configuration and alerting rules (`deploy/prometheus/`) and Grafana
+//! provisioning and dashboard (`deploy/grafana/`), checked with the real `promtool` and run by a
+//! real Prometheus scraping four real stages under load: every rule evaluates without error, every
+//! query of every dashboard panel returns data and reads only metrics a real scrape has, and dead
+//! letters really fire `OrderflowDeadLetters`. Grafana itself cannot be installed here: its files
+//! are checked for structure (datasources by uid, every panel with a query, variables defined,
+//! the compose mounts where the provisioning expects them).
 //!
 //! Needs Debian's `prometheus` package (`prometheus` and `promtool` on PATH). Without it the tests
 //! say so and pass, unless `ORDERFLOW_REQUIRE_PROMETHEUS=1` (set by `.ci/run`) makes that a failure.
@@ -14,11 +17,75 @@ use std::{
     time::{Duration, Instant},
 };
 
-use orderflow_e2e::{Pipeline, PipelineOptions, catalog, free_ports, line, place_all};
+use orderflow_e2e::{Pipeline, PipelineOptions, catalog, free_ports, line, place_all, yaml_file};
+use orderflow_proto::v1::PlaceOrderRequest;
 use serde_json::Value;
 
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 fn deploy() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus")
+    repo().join("deploy/prometheus")
+}
+
+fn dashboard() -> Value {
+    let path = repo().join("deploy/grafana/dashboards/orderflow.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// Every panel of `dashboard` that shows data (rows left out, panels inside collapsed rows kept).
+fn panels(dashboard: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        if panel["type"] == "row" {
+            out.extend(panel["panels"].as_array().into_iter().flatten());
+        } else {
+            out.push(panel);
+        }
+    }
+    out
+}
+
+/// Grafana's own variables the dashboard may use, and what the test puts in their place.
+const GRAFANA_VARIABLES: [(&str, &str); 3] = [
+    ("$__rate_interval", "1m"),
+    ("$__range", "10m"),
+    ("$__interval", "15s"),
+];
+
+/// The Prometheus queries of the dashboard as (panel title, PromQL), with its variables set as a
+/// user sees them with every stage selected.
+fn dashboard_queries(dashboard: &Value) -> Vec<(String, String)> {
+    let mut queries = Vec::new();
+    for panel in panels(dashboard) {
+        for target in panel["targets"].as_array().unwrap() {
+            if target["datasource"]["type"] != "prometheus" {
+                continue;
+            }
+            let mut expr = target["expr"].as_str().unwrap().to_owned();
+            for (variable, value) in GRAFANA_VARIABLES {
+                expr = expr.replace(variable, value);
+            }
+            expr = expr.replace("$stage", ".*");
+            assert!(!expr.contains('$'), "unknown variable in {expr}");
+            queries.push((panel["title"].as_str().unwrap().to_owned(), expr));
+        }
+    }
+    queries
+}
+
+/// The `orderflow_*` metric names `query` reads, without histogram suffixes.
+fn metric_names(query: &str) -> Vec<&str> {
+    query
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("orderflow_"))
+        .map(|w| {
+            w.trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count")
+        })
+        .collect()
 }
 
 /// Whether `prometheus` and `promtool` can run here; panics when CI requires them and they cannot.
@@ -178,11 +245,20 @@ async fn prometheus_scrapes_the_stages_runs_every_rule_and_fires_on_dead_letters
         return;
     }
     // Half the payments declined: dead letters at the invoice stage, and every order still ends
-    // (confirmed or told it was not paid), so placed→notified has data too.
+    // (confirmed or told it was not paid), so placed→notified has data too. Some captures fail
+    // transiently and are retried, and one order is refused at the door: every panel of the
+    // dashboard has something to show.
     let pipeline = Pipeline::start(PipelineOptions {
         catalog: catalog(&[("A", 1000, 1_000_000)]),
         with_notifier: true,
-        invoice_args: ["--gateway-decline-rate", "0.5"].map(String::from).to_vec(),
+        invoice_args: [
+            "--gateway-decline-rate",
+            "0.5",
+            "--gateway-transient-failure-rate",
+            "0.2",
+        ]
+        .map(String::from)
+        .to_vec(),
         ..Default::default()
     })
     .await
@@ -205,6 +281,14 @@ async fn prometheus_scrapes_the_stages_runs_every_rule_and_fires_on_dead_letters
     prometheus
         .wait_for(r#"count(up{job="orderflow"} == 1) == 4"#, &[], |v| v == 4.0)
         .await;
+
+    let refused = pipeline
+        .receiver()
+        .await
+        .place_order(PlaceOrderRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
 
     // Load in waves over several scrapes, so rates and increases have something to measure.
     let mut placed = 0;
@@ -255,6 +339,26 @@ async fn prometheus_scrapes_the_stages_runs_every_rule_and_fires_on_dead_letters
         .wait_for("orderflow_store_healthy", &every_stage, |v| v == 1.0)
         .await;
 
+    // Every query of every dashboard panel returns data, and reads only metrics the stages export.
+    let scraped: String = {
+        let mut text = String::new();
+        for stage in &pipeline.stages {
+            text.push_str(&stage.scrape().await.unwrap().0);
+        }
+        text
+    };
+    let queries = dashboard_queries(&dashboard());
+    assert!(queries.len() >= 20, "{queries:#?}");
+    for (panel, query) in &queries {
+        for name in metric_names(query) {
+            assert!(
+                scraped.contains(name),
+                "panel {panel:?} reads {name}, which no stage exports"
+            );
+        }
+        prometheus.wait_for(query, &[], |_| true).await;
+    }
+
     // Every rule loaded and evaluates without error.
     let deadline = Instant::now() + Duration::from_secs(30);
     let rules = loop {
@@ -275,22 +379,11 @@ async fn prometheus_scrapes_the_stages_runs_every_rule_and_fires_on_dead_letters
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     // Each metric a rule reads is one the stages export (a typo would evaluate to nothing, forever).
-    let scraped: String = {
-        let mut text = String::new();
-        for stage in &pipeline.stages {
-            text.push_str(&stage.scrape().await.unwrap().0);
-        }
-        text
-    };
     for rule in &rules {
         let query = rule["query"].as_str().unwrap();
-        for name in query
-            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .filter(|w| w.starts_with("orderflow_"))
-        {
-            let series = name.trim_end_matches("_bucket");
+        for name in metric_names(query) {
             assert!(
-                scraped.contains(series),
+                scraped.contains(name),
                 "rule {} reads {name}, which no stage exports",
                 rule["name"]
             );
@@ -325,4 +418,161 @@ async fn prometheus_scrapes_the_stages_runs_every_rule_and_fires_on_dead_letters
         .filter(|a| a["labels"]["alertname"] != "OrderflowDeadLetters" && a["state"] == "firing")
         .collect();
     assert!(others.is_empty(), "{others:#?}");
+}
+
+/// The Grafana side as far as it can be checked without Grafana: provisioning, compose mounts and
+/// the dashboard's structure. That its queries return data is the test above.
+#[test]
+fn grafana_provisioning_compose_and_dashboard_hold_together() {
+    let grafana = repo().join("deploy/grafana");
+    let compose = yaml_file(&repo().join("docker-compose.yml"));
+    let services = &compose["services"];
+
+    // Datasources by uid, at the compose services' addresses.
+    let datasources = yaml_file(&grafana.join("provisioning/datasources/orderflow.yml"));
+    let mut uids = std::collections::HashMap::new();
+    for source in datasources["datasources"].as_array().unwrap() {
+        uids.insert(
+            source["uid"].as_str().unwrap().to_owned(),
+            source["type"].as_str().unwrap().to_owned(),
+        );
+        let url = source["url"].as_str().unwrap();
+        let host = url.trim_start_matches("http://").split(':').next().unwrap();
+        assert!(
+            services[host].is_object(),
+            "datasource {url}: no compose service {host}"
+        );
+    }
+    assert_eq!(uids["prometheus"], "prometheus");
+    assert_eq!(uids["jaeger"], "jaeger");
+    let prometheus_args = services["prometheus"]["command"].to_string();
+    assert!(
+        prometheus_args.contains("0.0.0.0:9090"),
+        "{prometheus_args}"
+    );
+    assert!(
+        services["prometheus"]["volumes"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("./deploy/prometheus:/etc/prometheus:ro"))
+    );
+
+    // The dashboards provider reads where compose mounts the dashboards, and the home dashboard
+    // is one of them.
+    let providers = yaml_file(&grafana.join("provisioning/dashboards/orderflow.yml"));
+    let path = providers["providers"][0]["options"]["path"]
+        .as_str()
+        .unwrap();
+    let grafana_service = &services["grafana"];
+    let volumes: Vec<&str> = grafana_service["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(volumes.contains(&"./deploy/grafana/provisioning:/etc/grafana/provisioning:ro"));
+    assert!(volumes.contains(&format!("./deploy/grafana/dashboards:{path}:ro").as_str()));
+    let home = grafana_service["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+        .as_str()
+        .unwrap();
+    let home_file = home.strip_prefix(path).unwrap().trim_start_matches('/');
+    assert!(
+        grafana.join("dashboards").join(home_file).is_file(),
+        "{home}"
+    );
+
+    // The load profile runs the tools image, a target the Dockerfile has.
+    let load = &services["load"];
+    assert_eq!(load["profiles"], serde_json::json!(["load"]));
+    assert_eq!(load["build"]["target"], "tools");
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains(" AS tools\n"));
+
+    // The dashboard: every panel placed, on a provisioned datasource, with a query.
+    let dashboard = dashboard();
+    assert_eq!(dashboard["uid"], "orderflow");
+    let variables: Vec<String> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| format!("${}", v["name"].as_str().unwrap()))
+        .collect();
+    let known = |text: &str| {
+        let mut rest = text.replace("${", "$").replace('}', "");
+        for name in variables
+            .iter()
+            .map(String::as_str)
+            .chain(GRAFANA_VARIABLES.iter().map(|(name, _)| *name))
+        {
+            rest = rest.replace(name, "");
+        }
+        assert!(!rest.contains('$'), "undefined variable in {text}");
+    };
+    let panels = panels(&dashboard);
+    assert!(panels.len() >= 15, "{} panels", panels.len());
+    let mut ids = std::collections::HashSet::new();
+    for panel in &panels {
+        let title = panel["title"].as_str().unwrap();
+        assert!(!title.is_empty());
+        assert!(ids.insert(panel["id"].as_u64().unwrap()), "{title}: id");
+        let grid = &panel["gridPos"];
+        let (x, w) = (grid["x"].as_u64().unwrap(), grid["w"].as_u64().unwrap());
+        assert!(
+            x + w <= 24 && grid["h"].as_u64().unwrap() > 0,
+            "{title}: {grid}"
+        );
+        let uid = panel["datasource"]["uid"].as_str().unwrap();
+        assert_eq!(
+            uids.get(uid).map(String::as_str),
+            panel["datasource"]["type"].as_str(),
+            "{title}: datasource {uid}"
+        );
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{title}: no query");
+        for target in targets {
+            assert_eq!(target["datasource"], panel["datasource"], "{title}");
+            assert!(target["refId"].is_string(), "{title}");
+            if uid == "prometheus" {
+                let expr = target["expr"].as_str().unwrap();
+                assert!(
+                    expr.contains("orderflow_") || expr.contains("up{"),
+                    "{title}: {expr}"
+                );
+                known(expr);
+            } else {
+                assert_eq!(target["queryType"], "search", "{title}");
+                assert!(
+                    target["service"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("orderflow-")
+                );
+            }
+        }
+        for link in panel["links"].as_array().into_iter().flatten() {
+            known(link["url"].as_str().unwrap());
+        }
+    }
+    for link in dashboard["links"].as_array().unwrap() {
+        known(link["url"].as_str().unwrap());
+    }
+
+    // What the operator asked to see, each on some panel.
+    let queries: String = dashboard_queries(&dashboard)
+        .into_iter()
+        .map(|(_, q)| q)
+        .collect();
+    for metric in [
+        "orderflow_events_processed_total",
+        "orderflow_placed_to_notified_seconds_bucket",
+        "orderflow_consumer_lag",
+        "orderflow_backlog",
+        "orderflow_retries_total",
+        "orderflow_dead_letters_total",
+        "orderflow_attempt_seconds_bucket",
+        "orderflow_batch_commit_seconds_bucket",
+        "orderflow_group_commit_entries_sum",
+    ] {
+        assert!(queries.contains(metric), "no panel shows {metric}");
+    }
 }
