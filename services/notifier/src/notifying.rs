@@ -38,14 +38,12 @@ pub(crate) struct Notifying {
 
 impl Notifying {
     /// The delivery that tells the customer how `event` ended their order, in the order's "notify
-    /// customer" span; `None` for events that end nothing.
+    /// customer" span; `None` for events that end nothing, and for a malformed one (which
+    /// [`Apply::apply`] reports, once).
     fn delivery(&self, event: &Event) -> Option<NewTask<DeliveryTask>> {
         let (kind, message, invoice_number) = match &event.kind {
             Some(Kind::InvoiceCreated(created)) => {
-                let Some(invoice) = &created.invoice else {
-                    tracing::warn!(order_id = %event.order_id, "invoice event without invoice skipped");
-                    return None;
-                };
+                let invoice = created.invoice.as_ref()?;
                 (
                     NotificationKind::Confirmed,
                     render::confirmation(&event.order_id, invoice),
@@ -124,7 +122,14 @@ impl Apply for Notifying {
             // A duplicate within the batch, or an event that ends nothing.
             None => match self.delivery(event) {
                 Some(delivery) => FirstAttempt::not_attempted(delivery),
-                None => return Ok(()),
+                None => {
+                    if let Some(Kind::InvoiceCreated(created)) = &event.kind
+                        && created.invoice.is_none()
+                    {
+                        tracing::warn!(order_id = %event.order_id, "invoice event without invoice skipped");
+                    }
+                    return Ok(());
+                }
             },
         };
         let known = txn.has_key_in_any(&[BY_ORDER, DEAD_LETTER_BY_ORDER], &event.order_id)?;
