@@ -4,14 +4,16 @@
 #   docker build --target tools -t orderflow-tools .
 #
 # docker-compose.yml builds all five. Stages, in this order so that `--target prebuilt` and
-# `--target tools-prebuilt` never build the Rust toolchain stage with the classic builder:
+# `--target tools-prebuilt` never build the Rust toolchain stage with the classic builder (which runs
+# every stage before its target; so the prebuilt stages must also pass in a plain checkout, whose
+# context has no bin/: they copy `Dockerfil[e] bi[n]`, patterns that may match nothing):
 #   user-base      the non-root user every image runs as
 #   runtime-base   the layout every stage image shares: data volume, entrypoint, health check (the
 #                  binary's own `health` subcommand asks its grpc.health.v1)
-#   tools-prebuilt user-base + the binaries of the build context's bin/ (the container test puts
-#                  a host-built `orderflow` there), entrypoint `orderflow`
-#   prebuilt       runtime-base + a binary built elsewhere: the build context holds
-#                  bin/orderflow-<STAGE> (the container test uses it with host-built binaries)
+#   tools-prebuilt user-base + the build context's bin/ (the container test puts a host-built
+#                  `orderflow` there), entrypoint `orderflow`
+#   prebuilt       runtime-base + a stage binary built elsewhere: the build context holds
+#                  bin/orderflow-stage (the container test uses it with host-built binaries)
 #   builder        compiles the four stage binaries and the CLI on the official Rust image
 #   tools          user-base + the builder's `orderflow` (CLI: load, place, get, stock, dlq, …)
 #   runtime        runtime-base + the builder's stage binary (the default target)
@@ -42,15 +44,14 @@ FROM user-base AS tools-prebuilt
 # The classic builder also runs this stage for `--target prebuilt` and leaves it as an untagged
 # image; the label lets the container test remove exactly those.
 LABEL org.orderflow.stage=tools-prebuilt
-COPY bin/ /usr/local/bin/
+COPY Dockerfil[e] bi[n] /usr/local/bin/
 WORKDIR /var/lib/orderflow
 USER orderflow:orderflow
 ENTRYPOINT ["orderflow"]
 CMD ["--help"]
 
 FROM runtime-base AS prebuilt
-ARG STAGE
-COPY bin/orderflow-${STAGE} /usr/local/bin/orderflow-stage
+COPY Dockerfil[e] bi[n] /usr/local/bin/
 
 FROM ${RUST_IMAGE} AS builder
 WORKDIR /src

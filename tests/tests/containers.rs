@@ -177,11 +177,17 @@ fn base_image() -> anyhow::Result<&'static str> {
 
 /// A build context holding `bin/<name>` for each binary, stripped of debug info.
 fn context_with(binaries: &[&str]) -> anyhow::Result<tempfile::TempDir> {
+    let named: Vec<(&str, &str)> = binaries.iter().map(|name| (*name, *name)).collect();
+    context_with_as(&named)
+}
+
+/// A build context holding `bin/<as>` for each `(binary, as)`, stripped of debug info.
+fn context_with_as(binaries: &[(&str, &str)]) -> anyhow::Result<tempfile::TempDir> {
     let context = tempfile::tempdir()?;
     std::fs::create_dir(context.path().join("bin"))?;
-    for name in binaries {
+    for (name, as_name) in binaries {
         let from = binary(name);
-        let to = context.path().join("bin").join(name);
+        let to = context.path().join("bin").join(as_name);
         let stripped = Command::new("strip")
             .arg("-o")
             .arg(&to)
@@ -370,23 +376,19 @@ fn start_project() -> anyhow::Result<Project> {
         Ok(tag)
     };
     // The shipped Dockerfile's prebuilt targets, with host-built binaries.
-    let shipped_target = |target: &str, stage: Option<&str>| {
-        let mut args = vec![
+    let shipped_target = |target: &str| {
+        vec![
             "--file".to_owned(),
             shipped.display().to_string(),
             "--target".into(),
             target.into(),
             "--build-arg".into(),
             format!("RUNTIME_IMAGE={base}"),
-        ];
-        if let Some(stage) = stage {
-            args.extend(["--build-arg".into(), format!("STAGE={stage}")]);
-        }
-        args
+        ]
     };
     for stage in STAGES {
-        let context = context_with(&[&format!("orderflow-{stage}")])?;
-        let args = shipped_target("prebuilt", Some(stage));
+        let context = context_with_as(&[(&format!("orderflow-{stage}"), "orderflow-stage")])?;
+        let args = shipped_target("prebuilt");
         build(
             context.path(),
             format!("orderflow-e2e/{stage}:{run_id}"),
@@ -397,7 +399,7 @@ fn start_project() -> anyhow::Result<Project> {
     prune_intermediate_images();
     // The tools image (the `orderflow` command) from its prebuilt target, like the stages.
     let tools_context = context_with(&["orderflow"])?;
-    let args = shipped_target("tools-prebuilt", None);
+    let args = shipped_target("tools-prebuilt");
     let tools_image = build(
         tools_context.path(),
         format!("orderflow-e2e/tools:{run_id}"),
