@@ -17,16 +17,27 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const ORDERS: usize = 50;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn every_order_is_one_trace_across_the_four_services() {
-    let collector = OtlpReceiver::start().await.unwrap();
-    let env = vec![
+/// The stages' environment for exporting to `collector` every 200 ms, plus `extra`.
+fn exporting_to(collector: &OtlpReceiver, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = vec![
         (
             "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
             collector.endpoint(),
         ),
         ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "200".to_owned()),
     ];
+    env.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    env
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_order_is_one_trace_across_the_four_services() {
+    let collector = OtlpReceiver::start().await.unwrap();
+    let env = exporting_to(&collector, &[]);
     let mut pipeline = Pipeline::start(PipelineOptions {
         catalog: catalog(&[("A", 1000, 10_000), ("B", 2500, 10_000), ("SOLD", 100, 0)]),
         tax_rate_bps: 2000,
@@ -184,14 +195,13 @@ async fn every_order_is_one_trace_across_the_four_services() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sampled_orders_are_whole_traces_and_unsampled_ones_export_nothing() {
     let collector = OtlpReceiver::start().await.unwrap();
-    let env = [
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint().as_str()),
-        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
-        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
-        ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
-    ]
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .to_vec();
+    let env = exporting_to(
+        &collector,
+        &[
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
+        ],
+    );
     let mut pipeline = Pipeline::start(PipelineOptions {
         catalog: catalog(&[("A", 1000, 10_000)]),
         with_notifier: true,
