@@ -363,6 +363,21 @@ async fn operators_manage_stock_faults_dead_letters_and_follow_orders() {
         &["dlq", "replay", "--all", "--admin-token", TOKEN],
     );
     assert!(ok && out.contains("replayed 1"), "{out}{err}");
+    // DEAD_LETTERED is terminal until the replayed delivery reaches the receiver: `watch` started
+    // before that ends at once, so wait for the replay to land first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, out, _) = orderflow(&pipeline, &["get", &order_id, "--json"]);
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        if ok && json["status"] == "NOTIFIED" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never notified: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (ok, out, _) = orderflow(&pipeline, &["watch", &order_id]);
     assert!(ok && out.contains("NOTIFIED"), "{out}");
     let (ok, _, err) = orderflow(&pipeline, &["get", "no-such-order"]);
