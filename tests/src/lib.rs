@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod kubernetes;
 pub mod otlp;
 pub mod webhook;
 

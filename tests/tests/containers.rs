@@ -11,6 +11,10 @@
 //! container healthy, and traces must arrive from all four containers. `down -v` runs even on
 //! failure.
 //!
+//! A second test runs the pods of the rendered Kubernetes manifests (`deploy/kubernetes/`, example
+//! overlay) on the same engine the way a kubelet would (see [`Pods`]): they pass their probes, and
+//! orders survive the stock pod killed and the invoice pod stopped, each ending exactly once.
+//!
 //! Without a Docker engine the test says so and passes, unless `ORDERFLOW_REQUIRE_DOCKER=1` (which
 //! `.ci/run` sets).
 
@@ -28,7 +32,7 @@ use orderflow_e2e::{
     Placed, STAGES, binary, free_ports, line, notifications, otlp, place_all, stock_levels,
 };
 use orderflow_proto::v1::{
-    GetOrderRequest, NotificationKind, OrderLine, notifier_client::NotifierClient,
+    GetOrderRequest, NotificationKind, OrderLine, StockItem, notifier_client::NotifierClient,
     order_receiver_client::OrderReceiverClient, stock_checker_client::StockCheckerClient,
 };
 use tonic::transport::Channel;
@@ -318,11 +322,7 @@ impl Project {
     }
 
     fn spans(&self) -> Vec<otlp::ReceivedSpan> {
-        std::fs::read_to_string(self.spans_dir.join("spans.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
+        spans_in(&self.spans_dir)
     }
 }
 
@@ -358,6 +358,50 @@ fn prune_intermediate_images() {
     }
 }
 
+/// The spans the test's OTLP receiver has written to `dir` so far.
+fn spans_in(dir: &Path) -> Vec<otlp::ReceivedSpan> {
+    std::fs::read_to_string(dir.join("spans.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+/// `docker build` with the classic builder (as docker-compose 1.29 uses it), tagged `tag`.
+fn build_image(context: &Path, tag: &str, args: &[String]) -> anyhow::Result<()> {
+    let mut full: Vec<&str> = vec!["build", "--quiet", "--tag", tag];
+    full.extend(args.iter().map(String::as_str));
+    full.push(context.to_str().context("temp path")?);
+    run("docker", &full, &[("DOCKER_BUILDKIT".into(), "0".into())])?;
+    Ok(())
+}
+
+/// Build arguments for one of the shipped Dockerfile's prebuilt targets on `base`.
+fn shipped_target(base: &str, target: &str) -> Vec<String> {
+    vec![
+        "--file".to_owned(),
+        repo_root().join("Dockerfile").display().to_string(),
+        "--target".into(),
+        target.into(),
+        "--build-arg".into(),
+        format!("RUNTIME_IMAGE={base}"),
+    ]
+}
+
+/// A build context for the test's OTLP receiver (spans to a JSON-lines file) on `base`, standing in
+/// for Jaeger, which cannot be pulled here.
+fn sink_context(base: &str) -> anyhow::Result<tempfile::TempDir> {
+    let context = context_with(&["orderflow-otlp-sink"])?;
+    std::fs::write(
+        context.path().join("Dockerfile"),
+        format!(
+            "FROM {base}\nCOPY bin/orderflow-otlp-sink /usr/local/bin/orderflow-otlp-sink\n\
+             ENTRYPOINT [\"/usr/local/bin/orderflow-otlp-sink\"]\n"
+        ),
+    )?;
+    Ok(context)
+}
+
 /// Builds the images, writes the override and brings the project up.
 fn start_project() -> anyhow::Result<Project> {
     let base = base_image()?;
@@ -365,27 +409,13 @@ fn start_project() -> anyhow::Result<Project> {
     let dir = tempfile::tempdir()?;
     let spans_dir = dir.path().join("spans");
     std::fs::create_dir(&spans_dir)?;
-    let shipped = repo_root().join("Dockerfile");
     let mut images = Vec::new();
     let mut build = |context: &Path, tag: String, args: &[String]| -> anyhow::Result<String> {
-        let mut full: Vec<&str> = vec!["build", "--quiet", "--tag", &tag];
-        full.extend(args.iter().map(String::as_str));
-        full.push(context.to_str().context("temp path")?);
-        run("docker", &full, &[("DOCKER_BUILDKIT".into(), "0".into())])?;
+        build_image(context, &tag, args)?;
         images.push(tag.clone());
         Ok(tag)
     };
-    // The shipped Dockerfile's prebuilt targets, with host-built binaries.
-    let shipped_target = |target: &str| {
-        vec![
-            "--file".to_owned(),
-            shipped.display().to_string(),
-            "--target".into(),
-            target.into(),
-            "--build-arg".into(),
-            format!("RUNTIME_IMAGE={base}"),
-        ]
-    };
+    let shipped_target = |target: &str| shipped_target(base, target);
     for stage in STAGES {
         let context = context_with_as(&[(&format!("orderflow-{stage}"), "orderflow-stage")])?;
         let args = shipped_target("prebuilt");
@@ -429,16 +459,8 @@ fn start_project() -> anyhow::Result<Project> {
         &[],
     )?;
 
-    let sink_context = context_with(&["orderflow-otlp-sink"])?;
-    std::fs::write(
-        sink_context.path().join("Dockerfile"),
-        format!(
-            "FROM {base}\nCOPY bin/orderflow-otlp-sink /usr/local/bin/orderflow-otlp-sink\n\
-             ENTRYPOINT [\"/usr/local/bin/orderflow-otlp-sink\"]\n"
-        ),
-    )?;
     let sink_image = build(
-        sink_context.path(),
+        sink_context(base)?.path(),
         format!("orderflow-e2e/otlp-sink:{run_id}"),
         &[],
     )?;
@@ -541,6 +563,98 @@ async fn place(
     Ok(placed)
 }
 
+/// Waits until every placed order is notified and terminal at the receiver, and checks that each
+/// ended exactly once and that stock moved by exactly what the confirmed orders hold; returns how
+/// many were confirmed.
+async fn assert_each_order_ended_once(
+    receiver: &OrderReceiverClient<Channel>,
+    stock: &StockCheckerClient<Channel>,
+    notifier: &NotifierClient<Channel>,
+    placed: &[Placed],
+    initial: &HashMap<String, StockItem>,
+) -> usize {
+    // Every order is notified exactly once.
+    let ids: HashSet<String> = placed.iter().map(|p| p.result.clone().unwrap()).collect();
+    assert_eq!(ids.len(), placed.len());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let notified = loop {
+        let notified = notifications(notifier.clone()).await.unwrap_or_default();
+        if notified.len() >= placed.len() || Instant::now() > deadline {
+            break notified;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let mut per_order: HashMap<&str, Vec<NotificationKind>> = HashMap::new();
+    for n in &notified {
+        per_order.entry(&n.order_id).or_default().push(n.kind());
+    }
+    assert_eq!(
+        notified.len(),
+        placed.len(),
+        "notifications: {}",
+        notified.len()
+    );
+    for id in &ids {
+        let kinds = per_order.get(id.as_str()).map(Vec::as_slice);
+        assert!(
+            matches!(
+                kinds,
+                Some([NotificationKind::Confirmed | NotificationKind::Rejected])
+            ),
+            "order {id}: {kinds:?}"
+        );
+    }
+
+    // The receiver, which learns progress from the other stages' logs, agrees.
+    let mut receiver_client = receiver.clone();
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let order = receiver_client
+                .get_order(GetOrderRequest {
+                    order_id: id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .order
+                .unwrap();
+            if order.terminal {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "order {id} is still {:?}",
+                order.status()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    // Stock arithmetic: what left `available` is exactly what the confirmed orders hold.
+    let confirmed: HashSet<&str> = notified
+        .iter()
+        .filter(|n| n.kind() == NotificationKind::Confirmed)
+        .map(|n| n.order_id.as_str())
+        .collect();
+    let mut held: HashMap<&str, u64> = HashMap::new();
+    for p in placed {
+        if confirmed.contains(p.result.as_ref().unwrap().as_str()) {
+            for l in &p.lines {
+                *held.entry(l.sku.as_str()).or_default() += u64::from(l.quantity);
+            }
+        }
+    }
+    let after = stock_levels(stock.clone()).await.unwrap();
+    for (sku, before) in initial {
+        let now = &after[sku];
+        let taken = held.get(sku.as_str()).copied().unwrap_or(0);
+        assert_eq!(before.available - now.available, taken, "{sku} available");
+        assert_eq!(now.reserved - before.reserved, taken, "{sku} reserved");
+    }
+    confirmed.len()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn compose_pipeline_survives_a_stopped_stage_and_a_partition() {
     if !docker_available() {
@@ -587,81 +701,9 @@ async fn compose_pipeline_survives_a_stopped_stage_and_a_partition() {
     ])
     .unwrap();
 
-    // Every order is notified exactly once.
-    let ids: HashSet<String> = placed.iter().map(|p| p.result.clone().unwrap()).collect();
-    assert_eq!(ids.len(), 500);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let notified = loop {
-        let notified = notifications(notifier.clone()).await.unwrap_or_default();
-        if notified.len() >= 500 || Instant::now() > deadline {
-            break notified;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    let mut per_order: HashMap<&str, Vec<NotificationKind>> = HashMap::new();
-    for n in &notified {
-        per_order.entry(&n.order_id).or_default().push(n.kind());
-    }
-    assert_eq!(notified.len(), 500, "notifications: {}", notified.len());
-    for id in &ids {
-        let kinds = per_order.get(id.as_str()).map(Vec::as_slice);
-        assert!(
-            matches!(
-                kinds,
-                Some([NotificationKind::Confirmed | NotificationKind::Rejected])
-            ),
-            "order {id}: {kinds:?}"
-        );
-    }
-
-    // The receiver, which learns progress from the other stages' logs, agrees.
-    let mut receiver_client = receiver.clone();
-    for id in &ids {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let order = receiver_client
-                .get_order(GetOrderRequest {
-                    order_id: id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .order
-                .unwrap();
-            if order.terminal {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "order {id} is still {:?}",
-                order.status()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    // Stock arithmetic: what left `available` is exactly what the confirmed orders hold.
-    let confirmed: HashSet<&str> = notified
-        .iter()
-        .filter(|n| n.kind() == NotificationKind::Confirmed)
-        .map(|n| n.order_id.as_str())
-        .collect();
-    let mut held: HashMap<&str, u64> = HashMap::new();
-    for p in &placed {
-        if confirmed.contains(p.result.as_ref().unwrap().as_str()) {
-            for l in &p.lines {
-                *held.entry(l.sku.as_str()).or_default() += u64::from(l.quantity);
-            }
-        }
-    }
-    let after = stock_levels(stock.clone()).await.unwrap();
-    for (sku, before) in &initial {
-        let now = &after[sku];
-        let taken = held.get(sku.as_str()).copied().unwrap_or(0);
-        assert_eq!(before.available - now.available, taken, "{sku} available");
-        assert_eq!(now.reserved - before.reserved, taken, "{sku} reserved");
-    }
-    assert!(confirmed.len() > 300 && confirmed.len() < 500);
+    let confirmed =
+        assert_each_order_ended_once(&receiver, &stock, &notifier, &placed, &initial).await;
+    assert!(confirmed > 300 && confirmed < 500);
 
     // Every container is healthy after all that.
     project.wait_healthy(&all, Duration::from_secs(60)).unwrap();
@@ -757,4 +799,326 @@ async fn compose_pipeline_survives_a_stopped_stage_and_a_partition() {
         )
         .unwrap();
     assert!(levels.contains("KB-01"), "{levels}");
+}
+
+/// The pods of the rendered Kubernetes manifests, run on Docker the way a kubelet runs them: one
+/// container per StatefulSet pod (`<set>-0`), named by its governing Service (`<pod>.<service>`,
+/// which a pod's DNS search path resolves in its namespace), with the container's environment
+/// (ConfigMap first, its own `env` over it), user, read-only root, dropped capabilities, memory
+/// limit and claim volume, and an OTLP receiver where the ConfigMap sends traces. Dropping it
+/// removes containers, network, volumes and images.
+struct Pods {
+    network: String,
+    containers: HashMap<String, String>,
+    volumes: Vec<String>,
+    images: Vec<String>,
+    spans_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Pods {
+    fn start(docs: &[serde_json::Value]) -> anyhow::Result<Pods> {
+        let base = base_image()?;
+        let run_id = format!("k8s-{}", std::process::id());
+        let dir = tempfile::tempdir()?;
+        let spans_dir = dir.path().join("spans");
+        std::fs::create_dir(&spans_dir)?;
+        let mut pods = Pods {
+            network: format!("orderflow-e2e-{run_id}"),
+            containers: HashMap::new(),
+            volumes: Vec::new(),
+            images: Vec::new(),
+            spans_dir,
+            _dir: dir,
+        };
+        for stage in STAGES {
+            let context = context_with_as(&[(&format!("orderflow-{stage}"), "orderflow-stage")])?;
+            let tag = format!("orderflow-e2e/{stage}:{run_id}");
+            build_image(context.path(), &tag, &shipped_target(base, "prebuilt"))?;
+            pods.images.push(tag);
+        }
+        prune_intermediate_images();
+        let sink_image = format!("orderflow-e2e/otlp-sink:{run_id}");
+        build_image(sink_context(base)?.path(), &sink_image, &[])?;
+        pods.images.push(sink_image.clone());
+        docker(&["network", "create", &pods.network])?;
+
+        // Where the ConfigMap sends traces: the test's OTLP receiver under that name.
+        let config = orderflow_e2e::kubernetes::resource(docs, "ConfigMap", "orderflow");
+        let endpoint = config["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+            .as_str()
+            .context("no OTLP endpoint in the ConfigMap")?;
+        let (collector, collector_port) = endpoint
+            .trim_start_matches("http://")
+            .split_once(':')
+            .context("OTLP endpoint without a port")?;
+        let spans = format!("{}:/spans", pods.spans_dir.display());
+        let listen = format!("0.0.0.0:{collector_port}");
+        let sink = docker(&[
+            "run",
+            "-d",
+            "--network",
+            &pods.network,
+            "--network-alias",
+            collector,
+            "-v",
+            &spans,
+            &sink_image,
+            &listen,
+            "/spans/spans.jsonl",
+        ])?;
+        pods.containers.insert("otlp-sink".into(), sink);
+
+        for set in docs.iter().filter(|d| d["kind"] == "StatefulSet") {
+            let name = set["metadata"]["name"].as_str().context("name")?;
+            let pod_name = format!("{name}-0");
+            let service = set["spec"]["serviceName"].as_str().context("serviceName")?;
+            let pod = &set["spec"]["template"]["spec"];
+            let container = &pod["containers"][0];
+            assert!(
+                container.get("command").is_none() && container.get("args").is_none(),
+                "{name}: the pods run the image's entrypoint as it is"
+            );
+            let volume = format!("orderflow-e2e-{run_id}-data-{pod_name}");
+            docker(&["volume", "create", &volume])?;
+            pods.volumes.push(volume.clone());
+            let user = format!(
+                "{}:{}",
+                pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]
+            );
+            let alias = format!("{pod_name}.{service}");
+            let mount = format!(
+                "{volume}:{}",
+                container["volumeMounts"][0]["mountPath"]
+                    .as_str()
+                    .context("mountPath")?
+            );
+            let memory = container["resources"]["limits"]["memory"]
+                .as_str()
+                .context("memory limit")?
+                .replace("Gi", "g")
+                .replace("Mi", "m");
+            let image = format!("orderflow-e2e/{name}:{run_id}");
+            let mut args: Vec<String> = [
+                "run",
+                "-d",
+                "--name",
+                &format!("orderflow-e2e-{run_id}-{pod_name}"),
+                "--hostname",
+                &pod_name,
+                "--network",
+                &pods.network,
+                "--network-alias",
+                &alias,
+                "--user",
+                &user,
+                "--memory",
+                &memory,
+                "-v",
+                &mount,
+            ]
+            .map(String::from)
+            .to_vec();
+            if container["securityContext"]["readOnlyRootFilesystem"] == true {
+                args.push("--read-only".into());
+            }
+            if container["securityContext"]["allowPrivilegeEscalation"] == false {
+                args.extend(["--security-opt".into(), "no-new-privileges".into()]);
+            }
+            for capability in container["securityContext"]["capabilities"]["drop"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                args.extend([
+                    "--cap-drop".into(),
+                    capability.as_str().context("cap")?.into(),
+                ]);
+            }
+            let mut env = orderflow_e2e::kubernetes::container_env(docs, container);
+            // Spans leave each stage within 200 ms instead of 5 s, for the test's sake.
+            env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()));
+            for (key, value) in env {
+                args.extend(["-e".into(), format!("{key}={value}")]);
+            }
+            for port in container["ports"].as_array().into_iter().flatten() {
+                args.extend(["-p".into(), format!("127.0.0.1::{}", port["containerPort"])]);
+            }
+            args.push(image);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let id = docker(&args)?;
+            pods.containers.insert(pod_name, id);
+        }
+        Ok(pods)
+    }
+
+    /// A channel to `pod`'s container port `port`, as published on loopback.
+    fn channel(&self, pod: &str, port: u64) -> Channel {
+        let published = docker(&["port", &self.containers[pod], &format!("{port}/tcp")]).unwrap();
+        let address = published.lines().next().unwrap().to_owned();
+        Channel::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy()
+    }
+
+    /// Waits until `pod` passes the probes its manifest sets: grpc.health.v1 SERVING for the whole
+    /// server (readiness) and for `liveness`.
+    async fn wait_ready(&self, pod: &str, grpc_port: u64) {
+        use tonic_health::pb::{
+            HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let mut serving = true;
+            for service in ["", "liveness"] {
+                let status = HealthClient::new(self.channel(pod, grpc_port))
+                    .check(HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .map(|r| r.into_inner().status());
+                serving &= matches!(status, Ok(ServingStatus::Serving));
+            }
+            if serving {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{pod} is not ready:\n{}",
+                self.logs(pod)
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    fn logs(&self, pod: &str) -> String {
+        run(
+            "sh",
+            &[
+                "-c",
+                &format!("docker logs --tail 60 {} 2>&1", self.containers[pod]),
+            ],
+            &[],
+        )
+        .unwrap_or_else(|e| e.to_string())
+    }
+
+    fn spans(&self) -> Vec<otlp::ReceivedSpan> {
+        spans_in(&self.spans_dir)
+    }
+}
+
+impl Drop for Pods {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for pod in self.containers.keys() {
+                eprintln!("--- {pod} logs\n{}", self.logs(pod));
+            }
+        }
+        for id in self.containers.values() {
+            let _ = docker(&["rm", "-f", "-v", id]);
+        }
+        let _ = docker(&["network", "rm", &self.network]);
+        for volume in &self.volumes {
+            let _ = docker(&["volume", "rm", "-f", volume]);
+        }
+        for image in &self.images {
+            let _ = docker(&["rmi", "-f", image]);
+        }
+        prune_intermediate_images();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubernetes_pods_run_as_rendered() {
+    use orderflow_e2e::kubernetes::{documents, kubectl_available, kustomization, render};
+    if !docker_available() || !kubectl_available() {
+        return;
+    }
+    let docs = documents(&render(&kustomization("overlays/example")));
+    let pods = {
+        let docs = docs.clone();
+        tokio::task::spawn_blocking(move || Pods::start(&docs))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    // Each pod's gRPC container port, which its probes ask.
+    let grpc = |stage: &str| -> u64 {
+        let set = orderflow_e2e::kubernetes::resource(&docs, "StatefulSet", stage);
+        set["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"]
+            .as_u64()
+            .unwrap()
+    };
+    for stage in STAGES {
+        pods.wait_ready(&format!("{stage}-0"), grpc(stage)).await;
+    }
+    let receiver = OrderReceiverClient::new(pods.channel("receiver-0", grpc("receiver")));
+    let stock = StockCheckerClient::new(pods.channel("stock-0", grpc("stock")));
+    let notifier = NotifierClient::new(pods.channel("notifier-0", grpc("notifier")));
+    let initial = stock_levels(stock.clone()).await.unwrap();
+    let mut placed = place(&receiver, 0..150).await.unwrap();
+
+    // The stock pod's container is killed (the kubelet starts it again on its volume) while
+    // orders keep coming; the invoice pod is stopped as Kubernetes stops it (SIGTERM, then its
+    // grace period) and started again.
+    docker(&["kill", "--signal", "KILL", &pods.containers["stock-0"]]).unwrap();
+    placed.extend(place(&receiver, 150..225).await.unwrap());
+    docker(&["start", &pods.containers["stock-0"]]).unwrap();
+    pods.wait_ready("stock-0", grpc("stock")).await;
+    let grace = orderflow_e2e::kubernetes::resource(&docs, "StatefulSet", "invoice")["spec"]
+        ["template"]["spec"]["terminationGracePeriodSeconds"]
+        .to_string();
+    docker(&["stop", "--time", &grace, &pods.containers["invoice-0"]]).unwrap();
+    placed.extend(place(&receiver, 225..300).await.unwrap());
+    docker(&["start", &pods.containers["invoice-0"]]).unwrap();
+    pods.wait_ready("invoice-0", grpc("invoice")).await;
+
+    let stock = StockCheckerClient::new(pods.channel("stock-0", grpc("stock")));
+    let confirmed =
+        assert_each_order_ended_once(&receiver, &stock, &notifier, &placed, &initial).await;
+    assert!(confirmed > 150, "{confirmed} confirmed");
+
+    // The overlay's tax rate reached the invoice stage: a confirmed order's invoice has tax.
+    let taxed = futures::future::join_all(placed.iter().take(20).map(|p| {
+        let mut client = receiver.clone();
+        let id = p.result.clone().unwrap();
+        async move {
+            client
+                .get_order(GetOrderRequest { order_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .order
+                .unwrap()
+        }
+    }))
+    .await;
+    assert!(
+        taxed
+            .iter()
+            .filter_map(|o| o.invoice.as_ref())
+            .any(|i| i.tax.as_ref().is_some_and(|t| t.amount_minor > 0)),
+        "no invoice with tax: {taxed:?}"
+    );
+
+    // Traces reach the collector the ConfigMap names, from all four pods: whole traces for the
+    // orders placed after the restarts (a killed process takes the spans it had not exported yet).
+    let first: Vec<String> = placed[225..]
+        .iter()
+        .map(|p| p.result.clone().unwrap())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let spans = pods.spans();
+        let services: HashSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
+        let from_all = otlp::SERVICES.iter().all(|s| services.contains(s));
+        match otlp::verify_order_traces(&spans, &first) {
+            Ok(_) if from_all => break,
+            Ok(_) => assert!(Instant::now() < deadline, "spans only from {services:?}"),
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

@@ -150,18 +150,24 @@ impl Drop for Prometheus {
 impl Prometheus {
     /// Starts Prometheus scraping `targets` every second, with the shipped rules.
     async fn start(targets: &[String]) -> Prometheus {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::copy(deploy().join("alerts.yml"), dir.path().join("alerts.yml")).unwrap();
         // The shipped file with the compose service names swapped for the test's loopback ports.
         let shipped = std::fs::read_to_string(deploy().join("prometheus.yml")).unwrap();
         let compose_targets = r#"["receiver:9451", "stock:9452", "invoice:9453", "notifier:9454"]"#;
         assert!(shipped.contains(compose_targets), "{shipped}");
-        let config = shipped
-            .replace(compose_targets, &serde_json::to_string(targets).unwrap())
+        let config = shipped.replace(compose_targets, &serde_json::to_string(targets).unwrap());
+        Prometheus::start_with(&config, tempfile::tempdir().unwrap()).await
+    }
+
+    /// Starts Prometheus on `config` (made to scrape and evaluate every second) in `dir`, next to
+    /// the shipped rules.
+    async fn start_with(config: &str, dir: tempfile::TempDir) -> Prometheus {
+        std::fs::copy(deploy().join("alerts.yml"), dir.path().join("alerts.yml")).unwrap();
+        let config = config
             .replace("scrape_interval: 5s", "scrape_interval: 1s")
             .replace("evaluation_interval: 15s", "evaluation_interval: 1s");
         let config_path = dir.path().join("prometheus.yml");
         std::fs::write(&config_path, config).unwrap();
+        promtool(&["check", "config", config_path.to_str().unwrap()]);
         let [port] = free_ports::<1>();
         let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
         let child = Command::new("prometheus")
@@ -575,4 +581,137 @@ fn grafana_provisioning_compose_and_dashboard_hold_together() {
     ] {
         assert!(queries.contains(metric), "no panel shows {metric}");
     }
+}
+
+/// `deploy/prometheus/kubernetes.yml` on a real Prometheus. Kubernetes service discovery cannot run
+/// here (no cluster, and Debian's Prometheus is built without it), so the test hands Prometheus,
+/// through file discovery, the very targets pod discovery makes of the rendered manifests — one
+/// per container port of each pod, with the `__meta_kubernetes_*` labels Kubernetes gives them,
+/// addressed at real stages on loopback — plus a pod that is not orderflow's. The shipped
+/// relabelling must keep exactly each stage's metrics port, under the job the rules and dashboard
+/// read, with `namespace` and `pod` labels.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_kubernetes_scrape_config_keeps_each_stage_s_metrics_port() {
+    use orderflow_e2e::kubernetes::{documents, kubectl_available, kustomization, render};
+    if !prometheus_available() || !kubectl_available() {
+        return;
+    }
+    let docs = documents(&render(&kustomization("overlays/example")));
+    let pipeline = Pipeline::start(PipelineOptions {
+        catalog: catalog(&[("A", 1000, 100)]),
+        with_notifier: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let address = |url: &str| {
+        url.trim_start_matches("http://")
+            .trim_end_matches("/metrics")
+            .trim_end_matches('/')
+            .to_owned()
+    };
+    let meta = |s: &str| {
+        s.chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect::<String>()
+    };
+    let mut groups = Vec::new();
+    for set in docs.iter().filter(|d| d["kind"] == "StatefulSet") {
+        let name = set["metadata"]["name"].as_str().unwrap();
+        let stage = pipeline.stage(name);
+        let pod_name = format!("{name}-0");
+        let template = &set["spec"]["template"];
+        let container = &template["spec"]["containers"][0];
+        for port in container["ports"].as_array().unwrap() {
+            let port_name = port["name"].as_str().unwrap();
+            let target = match port_name {
+                "grpc" => address(&stage.url()),
+                "metrics" => address(stage.metrics_url().unwrap()),
+                "http" => address(stage.http_url().unwrap()),
+                other => panic!("{name}: unexpected port {other}"),
+            };
+            let mut labels = serde_json::Map::new();
+            for (key, value) in template["metadata"]["labels"].as_object().unwrap() {
+                labels.insert(
+                    format!("__meta_kubernetes_pod_label_{}", meta(key)),
+                    value.clone(),
+                );
+                labels.insert(
+                    format!("__meta_kubernetes_pod_labelpresent_{}", meta(key)),
+                    "true".into(),
+                );
+            }
+            for (key, value) in [
+                ("namespace", set["metadata"]["namespace"].as_str().unwrap()),
+                ("pod_name", &pod_name),
+                ("pod_container_name", container["name"].as_str().unwrap()),
+                ("pod_container_port_name", port_name),
+                (
+                    "pod_container_port_number",
+                    &port["containerPort"].to_string(),
+                ),
+                ("pod_container_port_protocol", "TCP"),
+                ("pod_ready", "true"),
+                ("pod_phase", "Running"),
+            ] {
+                labels.insert(format!("__meta_kubernetes_{key}"), value.into());
+            }
+            groups.push(serde_json::json!({ "targets": [target], "labels": labels }));
+        }
+    }
+    // Someone else's pod with a port named metrics: not scraped.
+    let receiver_metrics = address(pipeline.stage("receiver").metrics_url().unwrap());
+    groups.push(serde_json::json!({
+        "targets": [receiver_metrics],
+        "labels": {
+            "__meta_kubernetes_namespace": "default",
+            "__meta_kubernetes_pod_name": "unrelated-0",
+            "__meta_kubernetes_pod_label_app_kubernetes_io_part_of": "other",
+            "__meta_kubernetes_pod_container_port_name": "metrics",
+        },
+    }));
+
+    let dir = tempfile::tempdir().unwrap();
+    let targets_file = dir.path().join("pods.json");
+    std::fs::write(&targets_file, serde_json::to_string(&groups).unwrap()).unwrap();
+    let shipped = std::fs::read_to_string(deploy().join("kubernetes.yml")).unwrap();
+    let discovery = "    kubernetes_sd_configs:\n      - role: pod\n";
+    assert!(shipped.contains(discovery), "{shipped}");
+    let config = shipped.replace(
+        discovery,
+        &format!(
+            "    file_sd_configs:\n      - files: [{:?}]\n",
+            targets_file.display().to_string()
+        ),
+    );
+    let prometheus = Prometheus::start_with(&config, dir).await;
+
+    let up = prometheus
+        .wait_for(r#"count(up{job="orderflow"} == 1) == 4"#, &[], |v| v == 4.0)
+        .await;
+    assert_eq!(up.len(), 1);
+    let series = prometheus.query(r#"up{job="orderflow"}"#).await;
+    let pods: std::collections::HashSet<&str> = series
+        .iter()
+        .map(|s| s["metric"]["pod"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        pods,
+        ["receiver-0", "stock-0", "invoice-0", "notifier-0"].into(),
+        "{series:?}"
+    );
+    for s in &series {
+        assert_eq!(s["metric"]["namespace"], "orderflow", "{s}");
+        let stage = s["metric"]["pod"].as_str().unwrap().trim_end_matches("-0");
+        let metrics = address(pipeline.stage(stage).metrics_url().unwrap());
+        assert_eq!(s["metric"]["instance"], metrics.as_str(), "{s}");
+    }
+    // The stages' own labels survive next to the pod's: rules and dashboard read `stage`.
+    prometheus
+        .wait_for(
+            r#"orderflow_store_healthy{job="orderflow", pod=~".+-0"}"#,
+            &orderflow_e2e::STAGES,
+            |v| v == 1.0,
+        )
+        .await;
 }

@@ -809,3 +809,125 @@ fn readme_blocks_and_tables_parse() {
     assert!(!section("## grpcurl").contains("## Containers"));
     assert!(section("## grpcurl").contains("grpc.health.v1.Health/Check"));
 }
+
+/// README's Kubernetes block. `kubectl kustomize` needs no cluster: it runs as written, from the
+/// repository root. The other lines need a cluster (none can run here), so what they name is
+/// checked instead: `apply -k` a directory that renders and validates against the Kubernetes
+/// schemas, the Secret every stage reads with variables every stage takes, a Service and ports
+/// to forward that the manifests have, all in the overlay's namespace. Any other line fails.
+#[test]
+fn readme_kubernetes_lines_run_or_name_what_exists() {
+    use orderflow_e2e::kubernetes::{documents, kubectl_available, render, validate};
+    if !kubectl_available() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let taken: Vec<String> = ["receiver", "stock", "invoice", "notifier"]
+        .iter()
+        .map(|stage| {
+            let help = Command::new(binary(&format!("orderflow-{stage}")))
+                .arg("--help")
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&help.stdout).into_owned()
+        })
+        .collect();
+    let lines: Vec<String> = sh_blocks(section("## Kubernetes"))
+        .into_iter()
+        .flat_map(commands)
+        .collect();
+    assert!(lines.len() >= 4, "{lines:?}");
+    let mut rendered: Option<Vec<Value>> = None;
+    for line in &lines {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["kubectl", "kustomize", dir] => {
+                let output = Command::new("sh")
+                    .args(["-c", line])
+                    .current_dir(&root)
+                    .output()
+                    .unwrap();
+                assert!(output.status.success(), "{line}: {output:?}");
+                let docs = documents(&String::from_utf8_lossy(&output.stdout));
+                assert!(docs.iter().any(|d| d["kind"] == "StatefulSet"), "{line}");
+                assert_eq!(docs, documents(&render(&root.join(dir))));
+                rendered = Some(docs);
+            }
+            ["kubectl", "apply", "-k", dir] => {
+                let yaml = render(&root.join(dir));
+                if let Err(report) = validate(&yaml) {
+                    panic!("{line}: {report}");
+                }
+                rendered = Some(documents(&yaml));
+            }
+            [
+                "kubectl",
+                "-n",
+                namespace,
+                "create",
+                "secret",
+                "generic",
+                name,
+                literals @ ..,
+            ] => {
+                let docs = rendered.as_ref().expect("a kustomize line comes first");
+                let sets: Vec<&Value> =
+                    docs.iter().filter(|d| d["kind"] == "StatefulSet").collect();
+                assert_eq!(sets.len(), 4);
+                for set in sets {
+                    assert_eq!(set["metadata"]["namespace"], *namespace, "{line}");
+                    let reads = set["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|source| source["secretRef"]["name"] == *name);
+                    assert!(
+                        reads,
+                        "{line}: {} does not read {name}",
+                        set["metadata"]["name"]
+                    );
+                }
+                assert!(!literals.is_empty(), "{line}");
+                for literal in literals {
+                    let variable = literal
+                        .strip_prefix("--from-literal=")
+                        .and_then(|l| l.split_once('='))
+                        .unwrap_or_else(|| panic!("{line}: {literal}"))
+                        .0;
+                    for help in &taken {
+                        assert!(
+                            help.contains(&format!("[env: {variable}")),
+                            "{line}: {variable} is not a stage variable"
+                        );
+                    }
+                }
+            }
+            [
+                "kubectl",
+                "-n",
+                namespace,
+                "port-forward",
+                target,
+                ports @ ..,
+            ] => {
+                let docs = rendered.as_ref().expect("a kustomize line comes first");
+                let name = target.strip_prefix("svc/").expect("a Service");
+                let service = docs
+                    .iter()
+                    .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == name)
+                    .unwrap_or_else(|| panic!("{line}: no Service {name}"));
+                assert_eq!(service["metadata"]["namespace"], *namespace, "{line}");
+                for pair in ports {
+                    let remote: u64 = pair.split(':').nth(1).unwrap().parse().unwrap();
+                    let has = service["spec"]["ports"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|p| p["port"] == remote);
+                    assert!(has, "{line}: {name} has no port {remote}");
+                }
+            }
+            _ => panic!("README's Kubernetes block has a line this test does not know: {line}"),
+        }
+    }
+}

@@ -84,9 +84,14 @@ impl Drop for Volume {
 }
 
 async fn health(stage: &Stage) -> ServingStatus {
+    health_of(stage, "").await
+}
+
+/// What `stage` says of one health service name (`""`: the whole server).
+async fn health_of(stage: &Stage, service: &str) -> ServingStatus {
     HealthClient::new(stage.channel().await)
         .check(HealthCheckRequest {
-            service: String::new(),
+            service: service.to_owned(),
         })
         .await
         .map_or(ServingStatus::Unknown, |r| r.into_inner().status())
@@ -268,6 +273,11 @@ async fn fill_and_recover(stage: &'static str, size: &str, stalled: Option<&'sta
         }
     }
     assert!(full, "{stage} never filled its {size} volume");
+    // Unready, not dead: the liveness name (Kubernetes' liveness probe) stays SERVING.
+    assert_eq!(
+        health_of(pipeline.stage(stage), "liveness").await,
+        ServingStatus::Serving
+    );
     eprintln!("{stage}: full after {} accepted orders", accepted.len());
     let metrics = pipeline.stage(stage).scrape().await.unwrap();
     assert_eq!(

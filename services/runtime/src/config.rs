@@ -125,8 +125,58 @@ pub struct ServerArgs {
     #[arg(long, env = "ORDERFLOW_MIN_FREE_SPACE", default_value = crate::disk::DEFAULT_MIN_FREE_SPACE, value_name = "SIZE|PERCENT")]
     pub min_free_space: crate::disk::MinFreeSpace,
 
+    /// Which replica of its stage this process is: a number from 0, or a name ending in
+    /// `-<number>` such as a StatefulSet pod's (`stock-0`, from the pod's `metadata.name`)
+    #[arg(
+        long,
+        env = "ORDERFLOW_REPLICA",
+        default_value = "0",
+        value_name = "N|NAME-N"
+    )]
+    pub replica: Replica,
+
+    /// Replicas of each stage. Only 1 until scale-out: a second replica would consume the same
+    /// log with a store of its own and process every order again
+    #[arg(long, env = "ORDERFLOW_REPLICAS", default_value = "1", value_parser = parse_replicas, value_name = "N")]
+    pub replicas: u32,
+
     #[command(subcommand)]
     pub command: Option<StageCommand>,
+}
+
+/// This process's index among its stage's replicas, from 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replica(pub u32);
+
+impl FromStr for Replica {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ordinal = match s.rsplit_once('-') {
+            Some(("", _)) => "",
+            Some((_, ordinal)) => ordinal,
+            None => s,
+        };
+        let digits = !ordinal.is_empty() && ordinal.bytes().all(|b| b.is_ascii_digit());
+        digits
+            .then(|| ordinal.parse().ok())
+            .flatten()
+            .map(Replica)
+            .ok_or_else(|| {
+                format!(
+                    "expected a replica number from 0, or a name ending in -<number> such as a \
+                 StatefulSet pod's (stock-0); got {s:?}"
+                )
+            })
+    }
+}
+
+fn parse_replicas(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(1) => Ok(1),
+        Ok(_) => Err("scale-out is not available yet: run exactly 1 replica of each stage".into()),
+        Err(e) => Err(format!("expected a number: {e}")),
+    }
 }
 
 /// What a stage binary can do besides serving.
@@ -204,6 +254,8 @@ impl ServerArgs {
             link_token: None,
             tls_client_ca: None,
             min_free_space: crate::disk::MinFreeSpace::Bytes(64 << 20),
+            replica: Replica(0),
+            replicas: 1,
             command: None,
         }
     }
@@ -235,6 +287,21 @@ impl ServerArgs {
     /// What this stage's own `EventLog` requires of its callers.
     pub fn link_guard(&self) -> LinkGuard {
         LinkGuard::new(self.link_token.clone(), self.tls_client_ca.is_some())
+    }
+
+    /// Refuses a replica beyond `--replicas` (say, a StatefulSet scaled past what the stage
+    /// supports): it would consume its upstream's log as a second copy of the stage.
+    pub fn check_replica(&self) -> Result<(), String> {
+        let Replica(replica) = self.replica;
+        if replica < self.replicas {
+            return Ok(());
+        }
+        Err(format!(
+            "this is replica {replica} (counting from 0; --replica / ORDERFLOW_REPLICA) but the \
+             stage runs {n} (--replicas / ORDERFLOW_REPLICAS): not starting, since a second copy of \
+             a stage would process every order again; scale the stage back to {n}",
+            n = self.replicas
+        ))
     }
 
     pub fn retention(&self) -> Retention {
@@ -357,6 +424,8 @@ pub fn ensure_data_dir(dir: &Path) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[derive(Parser, Debug)]
@@ -441,5 +510,40 @@ mod tests {
         for bad in ["127.0.0.1:50051", "ftp://x", "http://", ""] {
             assert!(UpstreamUrl::from_str(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn replicas_beyond_the_first_are_refused() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.server.replica, Replica(0));
+        assert!(config.server.check_replica().is_ok());
+        for (given, ordinal) in [
+            ("0", 0),
+            ("stock-0", 0),
+            ("stock-12", 12),
+            ("my-stock-3", 3),
+        ] {
+            assert_eq!(given.parse::<Replica>(), Ok(Replica(ordinal)), "{given}");
+        }
+        for bad in [
+            "",
+            "stock",
+            "stock-",
+            "-1",
+            "stock-x",
+            "+1",
+            "stock-99999999999",
+        ] {
+            assert!(bad.parse::<Replica>().is_err(), "{bad}");
+        }
+        let second = parse(&["--replica", "stock-1"]).unwrap();
+        let refused = second.server.check_replica().unwrap_err();
+        assert!(
+            refused.contains("replica 1") && refused.contains("ORDERFLOW_REPLICAS"),
+            "{refused}"
+        );
+        let many = parse(&["--replicas", "2"]).unwrap_err().to_string();
+        assert!(many.contains("scale-out is not available yet"), "{many}");
+        assert!(parse(&["--replicas", "1"]).is_ok());
     }
 }

@@ -4,8 +4,9 @@
 //!
 //! [`StageServer::bind`] opens the store and binds the sockets (so callers learn the addresses
 //! before serving); [`StageServer::serve`] runs until the shutdown token is cancelled, then drains:
-//! health turns NOT_SERVING, the listener stops accepting, `Subscribe` streams end, in-flight calls
-//! finish within the grace period, and the stage's background tasks complete the batch they hold.
+//! health turns NOT_SERVING (all but the liveness name), the listener stops accepting, `Subscribe`
+//! streams end, in-flight calls finish within the grace period, and the stage's background tasks
+//! complete the batch they hold.
 //!
 //! Every call to the stage's own service runs in a server span named after the method, a child of
 //! the caller's span when the request carries `traceparent`. Health, reflection and `EventLog` calls
@@ -68,6 +69,10 @@ const EVENT_LOG_SERVICE: &str = "orderflow.v1.EventLog";
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 const REFLECTION_V1_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
 const REFLECTION_V1ALPHA_SERVICE: &str = "grpc.reflection.v1alpha.ServerReflection";
+/// The health service name for liveness probes: SERVING for as long as the process answers, while
+/// `""` (readiness) follows the store. A full volume makes a stage unready, not dead: it recovers by
+/// itself once there is room, and restarting it would not make any.
+const LIVENESS: &str = "liveness";
 
 /// Starts one of a stage's background tasks, given the shutdown token it must honour.
 type TaskStarter = Box<dyn FnOnce(CancellationToken) -> JoinHandle<()> + Send>;
@@ -241,7 +246,7 @@ impl StageServer {
         };
         let health = tonic_health::server::HealthReporter::new();
         let health_service = crate::health::HealthService::new(health.clone()).server();
-        for name in ["", service, EVENT_LOG_SERVICE] {
+        for name in ["", service, EVENT_LOG_SERVICE, LIVENESS] {
             health
                 .set_service_status(name, ServingStatus::Serving)
                 .await;
@@ -479,7 +484,8 @@ pub fn respond<T>(result: Result<T, Status>) -> Result<Response<T>, Status> {
 }
 
 /// The whole life of a stage binary once its configuration is parsed: a `health` subcommand checks
-/// a running stage and exits; otherwise install logs and traces, bind, print the addresses (other
+/// a running stage and exits; a replica beyond `--replicas` refuses to start (exit code 1);
+/// otherwise install logs and traces, bind, print the addresses (other
 /// listeners as `<binary> <what> on <addr>`, then `<binary> listening on <addr>` last — tests and
 /// scripts wait for it), serve until SIGINT/SIGTERM, drain, flush traces. Start-up errors are
 /// printed and give exit code 1.
@@ -491,6 +497,10 @@ pub async fn run_main(
 ) -> std::process::ExitCode {
     if let Some(StageCommand::Health { timeout }) = &args.command {
         return crate::health::check(binary, args, *timeout).await;
+    }
+    if let Err(e) = args.check_replica() {
+        eprintln!("{binary}: {e}");
+        return std::process::ExitCode::FAILURE;
     }
     let telemetry: Telemetry = telemetry::init(&TelemetryConfig::stage(stage, args.log_format));
     raise_open_files_limit();

@@ -1,0 +1,284 @@
+//! The shipped Kubernetes manifests (`deploy/kubernetes/`): the base and the example overlay,
+//! rendered by the real `kubectl kustomize`, validated strictly against the Kubernetes 1.32 schemas
+//! (PyPI `kubernetes-validate`, offline), and checked for what the schemas cannot see: each stage a
+//! StatefulSet behind its headless Service, probes on the stage's own gRPC port (readiness on the
+//! whole server, liveness and start-up on the `liveness` name), its volume mounted where the stage
+//! keeps its store, a PodDisruptionBudget, the image's user, every variable one the stage binary
+//! takes, and every link naming a pod and port the manifests define. No cluster can run here;
+//! `tests/tests/containers.rs` runs the rendered pods on Docker and `tests/tests/prometheus.rs`
+//! runs the Kubernetes scrape config's relabelling on a real Prometheus.
+//!
+//! Needs `kubectl` (with its built-in kustomize). Without it the tests say so and pass, unless `CI`
+//! is set.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::{HashMap, HashSet},
+    process::Command,
+};
+
+use orderflow_e2e::{
+    STAGES, binary,
+    kubernetes::{container_env, documents, kubectl_available, kustomization, render, validate},
+};
+use serde_json::Value;
+
+/// The shipped kustomizations: the base and every overlay.
+const KUSTOMIZATIONS: [&str; 2] = ["base", "overlays/example"];
+
+/// Variables every stage takes that are not its own flags (OpenTelemetry's and `tracing`'s).
+const STANDARD_VARIABLES: [&str; 3] = [
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_TRACES_SAMPLER",
+    "RUST_LOG",
+];
+
+/// Each stage's gRPC port and metrics port, as its binary defaults them.
+fn default_ports(stage: &str) -> (u16, u16) {
+    match stage {
+        "receiver" => (50051, 9451),
+        "stock" => (50052, 9452),
+        "invoice" => (50053, 9453),
+        _ => (50054, 9454),
+    }
+}
+
+/// The variables `orderflow-<stage> --help` lists (`[env: NAME=…]`).
+fn variables_taken(stage: &str) -> HashSet<String> {
+    let output = Command::new(binary(&format!("orderflow-{stage}")))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    help.split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The user id the Dockerfile's images run as.
+fn image_uid() -> u64 {
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Dockerfile")).unwrap();
+    dockerfile
+        .split("--uid ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|uid| uid.parse().ok())
+        .expect("the Dockerfile creates its user with --uid")
+}
+
+fn port_named(ports: &Value, name: &str) -> Option<u64> {
+    ports
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["containerPort"].as_u64().or(p["port"].as_u64()))
+}
+
+#[test]
+fn manifests_render_validate_and_hold_together() {
+    if !kubectl_available() {
+        return;
+    }
+    let uid = image_uid();
+    for dir in KUSTOMIZATIONS {
+        let yaml = render(&kustomization(dir));
+        if let Err(report) = validate(&yaml) {
+            panic!("{dir} does not validate against Kubernetes:\n{report}");
+        }
+        let docs = documents(&yaml);
+        let services: HashMap<&str, &Value> = docs
+            .iter()
+            .filter(|d| d["kind"] == "Service")
+            .map(|d| (d["metadata"]["name"].as_str().unwrap(), d))
+            .collect();
+        let sets: HashMap<&str, &Value> = docs
+            .iter()
+            .filter(|d| d["kind"] == "StatefulSet")
+            .map(|d| (d["metadata"]["name"].as_str().unwrap(), d))
+            .collect();
+        assert_eq!(
+            sets.keys().copied().collect::<HashSet<_>>(),
+            HashSet::from(STAGES),
+            "{dir}: one StatefulSet per stage"
+        );
+        for stage in STAGES {
+            let set = sets[stage];
+            let spec = &set["spec"];
+            let labels = spec["template"]["metadata"]["labels"].as_object().unwrap();
+            let selects = |selector: &Value| {
+                selector
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| labels.get(k) == Some(v))
+            };
+            assert!(selects(&spec["selector"]["matchLabels"]), "{dir} {stage}");
+            assert_eq!(
+                spec["replicas"], 1,
+                "{dir} {stage}: one replica until scale-out"
+            );
+
+            // The governing Service: headless, listing unready pods (a full stage's log must stay
+            // reachable for the pipeline to drain), selecting exactly this stage's pods.
+            let governing = services[spec["serviceName"].as_str().unwrap()];
+            assert_eq!(governing["spec"]["clusterIP"], "None", "{dir} {stage}");
+            assert_eq!(governing["spec"]["publishNotReadyAddresses"], true);
+            assert!(selects(&governing["spec"]["selector"]), "{dir} {stage}");
+            for other in STAGES.iter().filter(|s| **s != stage) {
+                let other_labels = &sets[other]["spec"]["template"]["metadata"]["labels"];
+                let matches_other = governing["spec"]["selector"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| other_labels.get(k) == Some(v));
+                assert!(!matches_other, "{dir}: {stage}'s Service selects {other}");
+            }
+
+            let pod = &spec["template"]["spec"];
+            let containers = pod["containers"].as_array().unwrap();
+            assert_eq!(containers.len(), 1, "{dir} {stage}");
+            let container = &containers[0];
+            let env: HashMap<String, String> =
+                container_env(&docs, container).into_iter().collect();
+
+            // Ports: the ones the stage listens on, named for the Services and Prometheus.
+            let (grpc, metrics) = default_ports(stage);
+            let listen = env["ORDERFLOW_LISTEN"].clone();
+            assert_eq!(listen, format!("0.0.0.0:{grpc}"), "{dir} {stage}");
+            assert_eq!(
+                env["ORDERFLOW_METRICS_LISTEN"],
+                format!("0.0.0.0:{metrics}")
+            );
+            assert_eq!(port_named(&container["ports"], "grpc"), Some(grpc.into()));
+            assert_eq!(
+                port_named(&container["ports"], "metrics"),
+                Some(metrics.into())
+            );
+            for port in governing["spec"]["ports"].as_array().unwrap() {
+                let target = port["targetPort"].as_str().unwrap();
+                assert!(
+                    port_named(&container["ports"], target).is_some(),
+                    "{dir} {stage}: Service port {target} is not a container port"
+                );
+            }
+
+            // Probes on grpc.health.v1 at the stage's own port: readiness asks for the whole
+            // server (the store can commit), liveness and start-up for the `liveness` name.
+            let probe = |name: &str| &container[name]["grpc"];
+            assert_eq!(probe("readinessProbe")["port"], grpc, "{dir} {stage}");
+            assert!(probe("readinessProbe").get("service").is_none());
+            for name in ["livenessProbe", "startupProbe"] {
+                assert_eq!(probe(name)["port"], grpc, "{dir} {stage} {name}");
+                assert_eq!(probe(name)["service"], "liveness", "{dir} {stage} {name}");
+            }
+
+            // The store lives on the claim template's volume, where ORDERFLOW_DATA_DIR points.
+            let claims: Vec<&str> = spec["volumeClaimTemplates"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["metadata"]["name"].as_str().unwrap())
+                .collect();
+            let data_dir = env["ORDERFLOW_DATA_DIR"].as_str();
+            let mount = container["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["mountPath"] == data_dir)
+                .unwrap_or_else(|| panic!("{dir} {stage}: nothing mounted at {data_dir}"));
+            assert!(claims.contains(&mount["name"].as_str().unwrap()));
+
+            // The image's own user, so the volume (fsGroup) is writable and nothing runs as root.
+            let security = &pod["securityContext"];
+            assert_eq!(security["runAsUser"], uid, "{dir} {stage}");
+            assert_eq!(security["fsGroup"], uid, "{dir} {stage}");
+            assert_eq!(security["runAsNonRoot"], true);
+            assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+
+            // SIGTERM: calls get the shutdown grace, background tasks as long again.
+            let grace = env
+                .get("ORDERFLOW_SHUTDOWN_GRACE")
+                .map_or(10, |g| g.trim_end_matches('s').parse::<u64>().unwrap());
+            assert!(
+                pod["terminationGracePeriodSeconds"].as_u64().unwrap() > 2 * grace,
+                "{dir} {stage}"
+            );
+
+            // Every variable is one the binary takes.
+            let taken = variables_taken(stage);
+            for name in env.keys() {
+                assert!(
+                    taken.contains(name) || STANDARD_VARIABLES.contains(&name.as_str()),
+                    "{dir} {stage}: orderflow-{stage} does not take {name}"
+                );
+            }
+
+            // Every link names a pod of a StatefulSet through its governing Service, and a port
+            // that Service has.
+            for (name, value) in &env {
+                let Some(rest) = value.strip_prefix("http://") else {
+                    continue;
+                };
+                if name.starts_with("OTEL_") {
+                    continue;
+                }
+                let (host, port) = rest.split_once(':').unwrap();
+                let port: u64 = port.trim_end_matches('/').parse().unwrap();
+                let (pod_name, service) = host.split_once('.').unwrap_or_else(|| {
+                    panic!("{dir} {stage}: {name}={value} names no pod (<pod>.<service>)")
+                });
+                let target = services
+                    .get(service)
+                    .unwrap_or_else(|| panic!("{dir} {stage}: {name}: no Service {service}"));
+                let (set_name, ordinal) = pod_name.rsplit_once('-').unwrap();
+                let target_set = sets[set_name];
+                assert_eq!(target_set["spec"]["serviceName"], service, "{name}");
+                let ordinal: u64 = ordinal.parse().unwrap();
+                assert!(ordinal < target_set["spec"]["replicas"].as_u64().unwrap());
+                let has_port = target["spec"]["ports"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["port"] == port);
+                assert!(
+                    has_port,
+                    "{dir} {stage}: {name}: {service} has no port {port}"
+                );
+            }
+
+            // At most one pod of the stage away at a time.
+            let budget = docs
+                .iter()
+                .find(|d| {
+                    d["kind"] == "PodDisruptionBudget"
+                        && selects(&d["spec"]["selector"]["matchLabels"])
+                })
+                .unwrap_or_else(|| panic!("{dir} {stage}: no PodDisruptionBudget"));
+            assert_eq!(budget["spec"]["maxUnavailable"], 1);
+        }
+
+        // Clients reach ready receivers on gRPC and HTTP.
+        let api = services["receiver-api"];
+        assert!(api["spec"].get("clusterIP").is_none());
+        let receiver = &sets["receiver"]["spec"]["template"]["spec"]["containers"][0];
+        for port in ["grpc", "http"] {
+            assert!(port_named(&api["spec"]["ports"], port).is_some());
+            assert!(port_named(&receiver["ports"], port).is_some());
+        }
+    }
+}
+
+/// A manifest the schemas refuse is caught: the check is not a formality.
+#[test]
+fn validation_refuses_a_misspelt_field() {
+    if !kubectl_available() {
+        return;
+    }
+    let yaml = render(&kustomization("base")).replacen("failureThreshold", "failureTreshold", 1);
+    let report = validate(&yaml).expect_err("a misspelt field passed validation");
+    assert!(report.contains("failureTreshold"), "{report}");
+}
