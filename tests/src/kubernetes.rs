@@ -106,9 +106,14 @@ pub fn resource<'a>(documents: &'a [Value], kind: &str, name: &str) -> &'a Value
         .unwrap_or_else(|| panic!("no {kind} {name}"))
 }
 
-/// The environment a stage's container gets, in Kubernetes' order: every key of the ConfigMaps it
-/// takes with `envFrom` (Secrets are left out: none is shipped), then its own `env`, which wins.
-pub fn container_env(documents: &[Value], container: &Value) -> Vec<(String, String)> {
+/// The environment a stage's container gets in pod `pod_name`, in Kubernetes' order: every key of
+/// the ConfigMaps it takes with `envFrom` (Secrets are left out: none is shipped), then its own
+/// `env`, which wins (plain values, and the pod's name through `fieldRef`).
+pub fn container_env(
+    documents: &[Value],
+    container: &Value,
+    pod_name: &str,
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = Vec::new();
     let mut set = |name: &str, value: &str| {
         env.retain(|(n, _)| n != name);
@@ -123,9 +128,12 @@ pub fn container_env(documents: &[Value], container: &Value) -> Vec<(String, Str
         }
     }
     for var in container["env"].as_array().into_iter().flatten() {
-        let value = var["value"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{var}: only plain values are used"));
+        let value = match var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            Some("metadata.name") => pod_name,
+            _ => var["value"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{var}: only plain values and the pod name are used")),
+        };
         set(var["name"].as_str().unwrap(), value);
     }
     env

@@ -935,7 +935,7 @@ impl Pods {
                     capability.as_str().context("cap")?.into(),
                 ]);
             }
-            let mut env = orderflow_e2e::kubernetes::container_env(docs, container);
+            let mut env = orderflow_e2e::kubernetes::container_env(docs, container, &pod_name);
             // Spans leave each stage within 200 ms instead of 5 s, for the test's sake.
             env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()));
             for (key, value) in env {

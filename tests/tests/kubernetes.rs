@@ -15,12 +15,15 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    process::Command,
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
 };
 
 use orderflow_e2e::{
     STAGES, binary,
-    kubernetes::{container_env, documents, kubectl_available, kustomization, render, validate},
+    kubernetes::{
+        container_env, documents, kubectl_available, kustomization, render, resource, validate,
+    },
 };
 use serde_json::Value;
 
@@ -143,7 +146,11 @@ fn manifests_render_validate_and_hold_together() {
             assert_eq!(containers.len(), 1, "{dir} {stage}");
             let container = &containers[0];
             let env: HashMap<String, String> =
-                container_env(&docs, container).into_iter().collect();
+                container_env(&docs, container, &format!("{stage}-0"))
+                    .into_iter()
+                    .collect();
+            assert_eq!(env["ORDERFLOW_REPLICA"], format!("{stage}-0"), "{dir}");
+            assert_eq!(env["ORDERFLOW_REPLICAS"], "1", "{dir}");
 
             // Ports: the ones the stage listens on, named for the Services and Prometheus.
             let (grpc, metrics) = default_ports(stage);
@@ -281,4 +288,53 @@ fn validation_refuses_a_misspelt_field() {
     let yaml = render(&kustomization("base")).replacen("failureThreshold", "failureTreshold", 1);
     let report = validate(&yaml).expect_err("a misspelt field passed validation");
     assert!(report.contains("failureTreshold"), "{report}");
+}
+
+/// `kubectl scale statefulset stock --replicas 2` makes a pod `stock-1` with the same environment:
+/// it must refuse to start (a second consumer of the receiver's log with a store of its own would
+/// process every order again) and say why, before touching its volume, while `stock-0` with that
+/// environment starts.
+#[test]
+fn a_pod_beyond_the_replicas_refuses_to_start() {
+    if !kubectl_available() {
+        return;
+    }
+    let docs = documents(&render(&kustomization("overlays/example")));
+    let set = resource(&docs, "StatefulSet", "stock");
+    let container = &set["spec"]["template"]["spec"]["containers"][0];
+    let dir = tempfile::tempdir().unwrap();
+    let start = |pod: &str| {
+        let data = dir.path().join(pod);
+        let child = Command::new(binary("orderflow-stock"))
+            .env_clear()
+            .envs(container_env(&docs, container, pod))
+            // Loopback and a temp dir instead of the pod's network and volume; no collector.
+            .env("ORDERFLOW_LISTEN", "127.0.0.1:0")
+            .env("ORDERFLOW_METRICS_LISTEN", "none")
+            .env("ORDERFLOW_DATA_DIR", &data)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child, data)
+    };
+
+    let (second, data) = start("stock-1");
+    let output = second.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("replica 1") && said.contains("scale the stage back to 1"),
+        "{said}"
+    );
+    assert!(!data.exists(), "stock-1 touched its data directory");
+
+    let (mut first, data) = start("stock-0");
+    let mut lines = BufReader::new(first.stdout.take().unwrap()).lines();
+    let listening = lines.any(|l| l.is_ok_and(|l| l.contains("listening on")));
+    let _ = first.kill();
+    let _ = first.wait();
+    assert!(listening, "stock-0 did not start");
+    assert!(data.join("stock.redb").exists());
 }

@@ -661,6 +661,8 @@ fn sample(flag: &str) -> (&'static str, &'static [&'static str]) {
         "--retain-for" => ("stock,receiver", &[]),
         "--min-free-space" => ("1%", &[]),
         "--shutdown-grace" => ("5s", &[]),
+        "--replica" => ("receiver-0", &[]),
+        "--replicas" => ("1", &[]),
         "--admin-token" => ("admin-token-1", &[]),
         "--tls-cert" => ("cert.pem", &["--tls-key", "key.pem"]),
         "--tls-key" => ("key.pem", &["--tls-cert", "cert.pem"]),
