@@ -89,15 +89,17 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
+/// Serves `GET /metrics` on `listener` (if any) until `shutdown`, and keeps the histograms' recent
+/// samples folded into their buckets meanwhile: unfolded, they pile up in memory with every order
+/// (`--metrics-listen none` included, where nothing ever renders them).
+pub async fn serve(listener: Option<TcpListener>, shutdown: CancellationToken) {
     let Some(handle) = handle() else {
         return;
     };
     let upkeep = {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
             loop {
                 tokio::select! {
                     _ = tick.tick() => handle.run_upkeep(),
@@ -106,17 +108,22 @@ pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
             }
         })
     };
-    let app = Router::new()
-        .route("/metrics", get(move || async move { handle.render() }))
-        .route("/", get(|| async { "orderflow metrics: GET /metrics\n" }));
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
-    if let Err(e) = served {
-        tracing::warn!(error = %e, "metrics server failed");
+    if let Some(listener) = listener {
+        let app = Router::new()
+            .route("/metrics", get(move || async move { handle.render() }))
+            .route("/", get(|| async { "orderflow metrics: GET /metrics\n" }));
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "metrics server failed");
+        }
     }
     let _ = upkeep.await;
 }
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Binds the metrics listener, with an error naming the flag and the variable.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {

@@ -295,8 +295,7 @@ impl StageServer {
             args.retention(),
             shutdown.clone(),
         ));
-        let metrics =
-            metrics.map(|listener| tokio::spawn(crate::metrics::serve(listener, shutdown.clone())));
+        let metrics = tokio::spawn(crate::metrics::serve(metrics, shutdown.clone()));
         let monitor = tokio::spawn(free_space.monitor(stage, shutdown.clone()));
         let reporter = tokio::spawn(report_store_condition(
             stage,
@@ -357,9 +356,7 @@ impl StageServer {
             for task in tasks {
                 task.await?;
             }
-            if let Some(metrics) = metrics {
-                metrics.await?;
-            }
+            metrics.await?;
             monitor.await?;
             reporter.await?;
             retention.await
