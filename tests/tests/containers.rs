@@ -358,6 +358,27 @@ fn prune_intermediate_images() {
     }
 }
 
+/// Waits up to 30 s until `spans` holds spans from all four stages and a whole trace for each of
+/// `orders`; fails with what is missing.
+async fn await_whole_traces(spans: impl Fn() -> Vec<otlp::ReceivedSpan>, orders: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let spans = spans();
+        let services: HashSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
+        let from_all = otlp::SERVICES.iter().all(|s| services.contains(s));
+        match otlp::verify_order_traces(&spans, orders) {
+            Ok(_) if from_all => return,
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "spans only from {services:?} ({} spans)",
+                spans.len()
+            ),
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// The spans the test's OTLP receiver has written to `dir` so far.
 fn spans_in(dir: &Path) -> Vec<otlp::ReceivedSpan> {
     std::fs::read_to_string(dir.join("spans.jsonl"))
@@ -713,25 +734,7 @@ async fn compose_pipeline_survives_a_stopped_stage_and_a_partition() {
         .iter()
         .map(|p| p.result.clone().unwrap())
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let spans = project.spans();
-        let services: HashSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
-        let complete = otlp::SERVICES.iter().all(|s| services.contains(s));
-        if complete {
-            if let Err(e) = otlp::verify_order_traces(&spans, &first) {
-                assert!(Instant::now() < deadline, "{e}");
-            } else {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "spans only from {services:?} ({} spans)",
-            spans.len()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    await_whole_traces(|| project.spans(), &first).await;
 
     // Prometheus, from the shipped config on the compose network, scrapes every stage.
     let prometheus = format!("http://127.0.0.1:{}", project.ports["PROMETHEUS_PORT"]);
@@ -1109,16 +1112,5 @@ async fn kubernetes_pods_run_as_rendered() {
         .iter()
         .map(|p| p.result.clone().unwrap())
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let spans = pods.spans();
-        let services: HashSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
-        let from_all = otlp::SERVICES.iter().all(|s| services.contains(s));
-        match otlp::verify_order_traces(&spans, &first) {
-            Ok(_) if from_all => break,
-            Ok(_) => assert!(Instant::now() < deadline, "spans only from {services:?}"),
-            Err(e) => assert!(Instant::now() < deadline, "{e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    await_whole_traces(|| pods.spans(), &first).await;
 }
