@@ -1,3 +1,8 @@
+/// jemalloc instead of the system allocator: the hot path allocates per order, and jemalloc's
+/// thread caches cut the stage's CPU per order (BENCHMARKS.md, "2026-11-28").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = orderflow_receiver::Config::from_args();
