@@ -16,9 +16,12 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use orderflow_proto::v1::event_log_server::EventLogServer;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Response, Status, service::Routes, transport::Server};
+use tonic::{
+    Response, Status,
+    service::Routes,
+    transport::{Server, server::TcpIncoming},
+};
 use tonic_health::ServingStatus;
 
 use crate::{
@@ -334,13 +337,16 @@ impl StageServer {
         if let Some(identity) = &identity {
             builder = builder.tls_config(identity.grpc())?;
         }
+        // Builder::tcp_nodelay does not apply to a listener of our own: the incoming stream sets it.
+        // Without it Nagle holds each small reply or stream batch back until the previous segment
+        // is acknowledged, which cost milliseconds per hop (BENCHMARKS.md, "2026-11-28, late").
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let server = builder
-            .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .trace_fn(move |request| rpc_span(stage, request))
             .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+            .serve_with_incoming_shutdown(incoming, drain);
         let grace = async {
             shutdown.cancelled().await;
             tokio::time::sleep(args.shutdown_grace).await;
