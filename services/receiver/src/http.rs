@@ -34,6 +34,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use axum_server::accept::NoDelayAcceptor;
 use orderflow_proto::v1::{
     GetOrderRequest, LineRejection, Money, Order, OrderLine, OrderStatus, PlaceOrderRequest,
 };
@@ -109,12 +110,14 @@ impl Door {
             router(self.receiver).into_make_service(),
             self.max_connections,
         );
+        // Nagle off, as on the gRPC port: an answer is never held back for an acknowledgement.
         let served = match self.tls.map(|identity| identity.rustls_config()) {
             Some(Ok(config)) => {
-                let mut server = axum_server::from_tcp_rustls(
-                    self.listener,
+                let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(
                     axum_server::tls_rustls::RustlsConfig::from_config(config),
-                );
+                )
+                .acceptor(NoDelayAcceptor::new());
+                let mut server = axum_server::from_tcp(self.listener).acceptor(acceptor);
                 bound_connections(server.http_builder());
                 server.handle(handle).serve(app).await
             }
@@ -123,7 +126,8 @@ impl Door {
                 return;
             }
             None => {
-                let mut server = axum_server::from_tcp(self.listener);
+                let mut server =
+                    axum_server::from_tcp(self.listener).acceptor(NoDelayAcceptor::new());
                 bound_connections(server.http_builder());
                 server.handle(handle).serve(app).await
             }
