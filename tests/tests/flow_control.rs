@@ -13,9 +13,9 @@ use orderflow_proto::v1::{HeadRequest, SubscribeRequest, event_log_client::Event
 const ORDERS: usize = 20_000;
 /// Ceiling on any stage's peak RSS (measured on 2026-11-28 with jemalloc and 512 entries per commit:
 /// receiver 40–42, stock 29–31, invoice 67–68, notifier after catching up 62–69 MiB; see
-/// BENCHMARKS.md). redb's cache is capped at
-/// 32 MiB per store and a subscriber buffers at most two batches, so only a leak or unbounded
-/// buffering breaks it; the figures are printed for the record.
+/// BENCHMARKS.md, "2026-11-28, late"). redb's cache is capped at 32 MiB per store and a subscriber
+/// buffers at most two batches, so only a leak or unbounded buffering breaks it; the figures are
+/// printed for the record.
 const MAX_PEAK_RSS_MIB: u64 = 96;
 
 #[tokio::test(flavor = "multi_thread")]

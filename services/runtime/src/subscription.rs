@@ -46,7 +46,7 @@ use crate::{
 /// Entries applied in one transaction at most when several batches are waiting. A stage's peak memory
 /// during catch-up follows the batch (each entry's effects and the transaction's dirty pages); 512
 /// keeps the fsync per entry negligible while the notifier stays well under its RSS ceiling, where
-/// 2048 pushed it over (BENCHMARKS.md, "2026-11-28").
+/// 2048 pushed it over (BENCHMARKS.md, "2026-11-28, late").
 pub const MAX_ENTRIES_PER_COMMIT: usize = 512;
 /// First and largest pause between reconnection attempts.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
