@@ -205,11 +205,16 @@ async fn sampled_orders_are_whole_traces_and_unsampled_ones_export_nothing() {
     let mut pipeline = Pipeline::start(PipelineOptions {
         catalog: catalog(&[("A", 1000, 10_000)]),
         with_notifier: true,
+        // Retries in every trace, but never so many failures in a row that an order's payment
+        // fails: with 5 attempts (the default) that happened to ~0.24 % of orders, and then the
+        // trace has no "create invoice". 0.3^30 does not happen.
         invoice_args: [
             "--gateway-transient-failure-rate",
             "0.3",
             "--payment-backoff-min",
             "5ms",
+            "--payment-max-attempts",
+            "30",
         ]
         .map(String::from)
         .to_vec(),
