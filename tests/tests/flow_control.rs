@@ -11,11 +11,10 @@ use orderflow_e2e::{Pipeline, PipelineOptions, catalog, line, named_catalog, pla
 use orderflow_proto::v1::{HeadRequest, SubscribeRequest, event_log_client::EventLogClient};
 
 const ORDERS: usize = 20_000;
-/// Ceiling on any stage's peak RSS (measured on 2026-11-28 with jemalloc and 512 entries per commit:
-/// receiver 40–42, stock 29–31, invoice 67–68, notifier after catching up 62–69 MiB; see
-/// BENCHMARKS.md, "2026-11-28, late"). redb's cache is capped at 32 MiB per store and a subscriber
-/// buffers at most two batches, so only a leak or unbounded buffering breaks it; the figures are
-/// printed for the record.
+/// Ceiling on any stage's peak RSS (measured on 2026-12-02 with jemalloc, 512 entries per commit and
+/// an 8 MiB page cache: receiver 40, stock 29, invoice 62, notifier after catching up 60 MiB; see
+/// BENCHMARKS.md). redb's cache is capped at 8 MiB per store and a subscriber buffers at most two
+/// batches, so only a leak or unbounded buffering breaks it; the figures are printed for the record.
 const MAX_PEAK_RSS_MIB: u64 = 96;
 
 #[tokio::test(flavor = "multi_thread")]

@@ -71,8 +71,9 @@ const PROBE_BYTES: usize = 64 * 1024;
 const FIRST_OFFSET_KEY: &str = "outbox.first";
 
 /// redb's page cache per store. Hot data (the log's tail, stage state) fits; a long backlog is read
-/// from disk instead of growing memory.
-pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// from disk instead of growing memory. 8 MiB rather than 32: no stage got slower, catch-up got
+/// faster and peak RSS fell by up to 30 MiB per stage (BENCHMARKS.md, "2026-11-28, late").
+pub const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Everything that can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -269,7 +270,7 @@ impl Store {
         Self::open_with_cache(path, CACHE_BYTES)
     }
 
-    /// [`Store::open`] with a page cache of `cache_bytes` instead of `CACHE_BYTES` (32 MiB).
+    /// [`Store::open`] with a page cache of `cache_bytes` instead of `CACHE_BYTES` (8 MiB).
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         let (db, loaded) = open_database(path, cache_bytes)?;
         tracing::debug!(path = %path.display(), first = loaded.first, next = loaded.next, "store opened");
