@@ -1,7 +1,7 @@
 //! `orderflow get` and `orderflow watch`: where an order is, once or live.
 
 use orderflow_proto::v1::{
-    GetOrderRequest, Order, OrderStatus, WatchOrderRequest,
+    GetOrderRequest, Order, OrderStatus, OrderTransition, WatchOrderRequest,
     order_receiver_client::OrderReceiverClient,
 };
 
@@ -33,17 +33,21 @@ pub async fn watch(connect: &Connect, order_id: String) -> anyhow::Result<()> {
         .await
         .map_err(|status| refused("WatchOrder", status))?
         .into_inner();
-    let mut shown = 0;
+    // The stages' logs are read independently, so a state can be learned after a later one (a
+    // payment failure after the notification about it) and then sits before it in the order's
+    // list: print each state once, as it is learned, rather than "whatever follows what was
+    // printed".
+    let mut shown: Vec<i32> = Vec::new();
     let mut last = None;
     while let Some(order) = stream
         .message()
         .await
         .map_err(|status| refused("WatchOrder", status))?
     {
-        if shown == 0 {
+        if last.is_none() {
             println!("order {}  customer {}", order.order_id, order.customer_id);
         }
-        for transition in order.transitions.iter().skip(shown) {
+        for transition in newly_learned(&order, &mut shown) {
             println!(
                 "  {}  {:<14} {}",
                 time(transition.at.as_ref()),
@@ -51,13 +55,24 @@ pub async fn watch(connect: &Connect, order_id: String) -> anyhow::Result<()> {
                 transition.stage
             );
         }
-        shown = order.transitions.len();
         last = Some(order);
     }
     if let Some(order) = last {
         print!("{}", details(&order));
     }
     Ok(())
+}
+
+/// The order's transitions whose state is not in `shown` yet, in the order's order; adds them.
+fn newly_learned<'a>(order: &'a Order, shown: &mut Vec<i32>) -> Vec<&'a OrderTransition> {
+    let mut new = Vec::new();
+    for transition in &order.transitions {
+        if !shown.contains(&transition.status) {
+            shown.push(transition.status);
+            new.push(transition);
+        }
+    }
+    new
 }
 
 fn short(status: OrderStatus) -> &'static str {
@@ -138,4 +153,40 @@ fn details(order: &Order) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(path: &[OrderStatus]) -> Order {
+        Order {
+            transitions: path
+                .iter()
+                .map(|status| OrderTransition {
+                    status: (*status).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_state_learned_late_is_printed_once_when_it_is_learned() {
+        use OrderStatus::{Accepted, Notified, PaymentFailed, Reserved};
+        let mut shown = Vec::new();
+        let statuses = |new: Vec<&OrderTransition>| -> Vec<OrderStatus> {
+            new.iter().map(|t| t.status()).collect()
+        };
+        let first = order(&[Accepted, Reserved, Notified]);
+        assert_eq!(
+            statuses(newly_learned(&first, &mut shown)),
+            [Accepted, Reserved, Notified]
+        );
+        // The invoice stage's verdict arrives after the notifier's and sorts before it.
+        let then = order(&[Accepted, Reserved, PaymentFailed, Notified]);
+        assert_eq!(statuses(newly_learned(&then, &mut shown)), [PaymentFailed]);
+        assert!(newly_learned(&then, &mut shown).is_empty());
+    }
 }
