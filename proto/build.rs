@@ -24,5 +24,39 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::codec::StrictCodec")
         .file_descriptor_set_path(out_dir.join("orderflow_descriptor.bin"))
         .compile_with_config(prost_config, PROTOS, &["."])?;
+    compile_stored_event_log();
     Ok(())
+}
+
+/// The server half of `orderflow.v1.EventLog` once more, answering `Subscribe` with
+/// `crate::stored::StoredEventBatch`: the same bytes on the wire as `EventBatch`, but each event is
+/// sent as the outbox stores it, already encoded, instead of being decoded and encoded again.
+/// Clients (and reflection) keep the generated `EventBatch`.
+fn compile_stored_event_log() {
+    use tonic_prost_build::manual::{Builder, Method, Service};
+    let method = |name: &str, route: &str, input: &str, output: &str| {
+        Method::builder()
+            .name(name)
+            .route_name(route)
+            .input_type(format!("crate::v1::{input}"))
+            .output_type(output)
+            .codec_path("crate::codec::StrictCodec")
+    };
+    let service = Service::builder()
+        .name("EventLog")
+        .package("orderflow.v1")
+        .method(
+            method(
+                "subscribe",
+                "Subscribe",
+                "SubscribeRequest",
+                "crate::stored::StoredEventBatch",
+            )
+            .server_streaming()
+            .build(),
+        )
+        .method(method("ack", "Ack", "AckRequest", "crate::v1::AckResponse").build())
+        .method(method("head", "Head", "HeadRequest", "crate::v1::HeadResponse").build())
+        .build();
+    Builder::new().build_client(false).compile(&[service]);
 }

@@ -1,5 +1,8 @@
 //! `orderflow.v1.EventLog`, served by every stage over its own outbox.
 //!
+//! Entries go out as the outbox stores them: each event's encoded bytes, never decoded and encoded
+//! again on the way ([`orderflow_proto::stored`]; the same bytes on the wire as `EventBatch`).
+//!
 //! `Subscribe` runs one producer task per subscriber: it reads a batch from the store, sends it into a
 //! bounded channel of [`SUBSCRIBE_CHANNEL_DEPTH`] batches and reads the next one only when the channel
 //! has room again. The channel drains only as fast as tonic can write to the HTTP/2 stream, and that
@@ -18,9 +21,9 @@
 use std::{pin::Pin, time::Duration};
 
 use futures::Stream;
-use orderflow_proto::v1::{
-    AckRequest, AckResponse, ConsumerPosition, EventBatch, HeadRequest, HeadResponse,
-    SubscribeRequest, event_log_server::EventLog,
+use orderflow_proto::{
+    stored::{StoredEventBatch, event_log_server::EventLog},
+    v1::{AckRequest, AckResponse, ConsumerPosition, HeadRequest, HeadResponse, SubscribeRequest},
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -70,7 +73,7 @@ fn check_consumer_field(consumer: &str, violations: &mut FieldViolations) {
     }
 }
 
-type BatchStream = Pin<Box<dyn Stream<Item = Result<EventBatch, Status>> + Send>>;
+type BatchStream = Pin<Box<dyn Stream<Item = Result<StoredEventBatch, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl EventLog for EventLogService {
@@ -180,7 +183,7 @@ struct Feed {
 async fn produce(
     store: Store,
     mut feed: Feed,
-    tx: mpsc::Sender<Result<EventBatch, Status>>,
+    tx: mpsc::Sender<Result<StoredEventBatch, Status>>,
     shutdown: CancellationToken,
 ) {
     let mut head_rx = store.watch_head();
@@ -219,7 +222,7 @@ async fn produce(
                 continue;
             };
             next = last.offset + 1;
-            let batch = EventBatch {
+            let batch = StoredEventBatch {
                 entries: batch,
                 head,
             };

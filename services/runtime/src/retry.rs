@@ -995,7 +995,7 @@ mod tests {
             .read_log(0, 1000, usize::MAX)
             .unwrap()
             .into_iter()
-            .map(|e| e.event.unwrap().order_id)
+            .map(|e| e.decode_event().unwrap().order_id)
             .collect();
         out.sort();
         out

@@ -14,7 +14,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use orderflow_proto::v1::event_log_server::EventLogServer;
+use orderflow_proto::stored::event_log_server::EventLogServer;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::{

@@ -53,7 +53,7 @@ use std::{
     time::Duration,
 };
 
-use orderflow_proto::v1::{Event, LogEntry};
+use orderflow_proto::{stored::StoredLogEntry, v1::Event};
 use prost::Message;
 use redb::{
     Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
@@ -80,11 +80,6 @@ pub const CACHE_BYTES: usize = 8 * 1024 * 1024;
 pub enum StoreError {
     #[error("storage failure: {0}")]
     Storage(#[from] redb::Error),
-    #[error("log entry {offset} cannot be decoded: {source}")]
-    Corrupt {
-        offset: u64,
-        source: prost::DecodeError,
-    },
     #[error("offset {requested} was truncated by retention; the log starts at {first}")]
     Truncated { requested: u64, first: u64 },
     #[error("offset {requested} lies beyond the log's head {head}")]
@@ -591,15 +586,15 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// Entries from `from` in offset order: at most `max` of them, and no more once their encoded
-    /// size reaches `max_bytes` (but always at least one, whatever its size). `from == next_offset`
-    /// gives an empty batch.
+    /// Entries from `from` in offset order, each event as stored (encoded, for `Subscribe` to send
+    /// as it is): at most `max` of them, and no more once their encoded size reaches `max_bytes` (but
+    /// always at least one, whatever its size). `from == next_offset` gives an empty batch.
     pub fn read_log(
         &self,
         from: u64,
         max: usize,
         max_bytes: usize,
-    ) -> Result<Vec<LogEntry>, StoreError> {
+    ) -> Result<Vec<StoredLogEntry>, StoreError> {
         let read = self.observe(self.db()?.begin_read().map_err(StoreError::from))?;
         let (first, next) = log_bounds(&read)?;
         if from < first {
@@ -619,16 +614,13 @@ impl Store {
         let mut size = 0usize;
         for row in outbox.range(from..)?.take(max) {
             let (offset, bytes) = row?;
-            let offset = offset.value();
             size = size.saturating_add(bytes.value().len());
             if size > max_bytes && !entries.is_empty() {
                 break;
             }
-            let event = Event::decode(bytes.value())
-                .map_err(|source| StoreError::Corrupt { offset, source })?;
-            entries.push(LogEntry {
-                offset,
-                event: Some(event),
+            entries.push(StoredLogEntry {
+                offset: offset.value(),
+                event: bytes::Bytes::copy_from_slice(bytes.value()),
             });
         }
         Ok(entries)
@@ -1036,9 +1028,9 @@ mod tests {
         let entries = store.read_log(0, 10, usize::MAX).unwrap();
         let ids: Vec<_> = entries
             .iter()
-            .map(|e| (e.offset, e.event.as_ref().unwrap().order_id.as_str()))
+            .map(|e| (e.offset, e.decode_event().unwrap().order_id))
             .collect();
-        assert_eq!(ids, vec![(0, "a"), (1, "b")]);
+        assert_eq!(ids, vec![(0, "a".to_owned()), (1, "b".to_owned())]);
     }
 
     #[test]

@@ -120,7 +120,7 @@ mod tests {
         assert_eq!((item.available, item.reserved), (8, 2));
         let released = store.read_log(0, 10, usize::MAX).unwrap();
         assert!(matches!(
-            released[0].event.as_ref().and_then(|e| e.kind.as_ref()),
+            released[0].decode_event().unwrap().kind,
             Some(Kind::StockReleased(r)) if r.lines.len() == 2
         ));
     }
