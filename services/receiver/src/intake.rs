@@ -126,66 +126,72 @@ fn write(
     let now = now_unix_ms();
     let oldest_valid = now.saturating_sub(window.as_millis() as u64);
     let mut answers = Vec::with_capacity(orders.len());
-    for NewOrder {
-        mut order,
-        event,
-        idempotency,
-    } in orders
+    // Each table is opened once for the whole batch; the new orders' events are appended after,
+    // in the same order, so each takes the offset counted here.
+    let mut events = Vec::with_capacity(orders.len());
+    let mut next_offset = txn.next_offset();
     {
-        if let Some((key, hash)) = &idempotency {
-            let known = {
-                let keys = txn.redb().open_table(KEYS)?;
-                match keys.get(key.as_str())? {
+        let mut table = txn.redb().open_table(ORDERS)?;
+        let mut keys = txn.redb().open_table(KEYS)?;
+        let mut keys_by_time = txn.redb().open_table(KEYS_BY_TIME)?;
+        for NewOrder {
+            mut order,
+            event,
+            idempotency,
+        } in orders
+        {
+            if let Some((key, hash)) = &idempotency {
+                let known = match keys.get(key.as_str())? {
                     Some(bytes) => Some(decode_record::<KeyRecord>(
                         "idempotency_keys",
                         key,
                         bytes.value(),
                     )?),
                     None => None,
+                };
+                if let Some(record) = known.filter(|r| r.created_unix_ms >= oldest_valid) {
+                    if &record.request_hash == hash {
+                        answers.push(Ok(Accepted {
+                            order_id: record.order_id,
+                            offset: record.offset,
+                            replayed: true,
+                        }));
+                    } else {
+                        answers.push(Err(Status::already_exists(format!(
+                            "idempotency key {:?} was already used for a different order ({}); use a new key for a new order",
+                            key.split('\u{0}').nth(1).unwrap_or_default(),
+                            record.order_id
+                        ))));
+                    }
+                    continue;
                 }
-            };
-            if let Some(record) = known.filter(|r| r.created_unix_ms >= oldest_valid) {
-                if &record.request_hash == hash {
-                    answers.push(Ok(Accepted {
-                        order_id: record.order_id,
-                        offset: record.offset,
-                        replayed: true,
-                    }));
-                } else {
-                    answers.push(Err(Status::already_exists(format!(
-                        "idempotency key {:?} was already used for a different order ({}); use a new key for a new order",
-                        key.split('\u{0}').nth(1).unwrap_or_default(),
-                        record.order_id
-                    ))));
-                }
-                continue;
             }
-        }
-        let offset = txn.append(&event);
-        order.offset = offset;
-        txn.redb()
-            .open_table(ORDERS)?
-            .insert(order.order_id.as_str(), order.encode_to_vec().as_slice())?;
-        if let Some((key, hash)) = idempotency {
-            let record = KeyRecord {
-                order_id: order.order_id.clone(),
-                request_hash: hash,
+            let offset = next_offset;
+            next_offset += 1;
+            events.push(event);
+            order.offset = offset;
+            table.insert(order.order_id.as_str(), order.encode_to_vec().as_slice())?;
+            if let Some((key, hash)) = idempotency {
+                let record = KeyRecord {
+                    order_id: order.order_id.clone(),
+                    request_hash: hash,
+                    offset,
+                    created_unix_ms: now,
+                };
+                keys.insert(key.as_str(), record.encode_to_vec().as_slice())?;
+                keys_by_time.insert((now, key.as_str()), ())?;
+            }
+            answers.push(Ok(Accepted {
+                order_id: order.order_id,
                 offset,
-                created_unix_ms: now,
-            };
-            txn.redb()
-                .open_table(KEYS)?
-                .insert(key.as_str(), record.encode_to_vec().as_slice())?;
-            txn.redb()
-                .open_table(KEYS_BY_TIME)?
-                .insert((now, key.as_str()), ())?;
+                replayed: false,
+            }));
         }
-        answers.push(Ok(Accepted {
-            order_id: order.order_id,
-            offset,
-            replayed: false,
-        }));
     }
+    for event in &events {
+        txn.append(event);
+    }
+    debug_assert_eq!(txn.next_offset(), next_offset);
     Ok(answers)
 }
 

@@ -64,30 +64,57 @@ impl Progress {
 impl Apply for Progress {
     type Prepared = ();
 
-    fn apply(&self, txn: &mut Txn, entry: &LogEntry, _: &mut ()) -> Result<(), StoreError> {
-        let Some(event) = &entry.event else {
-            return Ok(());
-        };
-        let Some(kind) = &event.kind else {
-            return Ok(());
-        };
-        let mut orders = txn.redb().open_table(ORDERS)?;
-        let Some(bytes) = orders
-            .get(event.order_id.as_str())?
-            .map(|v| v.value().to_vec())
-        else {
-            // Not an order of this receiver (or from before its data was reset).
-            return Ok(());
-        };
-        let mut order: Order = decode_record(ORDERS_NAME, &event.order_id, &bytes)?;
-        let at = event.at;
-        let changed = match (self.stage, kind) {
-            ("stock", Kind::StockReserved(_)) => {
-                advance(&mut order, OrderStatus::Reserved, at, "stock")
+    fn apply(&self, txn: &mut Txn, entry: &LogEntry, prepared: &mut ()) -> Result<(), StoreError> {
+        self.apply_batch(txn, std::slice::from_ref(entry), prepared)
+    }
+
+    fn apply_batch(
+        &self,
+        txn: &mut Txn,
+        entries: &[LogEntry],
+        _: &mut (),
+    ) -> Result<(), StoreError> {
+        let mut moved = Vec::new();
+        {
+            let mut orders = txn.redb().open_table(ORDERS)?;
+            for entry in entries {
+                let Some(event) = &entry.event else {
+                    continue;
+                };
+                let Some(kind) = &event.kind else {
+                    continue;
+                };
+                let mut order: Order = match orders.get(event.order_id.as_str())? {
+                    Some(bytes) => decode_record(ORDERS_NAME, &event.order_id, bytes.value())?,
+                    // Not an order of this receiver (or from before its data was reset).
+                    None => continue,
+                };
+                if self.fold(&mut order, event.at, kind) {
+                    orders.insert(event.order_id.as_str(), order.encode_to_vec().as_slice())?;
+                    moved.push(event.order_id.clone());
+                }
             }
+        }
+        if !moved.is_empty() {
+            let watchers = self.watchers.clone();
+            txn.after_commit(move || {
+                for id in &moved {
+                    watchers.notify(id);
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Progress {
+    /// Folds one event of this stage's into `order`; `false` if it was known already.
+    fn fold(&self, order: &mut Order, at: Option<prost_types::Timestamp>, kind: &Kind) -> bool {
+        match (self.stage, kind) {
+            ("stock", Kind::StockReserved(_)) => advance(order, OrderStatus::Reserved, at, "stock"),
             ("stock", Kind::OrderRejected(rejected)) => {
                 order.rejections.clone_from(&rejected.lines);
-                advance(&mut order, OrderStatus::Rejected, at, "stock")
+                advance(order, OrderStatus::Rejected, at, "stock")
             }
             ("stock", Kind::StockReleased(_)) => {
                 let first = order.stock_released_at.is_none();
@@ -103,7 +130,7 @@ impl Apply for Progress {
                         payment_attempts: invoice.payment.as_ref().map_or(0, |p| p.attempts),
                     });
                 }
-                advance(&mut order, OrderStatus::Invoiced, at, "invoice")
+                advance(order, OrderStatus::Invoiced, at, "invoice")
             }
             ("invoice", Kind::PaymentFailed(failed)) => {
                 let why = match failed.reason() {
@@ -114,10 +141,10 @@ impl Apply for Progress {
                     "{why}: {} ({} attempts)",
                     failed.last_error, failed.attempts
                 );
-                advance(&mut order, OrderStatus::PaymentFailed, at, "invoice")
+                advance(order, OrderStatus::PaymentFailed, at, "invoice")
             }
             ("notifier", Kind::CustomerNotified(_)) => {
-                advance(&mut order, OrderStatus::Notified, at, "notifier")
+                advance(order, OrderStatus::Notified, at, "notifier")
             }
             ("notifier", Kind::NotificationDeadLettered(dead)) => {
                 if let Some(letter) = &dead.dead_letter {
@@ -126,18 +153,10 @@ impl Apply for Progress {
                         letter.reason, letter.last_error
                     );
                 }
-                advance(&mut order, OrderStatus::DeadLettered, at, "notifier")
+                advance(order, OrderStatus::DeadLettered, at, "notifier")
             }
             _ => false,
-        };
-        if changed {
-            orders.insert(event.order_id.as_str(), order.encode_to_vec().as_slice())?;
-            drop(orders);
-            let watchers = self.watchers.clone();
-            let id = event.order_id.clone();
-            txn.after_commit(move || watchers.notify(&id));
         }
-        Ok(())
     }
 }
 

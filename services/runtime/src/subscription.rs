@@ -76,6 +76,20 @@ pub trait Apply: Send + Sync + 'static {
         entry: &LogEntry,
         prepared: &mut Self::Prepared,
     ) -> Result<(), StoreError>;
+
+    /// Applies a whole batch, in offset order, in one transaction: [`Apply::apply`] for each entry
+    /// unless the stage does it at once (opening its tables once per batch, say).
+    fn apply_batch(
+        &self,
+        txn: &mut Txn,
+        entries: &[LogEntry],
+        prepared: &mut Self::Prepared,
+    ) -> Result<(), StoreError> {
+        for entry in entries {
+            self.apply(txn, entry, prepared)?;
+        }
+        Ok(())
+    }
 }
 
 /// What went wrong with one connection to upstream (the loop logs it and reconnects).
@@ -385,9 +399,7 @@ impl<A: Apply> Subscription<A> {
                 if found != next {
                     return Err(BatchError::Moved { found });
                 }
-                for entry in &entries {
-                    applier.apply(txn, entry, &mut prepared)?;
-                }
+                applier.apply_batch(txn, &entries, &mut prepared)?;
                 txn.set_consumed(&key, new_next)?;
                 Ok(())
             })
