@@ -64,34 +64,34 @@ mod tests {
 
     #[test]
     fn a_stored_batch_is_an_event_batch_on_the_wire() {
-        let events = [event("o-1"), event("o-2")];
-        let stored = StoredEventBatch {
-            entries: events
-                .iter()
+        let generated = EventBatch {
+            entries: [event("o-1"), event("o-2")]
+                .into_iter()
                 .enumerate()
-                .map(|(i, e)| StoredLogEntry {
+                .map(|(i, e)| LogEntry {
                     // Offset 0 is left out on the wire by both.
                     offset: i as u64,
-                    event: e.encode_to_vec().into(),
+                    event: Some(e),
                 })
                 .collect(),
             head: 7,
         };
-        let generated = EventBatch {
-            entries: events
+        let stored = StoredEventBatch {
+            entries: generated
+                .entries
                 .iter()
-                .enumerate()
-                .map(|(i, e)| LogEntry {
-                    offset: i as u64,
-                    event: Some(e.clone()),
+                .map(|e| StoredLogEntry {
+                    offset: e.offset,
+                    event: e.event.as_ref().unwrap().encode_to_vec().into(),
                 })
                 .collect(),
-            head: 7,
+            head: generated.head,
         };
         assert_eq!(stored.encode_to_vec(), generated.encode_to_vec());
         assert_eq!(
             EventBatch::decode(stored.encode_to_vec().as_slice()).unwrap(),
             generated
         );
+        assert_eq!(stored.entries[1].decode_event().unwrap(), event("o-2"));
     }
 }
