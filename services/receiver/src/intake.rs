@@ -354,7 +354,7 @@ mod tests {
         // Whichever hash came first created the order; the other kind conflicts.
         assert_eq!(created.len(), 1);
         assert!(conflicts == 1 || conflicts == 49, "{conflicts} conflicts");
-        assert_eq!(store.next_offset(), 1);
+        assert_eq!(store.outbox().next_offset(), 1);
         drop(intake);
         writer.await.unwrap();
     }

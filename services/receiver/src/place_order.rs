@@ -44,7 +44,7 @@ async fn place(
     request: PlaceOrderRequest,
 ) -> Result<PlaceOrderResponse, Status> {
     validate(&request)?;
-    let backlog = receiver.store.unconsumed();
+    let backlog = receiver.store.outbox().unconsumed();
     if backlog >= receiver.max_backlog {
         return Err(backlog_full(backlog, receiver.max_backlog));
     }

@@ -16,7 +16,7 @@ use tonic::transport::{ClientTlsConfig, Endpoint};
 
 use crate::{
     auth::{AdminToken, LinkAuth, LinkGuard, LinkToken},
-    eventlog::Retention,
+    retention::Retention,
     telemetry::LogFormat,
     tls,
 };

@@ -15,10 +15,10 @@
 //! `Ack` can make retention delete entries, so it is guarded twice: the caller must carry the link
 //! credential when one is configured ([`LinkGuard`]), and a consumer may only acknowledge what its
 //! own subscriptions (those that name it in `consumer`) were sent, without a gap from its last
-//! acknowledgement ([`Store::note_sent`]). A consumer the log is not kept for (`--retain-for`) can
+//! acknowledgement ([`Outbox::note_sent`]). A consumer the log is not kept for (`--retain-for`) can
 //! neither subscribe under its name nor acknowledge.
 
-use std::{pin::Pin, time::Duration};
+use std::pin::Pin;
 
 use futures::Stream;
 use orderflow_proto::{
@@ -32,8 +32,8 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     auth::LinkGuard,
+    outbox::Outbox,
     status::{FieldViolations, check_name},
-    store::Store,
 };
 
 /// Entries per batch when the subscriber does not say.
@@ -47,19 +47,19 @@ pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Batches buffered between a subscriber's producer task and its HTTP/2 stream.
 pub const SUBSCRIBE_CHANNEL_DEPTH: usize = 2;
-/// The EventLog service over one stage's store.
+/// The EventLog service over one stage's outbox.
 #[derive(Clone)]
 pub struct EventLogService {
-    store: Store,
+    outbox: Outbox,
     /// Cancelled when the stage drains: every producer ends its stream.
     streams: CancellationToken,
     guard: LinkGuard,
 }
 
 impl EventLogService {
-    pub fn new(store: Store, streams: CancellationToken, guard: LinkGuard) -> Self {
+    pub fn new(outbox: Outbox, streams: CancellationToken, guard: LinkGuard) -> Self {
         EventLogService {
-            store,
+            outbox,
             streams,
             guard,
         }
@@ -97,27 +97,27 @@ impl EventLog for EventLogService {
         }
         let from_first = request.from_first;
         // Refuse an impossible start or a stranger's name now rather than as the stream's first item.
-        let store = self.store.clone();
+        let outbox = self.outbox.clone();
         let named = consumer.clone();
         let requested = request.from_offset;
         let (from, head) = blocking(move || {
             if let Some(consumer) = &named {
-                store.check_consumer(consumer)?;
+                outbox.check_consumer(consumer)?;
             }
             let from = if from_first {
-                store.bounds()?.0
+                outbox.bounds()?.0
             } else {
                 requested
             };
-            store.read_log(from, 0, 0)?;
-            Ok::<_, crate::store::StoreError>((from, store.next_offset()))
+            outbox.read_log(from, 0, 0)?;
+            Ok::<_, crate::store::StoreError>((from, outbox.next_offset()))
         })
         .await??;
         let stop_at = request.stop_at_head.then_some(head);
 
         let (tx, rx) = mpsc::channel(SUBSCRIBE_CHANNEL_DEPTH);
         tokio::spawn(produce(
-            self.store.clone(),
+            self.outbox.clone(),
             Feed {
                 from,
                 max_batch,
@@ -137,22 +137,22 @@ impl EventLog for EventLogService {
         let mut violations = FieldViolations::new();
         check_consumer_field(&consumer, &mut violations);
         violations.check()?;
-        let head = self.store.next_offset();
+        let head = self.outbox.next_offset();
         if offset > head {
             return Err(Status::out_of_range(format!(
                 "offset {offset} lies beyond the log's head {head}"
             )));
         }
-        let store = self.store.clone();
-        blocking(move || store.ack(&consumer, offset)).await??;
+        let outbox = self.outbox.clone();
+        blocking(move || outbox.ack(&consumer, offset)).await??;
         Ok(Response::new(AckResponse {}))
     }
 
     async fn head(&self, request: Request<HeadRequest>) -> Result<Response<HeadResponse>, Status> {
         self.guard.check(&request)?;
-        let store = self.store.clone();
+        let outbox = self.outbox.clone();
         let ((first, next), consumers) =
-            blocking(move || Ok::<_, Status>((store.bounds()?, store.positions()?))).await??;
+            blocking(move || Ok::<_, Status>((outbox.bounds()?, outbox.positions()?))).await??;
         Ok(Response::new(HeadResponse {
             first_offset: first,
             next_offset: next,
@@ -181,12 +181,12 @@ struct Feed {
 
 /// Feeds one subscriber from `feed.from` on, one batch at a time, as fast as it takes them.
 async fn produce(
-    store: Store,
+    outbox: Outbox,
     mut feed: Feed,
     tx: mpsc::Sender<Result<StoredEventBatch, Status>>,
     shutdown: CancellationToken,
 ) {
-    let mut head_rx = store.watch_head();
+    let mut head_rx = outbox.watch_head();
     let mut next = feed.from;
     loop {
         if feed.stop_at.is_some_and(|stop| next >= stop) {
@@ -194,7 +194,7 @@ async fn produce(
         }
         let head = *head_rx.borrow_and_update();
         if next < head {
-            let reader = store.clone();
+            let reader = outbox.clone();
             let max_batch = match feed.stop_at {
                 Some(stop) => feed.max_batch.min((stop - next) as usize),
                 None => feed.max_batch,
@@ -231,7 +231,7 @@ async fn produce(
                 () = shutdown.cancelled() => return,
             }
             if let Some(consumer) = &feed.consumer {
-                store.note_sent(consumer, feed.from, next);
+                outbox.note_sent(consumer, feed.from, next);
             }
             continue;
         }
@@ -251,72 +251,4 @@ pub(crate) async fn blocking<T: Send + 'static>(
         tracing::error!(error = %e, "blocking store task failed");
         Status::internal("internal error")
     })
-}
-
-/// How much of the outbox to keep.
-#[derive(Debug, Clone, Copy)]
-pub struct Retention {
-    /// Entries kept at most, acknowledged or not; older ones are deleted and reading them is
-    /// `OUT_OF_RANGE`.
-    pub max_entries: u64,
-    /// How often retention looks for entries to delete.
-    pub interval: Duration,
-}
-
-/// Entries deleted per transaction, so a large cut never holds the writer for long.
-const TRIM_CHUNK: u64 = 10_000;
-
-/// Deletes outbox entries every registered consumer has acknowledged, and any beyond
-/// `retention.max_entries`, until `shutdown`; reports the outbox's size and backlog as metrics on the
-/// same tick.
-pub async fn run_retention(
-    stage: &'static str,
-    store: Store,
-    retention: Retention,
-    shutdown: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(retention.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        if store.fault().is_some() {
-            // Nothing can be deleted while the store cannot commit; recovery is under way.
-            continue;
-        }
-        let reader = store.clone();
-        let trimmed = blocking(move || -> Result<u64, crate::store::StoreError> {
-            let store = reader;
-            let (first, next) = store.bounds()?;
-            let acked = store.positions()?.into_iter().map(|(_, o)| o).min();
-            let by_ack = acked.unwrap_or(first);
-            let by_size = next.saturating_sub(retention.max_entries);
-            let cutoff = by_ack.max(by_size);
-            let mut removed = 0;
-            while removed < cutoff.saturating_sub(first) {
-                let n = store.trim(cutoff, TRIM_CHUNK)?;
-                if n == 0 {
-                    break;
-                }
-                removed += n;
-            }
-            Ok(removed)
-        })
-        .await;
-        match trimmed {
-            Ok(Ok(0)) | Err(_) => {}
-            Ok(Ok(n)) => tracing::debug!(entries = n, "retention trimmed the outbox"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
-        }
-        let reader = store.clone();
-        if let Ok(Ok((first, next))) = blocking(move || reader.bounds()).await {
-            metrics::gauge!(crate::metrics::OUTBOX_ENTRIES, "stage" => stage)
-                .set((next - first) as f64);
-            metrics::gauge!(crate::metrics::OUTBOX_NEXT_OFFSET, "stage" => stage).set(next as f64);
-            metrics::gauge!(crate::metrics::BACKLOG, "stage" => stage)
-                .set(store.unconsumed() as f64);
-        }
-    }
 }

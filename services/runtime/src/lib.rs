@@ -9,8 +9,11 @@
 //! Private modules, whose surface is re-exported below:
 //! - `store`: [`Store`] and [`Txn`] — one redb transaction per batch: state, outbox appends,
 //!   offsets; storage faults ([`Fault`], [`Condition`]), and reopening the store to recover.
+//! - `outbox`: [`Outbox`] — the log half of the store: reading it, the consumers it is kept for,
+//!   their acknowledgements, trimming.
 //! - `disk`: the data volume's [`FreeSpace`] against `--min-free-space` ([`MinFreeSpace`]).
-//! - `eventlog`: [`EventLogService`] — `Subscribe`/`Ack`/`Head` over the outbox, and retention.
+//! - `eventlog`: [`EventLogService`] — `Subscribe`/`Ack`/`Head` over the outbox.
+//! - `retention`: deleting what every consumer has acknowledged, and the outbox's metrics.
 //! - `subscription`: [`Subscription`] — a downstream stage's loop over its upstream's log, applying
 //!   each batch through the stage's [`Apply`]; [`Admission`] for backpressure.
 //! - `group_commit`: [`GroupCommit`] — many callers' writes in one fsync'd transaction.
@@ -39,6 +42,8 @@ mod eventlog;
 mod group_commit;
 mod health;
 pub mod metrics;
+mod outbox;
+mod retention;
 mod retry;
 mod server;
 mod shutdown;
@@ -55,6 +60,7 @@ pub use config::{
 pub use disk::{FreeSpace, MinFreeSpace};
 pub use eventlog::EventLogService;
 pub use group_commit::{GroupCommit, WriterName};
+pub use outbox::Outbox;
 pub use retry::{
     Attempt, FIRST_ATTEMPTS_BUDGET, Failure, FirstAttempt, FirstAttempts, NewTask, Outcome,
     RetryPolicy, RetryQueue, RetryWork,

@@ -983,15 +983,16 @@ mod tests {
 
     async fn settled(store: &Store, count: u64) -> Vec<String> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while store.next_offset() < count {
+        while store.outbox().next_offset() < count {
             assert!(
                 Instant::now() < deadline,
                 "only {} settled",
-                store.next_offset()
+                store.outbox().next_offset()
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let mut out: Vec<_> = store
+            .outbox()
             .read_log(0, 1000, usize::MAX)
             .unwrap()
             .into_iter()

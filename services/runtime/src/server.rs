@@ -28,7 +28,8 @@ use crate::{
     auth::AdminGuard,
     config::{ServerArgs, StageCommand, ensure_data_dir},
     disk::FreeSpace,
-    eventlog::{EventLogService, run_retention},
+    eventlog::EventLogService,
+    retention::run_retention,
     store::{Condition, Store, StoreError},
     telemetry::{self, Telemetry, TelemetryConfig},
     tls::ServerIdentity,
@@ -160,7 +161,7 @@ impl StageServer {
             None => consumers.iter().map(|c| (*c).to_owned()).collect(),
         };
         self.store
-            .call(move |store| store.retain_for(&names))
+            .call(move |store| store.outbox().retain_for(&names))
             .await
             .map_err(|status| {
                 ServeError::config(format!("cannot register consumers: {}", status.message()))
@@ -281,7 +282,7 @@ impl StageServer {
             .add_service(reflection().build_v1alpha()?)
             .add_service(
                 EventLogServer::new(EventLogService::new(
-                    store.clone(),
+                    store.outbox(),
                     streams.clone(),
                     args.link_guard(),
                 ))

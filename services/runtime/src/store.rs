@@ -1,17 +1,16 @@
-//! A stage's embedded, crash-safe store: its own state tables plus its **outbox log**.
+//! A stage's embedded, crash-safe store: its own state tables plus its **outbox log**
+//! ([`Outbox`](crate::Outbox), in `outbox.rs`).
 //!
 //! # Design
 //! Every stage owns one redb file (`<data-dir>/<stage>.redb`). redb gives serialisable write
 //! transactions and copy-on-write pages with a checksummed commit, so a commit is either entirely on
 //! disk or not at all, whatever the moment of a crash (`kill -9`, power loss).
 //!
-//! Tables owned by this module:
+//! Tables owned by this module (the outbox's own, `outbox` and `consumers`, are described there):
 //!
 //! | table       | key                  | value                   | meaning                                   |
 //! |-------------|----------------------|-------------------------|-------------------------------------------|
-//! | `outbox`    | `u64` offset         | encoded [`Event`]       | the stage's output log, dense offsets      |
 //! | `meta`      | `&str`               | `u64`                   | `outbox.first`, `upstream.<name>` offsets  |
-//! | `consumers` | `&str` consumer name | `u64` acked offset      | downstream positions, for retention        |
 //!
 //! Stages add their own tables (orders, stock items, invoices, notifications) and open them from the
 //! same [`Txn`], so state, output and input position always move together.
@@ -22,18 +21,14 @@
 //!    records the upstream offset it has consumed with [`Txn::set_consumed`]. All of it commits with
 //!    one fsync or none of it does. After a crash the stage resumes from the recorded offset: an event
 //!    is never lost and never takes effect twice.
-//! 2. **Dense offsets.** The log holds exactly `[first_offset, next_offset)`. Appends take the offsets
-//!    that follow the last committed one; writers are serialised by a mutex that is held until the new
-//!    head is published, so two writers can never pick the same offset.
-//! 3. **Publish after commit.** Subscribers are woken through a `watch` channel only after the commit
-//!    returned, so nothing that could still be rolled back is ever streamed.
-//! 4. **Retention only moves `first_offset` forward** ([`Store::trim`]), in the same transaction that
-//!    deletes the entries; a reader asking for an offset below it gets [`StoreError::Truncated`].
+//! 2. **One writer at a time.** Writers are serialised by a mutex that is held until the outbox's
+//!    new head is published, so two writers can never pick the same offset; the log's own
+//!    invariants (dense offsets, publish after commit, retention) are the outbox module's.
 //!
 //! # On crash
 //! redb recovers to the last committed transaction on open (repairing its allocator state if the
-//! process died mid-commit). `next_offset` is recomputed from the last key of `outbox` (or
-//! `outbox.first` when retention emptied the log), so no in-memory state needs to survive.
+//! process died mid-commit), and the outbox reloads its bounds and positions from disk, so no
+//! in-memory state needs to survive.
 //!
 //! # On a full or failing disk
 //! A failed write never half-applies (the transaction is gone), but redb then refuses every further
@@ -53,7 +48,7 @@ use std::{
     time::Duration,
 };
 
-use orderflow_proto::{stored::StoredLogEntry, v1::Event};
+use orderflow_proto::v1::Event;
 use prost::Message;
 use redb::{
     Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
@@ -61,14 +56,13 @@ use redb::{
 };
 use tokio::sync::watch;
 
-const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const CONSUMERS: TableDefinition<&str, u64> = TableDefinition::new("consumers");
+use crate::outbox::{self, LogState};
+
+/// Upstream offsets consumed (`upstream.<name>`) and the outbox's first offset.
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Written and deleted again to prove that the store can commit after a fault.
 const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
 const PROBE_BYTES: usize = 64 * 1024;
-
-const FIRST_OFFSET_KEY: &str = "outbox.first";
 
 /// redb's page cache per store. Hot data (the log's tail, stage state) fits; a long backlog is read
 /// from disk instead of growing memory. 8 MiB rather than 32: no stage got slower, catch-up got
@@ -230,22 +224,10 @@ struct Inner {
     condition: watch::Sender<Condition>,
     /// Held by the single writer from `begin_write` until the new head is published.
     write_lock: Mutex<()>,
-    /// `next_offset` of the outbox, published after every commit that appended.
-    head: watch::Sender<u64>,
     /// Durable commits since the store was opened.
     commits: std::sync::atomic::AtomicU64,
-    /// Lowest offset any registered consumer has acknowledged; `u64::MAX` while none has.
-    acked_floor: std::sync::atomic::AtomicU64,
-    /// Every consumer the log is kept for, with how far it has acknowledged and how far its
-    /// subscriptions have been sent the log without a gap.
-    consumers: Mutex<std::collections::BTreeMap<String, Reach>>,
-}
-
-/// One consumer's position: acknowledged (durable) and sent (in memory; starts at acknowledged).
-#[derive(Debug, Clone, Copy)]
-struct Reach {
-    acked: u64,
-    sent: u64,
+    /// What the outbox keeps in memory.
+    log: LogState,
 }
 
 /// How hard a write transaction commits.
@@ -276,10 +258,8 @@ impl Store {
                 db: RwLock::new(Some(Arc::new(db))),
                 condition: watch::Sender::new(Condition::Healthy),
                 write_lock: Mutex::new(()),
-                head: watch::Sender::new(loaded.next),
                 commits: std::sync::atomic::AtomicU64::new(0),
-                acked_floor: std::sync::atomic::AtomicU64::new(loaded.acked_floor),
-                consumers: Mutex::new(loaded.consumers),
+                log: LogState::new(loaded),
             }),
         })
     }
@@ -401,28 +381,7 @@ impl Store {
             }
             let (db, loaded) =
                 open_database(&self.inner.path, self.inner.cache_bytes).map_err(Reopen::Open)?;
-            if let Ok(mut consumers) = self.consumers() {
-                for (name, reach) in loaded.consumers {
-                    let sent = consumers
-                        .get(&name)
-                        .map_or(reach.sent, |r| r.sent.max(reach.acked));
-                    consumers.insert(
-                        name,
-                        Reach {
-                            acked: reach.acked,
-                            sent,
-                        },
-                    );
-                }
-            }
-            self.inner
-                .acked_floor
-                .store(loaded.acked_floor, std::sync::atomic::Ordering::Relaxed);
-            self.inner.head.send_if_modified(|head| {
-                let changed = *head != loaded.next;
-                *head = loaded.next;
-                changed
-            });
+            self.inner.log.reload(loaded);
             *self
                 .inner
                 .db
@@ -465,21 +424,6 @@ impl Store {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The offset the next appended entry gets.
-    pub fn next_offset(&self) -> u64 {
-        *self.inner.head.borrow()
-    }
-
-    /// `(first_offset, next_offset)` as committed.
-    pub fn bounds(&self) -> Result<(u64, u64), StoreError> {
-        self.observe((|| log_bounds(&self.db()?.begin_read()?))())
-    }
-
-    /// A receiver that sees `next_offset` change after every committed append.
-    pub fn watch_head(&self) -> watch::Receiver<u64> {
-        self.inner.head.subscribe()
-    }
-
     /// Runs `f` in one durable write transaction: everything it does commits together or not at all.
     /// If `f` fails, nothing is written.
     pub fn write<T, E>(&self, f: impl FnOnce(&mut Txn) -> Result<T, E>) -> Result<T, E>
@@ -505,7 +449,7 @@ impl Store {
         self.write_with(durability, f)
     }
 
-    fn write_with<T, E>(
+    pub(crate) fn write_with<T, E>(
         &self,
         durability: Durability,
         f: impl FnOnce(&mut Txn) -> Result<T, E>,
@@ -525,7 +469,7 @@ impl Store {
             .map_err(|e| StoreError::Storage(redb::Error::from(e)))?;
         let mut txn = Txn {
             inner,
-            next: self.next_offset(),
+            next: self.inner.log.next_offset(),
             pending: Vec::new(),
             after_commit: Vec::new(),
         };
@@ -537,14 +481,7 @@ impl Store {
             after_commit,
         } = txn;
         if !pending.is_empty() {
-            let mut outbox = inner.open_table(OUTBOX).map_err(StoreError::from)?;
-            for (offset, bytes) in &pending {
-                self.observe(
-                    outbox
-                        .insert(*offset, bytes.as_slice())
-                        .map_err(StoreError::from),
-                )?;
-            }
+            self.observe(outbox::write_appended(&inner, &pending))?;
         }
         self.observe(inner.commit().map_err(StoreError::from))?;
         if matches!(durability, Durability::Immediate) {
@@ -553,7 +490,7 @@ impl Store {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if !pending.is_empty() {
-            self.inner.head.send_replace(next);
+            self.inner.log.publish(next);
         }
         for hook in after_commit {
             hook();
@@ -586,46 +523,6 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// Entries from `from` in offset order, each event as stored (encoded, for `Subscribe` to send
-    /// as it is): at most `max` of them, and no more once their encoded size reaches `max_bytes` (but
-    /// always at least one, whatever its size). `from == next_offset` gives an empty batch.
-    pub fn read_log(
-        &self,
-        from: u64,
-        max: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<StoredLogEntry>, StoreError> {
-        let read = self.observe(self.db()?.begin_read().map_err(StoreError::from))?;
-        let (first, next) = log_bounds(&read)?;
-        if from < first {
-            return Err(StoreError::Truncated {
-                requested: from,
-                first,
-            });
-        }
-        if from > next {
-            return Err(StoreError::BeyondHead {
-                requested: from,
-                head: next,
-            });
-        }
-        let outbox = read.open_table(OUTBOX)?;
-        let mut entries = Vec::with_capacity(max.min((next - from) as usize));
-        let mut size = 0usize;
-        for row in outbox.range(from..)?.take(max) {
-            let (offset, bytes) = row?;
-            size = size.saturating_add(bytes.value().len());
-            if size > max_bytes && !entries.is_empty() {
-                break;
-            }
-            entries.push(StoredLogEntry {
-                offset: offset.value(),
-                event: bytes::Bytes::copy_from_slice(bytes.value()),
-            });
-        }
-        Ok(entries)
-    }
-
     /// The next upstream offset to consume for `upstream` (0 when never recorded).
     pub fn consumed_offset(&self, upstream: &str) -> Result<u64, StoreError> {
         let read = self.observe(self.db()?.begin_read().map_err(StoreError::from))?;
@@ -635,187 +532,9 @@ impl Store {
             .map_or(0, |v| v.value()))
     }
 
-    /// Records that `consumer` has processed every entry below `offset`. Positions never move back.
-    /// Refused when the log is not kept for `consumer` ([`StoreError::UnknownConsumer`]) or when its
-    /// subscriptions were not sent every entry below `offset` ([`StoreError::NotSent`]): only what a
-    /// consumer really received can be deleted for it. Not fsynced on its own: losing an ack in a
-    /// crash only makes retention keep more.
-    pub fn ack(&self, consumer: &str, offset: u64) -> Result<(), StoreError> {
-        {
-            let consumers = self.consumers()?;
-            let Some(reach) = consumers.get(consumer) else {
-                return Err(self.unknown_consumer(consumer, &consumers));
-            };
-            if offset <= reach.acked {
-                return Ok(());
-            }
-            if offset > reach.sent {
-                return Err(StoreError::NotSent {
-                    consumer: consumer.to_owned(),
-                    offset,
-                    sent: reach.sent,
-                });
-            }
-        }
-        let floor = self.write_with(Durability::None, |txn| {
-            let mut consumers = txn.inner.open_table(CONSUMERS)?;
-            let current = consumers.get(consumer)?.map(|v| v.value());
-            if current.is_some_and(|current| offset > current) {
-                consumers.insert(consumer, offset)?;
-            }
-            acked_floor(&consumers)
-        })?;
-        if let Some(reach) = self.consumers()?.get_mut(consumer) {
-            reach.acked = reach.acked.max(offset);
-            reach.sent = reach.sent.max(reach.acked);
-        }
-        self.inner
-            .acked_floor
-            .store(floor, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Whether the log is kept for `consumer`; the error says for whom it is.
-    pub fn check_consumer(&self, consumer: &str) -> Result<(), StoreError> {
-        let consumers = self.consumers()?;
-        if consumers.contains_key(consumer) {
-            Ok(())
-        } else {
-            Err(self.unknown_consumer(consumer, &consumers))
-        }
-    }
-
-    /// Notes that a subscription of `consumer` that started at `from` has been sent every entry
-    /// below `to`. It extends what the consumer may acknowledge only when it joins what the
-    /// consumer's subscriptions were already sent, so the sent range never has a gap.
-    pub fn note_sent(&self, consumer: &str, from: u64, to: u64) {
-        if let Ok(mut consumers) = self.consumers()
-            && let Some(reach) = consumers.get_mut(consumer)
-            && from <= reach.sent.max(reach.acked)
-        {
-            reach.sent = reach.sent.max(to);
-        }
-    }
-
-    fn consumers(
-        &self,
-    ) -> Result<MutexGuard<'_, std::collections::BTreeMap<String, Reach>>, StoreError> {
-        self.inner
-            .consumers
-            .lock()
-            .map_err(|_| StoreError::Poisoned)
-    }
-
-    fn unknown_consumer(
-        &self,
-        consumer: &str,
-        consumers: &std::collections::BTreeMap<String, Reach>,
-    ) -> StoreError {
-        let known = if consumers.is_empty() {
-            "no consumer".to_owned()
-        } else {
-            consumers.keys().cloned().collect::<Vec<_>>().join(", ")
-        };
-        StoreError::UnknownConsumer {
-            consumer: consumer.to_owned(),
-            known,
-        }
-    }
-
-    /// Entries no registered consumer has acknowledged yet, from the slowest consumer's point of
-    /// view: `next_offset − lowest acknowledged offset`, or the whole log while no consumer has
-    /// acknowledged anything. Cheap (no I/O): for per-request checks.
-    pub fn unconsumed(&self) -> u64 {
-        let floor = self
-            .inner
-            .acked_floor
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let next = self.next_offset();
-        if floor == u64::MAX {
-            // Nobody has acknowledged: everything retention still holds is unconsumed. The first
-            // offset is only known from disk; the log starts at 0 unless retention trimmed it, which
-            // needs an acknowledgement or the size bound, so `next` is the right count here.
-            next
-        } else {
-            next.saturating_sub(floor)
-        }
-    }
-
-    /// Makes `consumers` exactly the consumers the log is kept for: each new one starts at the log's
-    /// first offset (so retention keeps everything for it from now on, even before it connects),
-    /// each known one keeps its position, and any other name is forgotten, so that it no longer
-    /// holds retention back.
-    pub fn retain_for(&self, consumers: &[String]) -> Result<(), StoreError> {
-        let floor = self.write_with(Durability::Immediate, |txn| {
-            let first = txn
-                .inner
-                .open_table(META)?
-                .get(FIRST_OFFSET_KEY)?
-                .map_or(0, |v| v.value());
-            let mut table = txn.inner.open_table(CONSUMERS)?;
-            let mut forgotten = Vec::new();
-            for row in table.iter()? {
-                let name = row?.0.value().to_owned();
-                if !consumers.contains(&name) {
-                    forgotten.push(name);
-                }
-            }
-            for name in &forgotten {
-                tracing::info!(consumer = %name, "no longer keeping the log for this consumer");
-                table.remove(name.as_str())?;
-            }
-            for consumer in consumers {
-                if table.get(consumer.as_str())?.is_none() {
-                    table.insert(consumer.as_str(), first)?;
-                }
-            }
-            acked_floor(&table)
-        })?;
-        let read = self.observe(self.db()?.begin_read().map_err(StoreError::from))?;
-        let table = read.open_table(CONSUMERS)?;
-        let mut reaches = self.consumers()?;
-        reaches.retain(|name, _| consumers.contains(name));
-        for row in table.iter()? {
-            let (name, acked) = row?;
-            let acked = acked.value();
-            reaches
-                .entry(name.value().to_owned())
-                .and_modify(|r| r.acked = r.acked.max(acked))
-                .or_insert(Reach { acked, sent: acked });
-        }
-        self.inner
-            .acked_floor
-            .store(floor, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Every consumer the log is kept for, with its acknowledged position.
-    pub fn positions(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let read = self.observe(self.db()?.begin_read().map_err(StoreError::from))?;
-        let consumers = read.open_table(CONSUMERS)?;
-        let mut out = Vec::new();
-        for row in consumers.iter()? {
-            let (name, offset) = row?;
-            out.push((name.value().to_owned(), offset.value()));
-        }
-        Ok(out)
-    }
-
-    /// Deletes entries below `cutoff`, at most `max_entries` of them in this call, and moves
-    /// `first_offset` accordingly. Returns how many were deleted.
-    pub fn trim(&self, cutoff: u64, max_entries: u64) -> Result<u64, StoreError> {
-        self.write_with(Durability::None, |txn| {
-            let mut meta = txn.inner.open_table(META)?;
-            let first = meta.get(FIRST_OFFSET_KEY)?.map_or(0, |v| v.value());
-            let cutoff = cutoff.min(txn.next).min(first.saturating_add(max_entries));
-            if cutoff <= first {
-                return Ok(0);
-            }
-            let mut outbox = txn.inner.open_table(OUTBOX)?;
-            outbox.retain_in(first..cutoff, |_, _| false)?;
-            meta.insert(FIRST_OFFSET_KEY, cutoff)?;
-            Ok::<_, StoreError>(cutoff - first)
-        })
+    /// What the outbox keeps in memory, for [`crate::Outbox`].
+    pub(crate) fn log_state(&self) -> &LogState {
+        &self.inner.log
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, ()>, StoreError> {
@@ -913,68 +632,25 @@ fn reopening() -> Fault {
     }
 }
 
-/// What a store keeps in memory about its database, read when it is opened.
-struct Loaded {
-    first: u64,
-    next: u64,
-    acked_floor: u64,
-    consumers: std::collections::BTreeMap<String, Reach>,
-}
-
 /// Opens (or creates) the database at `path` with its tables, and reads what the store keeps in
 /// memory.
-fn open_database(path: &Path, cache_bytes: usize) -> Result<(Database, Loaded), StoreError> {
+fn open_database(
+    path: &Path,
+    cache_bytes: usize,
+) -> Result<(Database, outbox::Loaded), StoreError> {
     let db = Database::builder()
         .set_cache_size(cache_bytes)
         .create(path)?;
     let txn = db.begin_write()?;
-    {
-        txn.open_table(OUTBOX)?;
-        txn.open_table(META)?;
-        txn.open_table(CONSUMERS)?;
-    }
+    txn.open_table(META)?;
+    outbox::create_tables(&txn)?;
     txn.commit()?;
-    let read = db.begin_read()?;
-    let (first, next) = log_bounds(&read)?;
-    let consumers_table = read.open_table(CONSUMERS)?;
-    let acked_floor = acked_floor(&consumers_table)?;
-    let mut consumers = std::collections::BTreeMap::new();
-    for row in consumers_table.iter()? {
-        let (name, acked) = row?;
-        let acked = acked.value();
-        consumers.insert(name.value().to_owned(), Reach { acked, sent: acked });
-    }
-    drop(consumers_table);
-    drop(read);
-    Ok((
-        db,
-        Loaded {
-            first,
-            next,
-            acked_floor,
-            consumers,
-        },
-    ))
-}
-
-fn acked_floor(consumers: &impl ReadableTable<&'static str, u64>) -> Result<u64, StoreError> {
-    let mut floor = u64::MAX;
-    for row in consumers.iter()? {
-        floor = floor.min(row?.1.value());
-    }
-    Ok(floor)
+    let loaded = outbox::load(&db.begin_read()?)?;
+    Ok((db, loaded))
 }
 
 fn upstream_key(upstream: &str) -> String {
     format!("upstream.{upstream}")
-}
-
-fn log_bounds(read: &ReadTransaction) -> Result<(u64, u64), StoreError> {
-    let meta = read.open_table(META)?;
-    let first = meta.get(FIRST_OFFSET_KEY)?.map_or(0, |v| v.value());
-    let outbox = read.open_table(OUTBOX)?;
-    let next = outbox.last()?.map_or(first, |(k, _)| k.value() + 1);
-    Ok((first, next.max(first)))
 }
 
 #[cfg(test)]
@@ -1019,13 +695,13 @@ mod tests {
             })
             .unwrap();
         assert_eq!(offsets, (0, 1));
-        assert_eq!(store.next_offset(), 2);
+        assert_eq!(store.outbox().next_offset(), 2);
         drop(store);
 
         let store = open(&dir);
-        assert_eq!(store.next_offset(), 2);
+        assert_eq!(store.outbox().next_offset(), 2);
         assert_eq!(store.consumed_offset("up").unwrap(), 7);
-        let entries = store.read_log(0, 10, usize::MAX).unwrap();
+        let entries = store.outbox().read_log(0, 10, usize::MAX).unwrap();
         let ids: Vec<_> = entries
             .iter()
             .map(|e| (e.offset, e.decode_event().unwrap().order_id))
@@ -1061,9 +737,11 @@ mod tests {
     /// Keeps the log for `names` and pretends every entry was sent to each of them.
     fn consumers_caught_up(store: &Store, names: &[&str]) {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        store.retain_for(&names).unwrap();
+        store.outbox().retain_for(&names).unwrap();
         for name in &names {
-            store.note_sent(name, 0, store.next_offset());
+            store
+                .outbox()
+                .note_sent(name, 0, store.outbox().next_offset());
         }
     }
 
@@ -1072,15 +750,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         append_ten(&store);
-        assert_eq!(store.unconsumed(), 10);
+        assert_eq!(store.outbox().unconsumed(), 10);
         consumers_caught_up(&store, &["stock"]);
-        store.ack("stock", 7).unwrap();
-        assert_eq!(store.unconsumed(), 3);
+        store.outbox().ack("stock", 7).unwrap();
+        assert_eq!(store.outbox().unconsumed(), 3);
         consumers_caught_up(&store, &["stock", "demo"]);
-        store.ack("demo", 2).unwrap();
-        assert_eq!(store.unconsumed(), 8);
+        store.outbox().ack("demo", 2).unwrap();
+        assert_eq!(store.outbox().unconsumed(), 8);
         drop(store);
-        assert_eq!(open(&dir).unconsumed(), 8, "the floor is rebuilt on open");
+        assert_eq!(
+            open(&dir).outbox().unconsumed(),
+            8,
+            "the floor is rebuilt on open"
+        );
     }
 
     #[test]
@@ -1093,9 +775,15 @@ mod tests {
             Err::<(), _>(StoreError::Poisoned)
         });
         assert!(result.is_err());
-        assert_eq!(store.next_offset(), 0);
+        assert_eq!(store.outbox().next_offset(), 0);
         assert_eq!(store.consumed_offset("up").unwrap(), 0);
-        assert!(store.read_log(0, 10, usize::MAX).unwrap().is_empty());
+        assert!(
+            store
+                .outbox()
+                .read_log(0, 10, usize::MAX)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -1103,25 +791,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         append_ten(&store);
-        assert_eq!(store.trim(4, 100).unwrap(), 4);
-        assert_eq!(store.bounds().unwrap(), (4, 10));
+        assert_eq!(store.outbox().trim(4, 100).unwrap(), 4);
+        assert_eq!(store.outbox().bounds().unwrap(), (4, 10));
         assert!(matches!(
-            store.read_log(3, 1, usize::MAX),
+            store.outbox().read_log(3, 1, usize::MAX),
             Err(StoreError::Truncated {
                 requested: 3,
                 first: 4
             })
         ));
         assert!(matches!(
-            store.read_log(11, 1, usize::MAX),
+            store.outbox().read_log(11, 1, usize::MAX),
             Err(StoreError::BeyondHead { .. })
         ));
-        assert_eq!(store.read_log(4, 100, usize::MAX).unwrap().len(), 6);
+        assert_eq!(
+            store.outbox().read_log(4, 100, usize::MAX).unwrap().len(),
+            6
+        );
         // Trimming everything keeps the head where it was, across a reopen too.
-        assert_eq!(store.trim(100, 100).unwrap(), 6);
+        assert_eq!(store.outbox().trim(100, 100).unwrap(), 6);
         drop(store);
         let store = open(&dir);
-        assert_eq!(store.bounds().unwrap(), (10, 10));
+        assert_eq!(store.outbox().bounds().unwrap(), (10, 10));
         let next = store
             .write(|txn| Ok::<_, StoreError>(txn.append(&event("x"))))
             .unwrap();
@@ -1142,9 +833,9 @@ mod tests {
             })
             .unwrap();
         // Each entry encodes to a little over 1000 bytes.
-        assert_eq!(store.read_log(0, 100, 3500).unwrap().len(), 3);
-        assert_eq!(store.read_log(0, 100, 10).unwrap().len(), 1);
-        assert_eq!(store.read_log(0, 2, usize::MAX).unwrap().len(), 2);
+        assert_eq!(store.outbox().read_log(0, 100, 3500).unwrap().len(), 3);
+        assert_eq!(store.outbox().read_log(0, 100, 10).unwrap().len(), 1);
+        assert_eq!(store.outbox().read_log(0, 2, usize::MAX).unwrap().len(), 2);
     }
 
     #[test]
@@ -1153,22 +844,26 @@ mod tests {
         let store = open(&dir);
         append_ten(&store);
         consumers_caught_up(&store, &["notifier", "stock"]);
-        store.ack("stock", 10).unwrap();
+        store.outbox().ack("stock", 10).unwrap();
         assert_eq!(
-            store.unconsumed(),
+            store.outbox().unconsumed(),
             10,
             "the notifier has not consumed anything"
         );
         // Keeping the log for them again does not move a position.
-        store.ack("notifier", 4).unwrap();
+        store.outbox().ack("notifier", 4).unwrap();
         store
+            .outbox()
             .retain_for(&["notifier".into(), "stock".into()])
             .unwrap();
-        assert_eq!(store.unconsumed(), 6);
+        assert_eq!(store.outbox().unconsumed(), 6);
         // A consumer no longer kept for stops holding the log back.
-        store.retain_for(&["stock".into()]).unwrap();
-        assert_eq!(store.unconsumed(), 0);
-        assert_eq!(store.positions().unwrap(), vec![("stock".to_owned(), 10)]);
+        store.outbox().retain_for(&["stock".into()]).unwrap();
+        assert_eq!(store.outbox().unconsumed(), 0);
+        assert_eq!(
+            store.outbox().positions().unwrap(),
+            vec![("stock".to_owned(), 10)]
+        );
     }
 
     #[test]
@@ -1177,11 +872,11 @@ mod tests {
         let store = open(&dir);
         append_ten(&store);
         consumers_caught_up(&store, &["demo", "stock"]);
-        store.ack("stock", 5).unwrap();
-        store.ack("stock", 3).unwrap();
-        store.ack("demo", 1).unwrap();
+        store.outbox().ack("stock", 5).unwrap();
+        store.outbox().ack("stock", 3).unwrap();
+        store.outbox().ack("demo", 1).unwrap();
         assert_eq!(
-            store.positions().unwrap(),
+            store.outbox().positions().unwrap(),
             vec![("demo".to_owned(), 1), ("stock".to_owned(), 5)]
         );
     }
@@ -1225,9 +920,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         append_ten(&store);
-        store.retain_for(&["stock".into()]).unwrap();
-        store.note_sent("stock", 0, 10);
-        store.ack("stock", 4).unwrap();
+        store.outbox().retain_for(&["stock".into()]).unwrap();
+        store.outbox().note_sent("stock", 0, 10);
+        store.outbox().ack("stock", 4).unwrap();
         // As the first failed commit on a full volume does.
         let full = StoreError::Storage(redb::Error::Io(std::io::Error::from_raw_os_error(28)));
         assert!(store.observe::<()>(Err(full)).is_err());
@@ -1257,9 +952,12 @@ mod tests {
         .unwrap();
         // Reopened as after a crash: the log, its head and the consumer's position are intact,
         // and what the consumer was sent still counts.
-        assert_eq!(store.next_offset(), 10);
-        assert_eq!(store.read_log(0, 100, usize::MAX).unwrap().len(), 10);
-        store.ack("stock", 10).unwrap();
+        assert_eq!(store.outbox().next_offset(), 10);
+        assert_eq!(
+            store.outbox().read_log(0, 100, usize::MAX).unwrap().len(),
+            10
+        );
+        store.outbox().ack("stock", 10).unwrap();
         let next = store
             .write(|txn| Ok::<_, StoreError>(txn.append(&event("y"))))
             .unwrap();
@@ -1282,7 +980,7 @@ mod tests {
         append_ten(&store);
         shutdown.cancel();
         assert!(recovery.await.unwrap().is_ok());
-        assert_eq!(store.next_offset(), 10);
+        assert_eq!(store.outbox().next_offset(), 10);
     }
 
     #[test]
@@ -1290,42 +988,42 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         append_ten(&store);
-        store.retain_for(&["stock".into()]).unwrap();
+        store.outbox().retain_for(&["stock".into()]).unwrap();
         // Nothing sent yet: nothing to acknowledge but what is already acknowledged.
         assert!(matches!(
-            store.ack("stock", 10),
+            store.outbox().ack("stock", 10),
             Err(StoreError::NotSent { sent: 0, .. })
         ));
-        store.ack("stock", 0).unwrap();
+        store.outbox().ack("stock", 0).unwrap();
         // A subscription from 4 does not cover 0..4: its entries cannot be acknowledged.
-        store.note_sent("stock", 4, 10);
+        store.outbox().note_sent("stock", 4, 10);
         assert!(matches!(
-            store.ack("stock", 10),
+            store.outbox().ack("stock", 10),
             Err(StoreError::NotSent { .. })
         ));
         // One from 0 that got to 6 makes 0..6 acknowledgeable, and then the other one's 4..10 joins.
-        store.note_sent("stock", 0, 6);
-        store.ack("stock", 6).unwrap();
-        store.note_sent("stock", 4, 10);
-        store.ack("stock", 10).unwrap();
+        store.outbox().note_sent("stock", 0, 6);
+        store.outbox().ack("stock", 6).unwrap();
+        store.outbox().note_sent("stock", 4, 10);
+        store.outbox().ack("stock", 10).unwrap();
         // Names the log is not kept for can neither acknowledge nor hold it back.
         for stranger in ["demo", "\u{0}"] {
-            store.note_sent(stranger, 0, 10);
+            store.outbox().note_sent(stranger, 0, 10);
             assert!(matches!(
-                store.ack(stranger, 1),
+                store.outbox().ack(stranger, 1),
                 Err(StoreError::UnknownConsumer { .. })
             ));
         }
-        assert_eq!(store.unconsumed(), 0);
+        assert_eq!(store.outbox().unconsumed(), 0);
         // After a restart, what was sent is forgotten: only re-sent entries count again.
         drop(store);
         let store = open(&dir);
-        store.ack("stock", 10).unwrap();
+        store.outbox().ack("stock", 10).unwrap();
         store
             .write(|txn| Ok::<_, StoreError>(txn.append(&event("x"))))
             .unwrap();
-        assert!(store.ack("stock", 11).is_err());
-        store.note_sent("stock", 10, 11);
-        store.ack("stock", 11).unwrap();
+        assert!(store.outbox().ack("stock", 11).is_err());
+        store.outbox().note_sent("stock", 10, 11);
+        store.outbox().ack("stock", 11).unwrap();
     }
 }

@@ -118,7 +118,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((item.available, item.reserved), (8, 2));
-        let released = store.read_log(0, 10, usize::MAX).unwrap();
+        let released = store.outbox().read_log(0, 10, usize::MAX).unwrap();
         assert!(matches!(
             released[0].decode_event().unwrap().kind,
             Some(Kind::StockReleased(r)) if r.lines.len() == 2

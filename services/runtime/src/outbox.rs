@@ -1,0 +1,426 @@
+//! The log half of a stage's store: its **outbox** of events, in dense offsets, and the consumers
+//! it is kept for.
+//!
+//! Tables owned by this module (in the stage's one redb file, next to the stage's own tables):
+//!
+//! | table       | key                  | value                   | meaning                                   |
+//! |-------------|----------------------|-------------------------|-------------------------------------------|
+//! | `outbox`    | `u64` offset         | encoded [`Event`]       | the stage's output log, dense offsets      |
+//! | `consumers` | `&str` consumer name | `u64` acked offset      | downstream positions, for retention        |
+//!
+//! plus `outbox.first` in the store's `meta` table (the first offset retention kept).
+//!
+//! Appends happen inside a store transaction ([`Txn::append`](crate::Txn::append)): an event is in
+//! the outbox exactly when the state change that produced it is in the stage's tables. Everything
+//! else about the log — reading it for `Subscribe`, acknowledgements, the consumers it is kept for,
+//! trimming — is [`Outbox`]'s, reached with [`Store::outbox`].
+//!
+//! # Invariants
+//! 1. **Dense offsets.** The log holds exactly `[first_offset, next_offset)`. Appends take the offsets
+//!    that follow the last committed one; the store serialises writers until the new head is
+//!    published, so two writers can never pick the same offset.
+//! 2. **Publish after commit.** Subscribers are woken through a `watch` channel only after the commit
+//!    returned, so nothing that could still be rolled back is ever streamed.
+//! 3. **Retention only moves `first_offset` forward** ([`Outbox::trim`]), in the same transaction
+//!    that deletes the entries; a reader asking for an offset below it gets
+//!    [`StoreError::Truncated`].
+//! 4. **Only what was sent can be acknowledged**, and only by a consumer the log is kept for, so no
+//!    caller can make retention delete what a consumer has not received.
+//!
+//! `next_offset` is recomputed on open from the last key of `outbox` (or `outbox.first` when
+//! retention emptied the log), so no in-memory state needs to survive a crash.
+//!
+//! [`Event`]: orderflow_proto::v1::Event
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use orderflow_proto::stored::StoredLogEntry;
+use redb::{Durability, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+use tokio::sync::watch;
+
+use crate::store::{META, Store, StoreError};
+
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+const CONSUMERS: TableDefinition<&str, u64> = TableDefinition::new("consumers");
+/// The `meta` key holding the first offset retention kept.
+const FIRST_OFFSET_KEY: &str = "outbox.first";
+
+/// The outbox of one store: cheap to clone. Blocking: call it from `spawn_blocking`, except where a
+/// method says it is cheap.
+#[derive(Clone)]
+pub struct Outbox {
+    store: Store,
+}
+
+/// What the store keeps in memory about its log, refreshed whenever the database is opened.
+pub(crate) struct LogState {
+    /// `next_offset` of the outbox, published after every commit that appended.
+    head: watch::Sender<u64>,
+    /// Lowest offset any registered consumer has acknowledged; `u64::MAX` while none has.
+    acked_floor: AtomicU64,
+    /// Every consumer the log is kept for, with how far it has acknowledged and how far its
+    /// subscriptions have been sent the log without a gap.
+    consumers: Mutex<BTreeMap<String, Reach>>,
+}
+
+/// One consumer's position: acknowledged (durable) and sent (in memory; starts at acknowledged).
+#[derive(Debug, Clone, Copy)]
+struct Reach {
+    acked: u64,
+    sent: u64,
+}
+
+/// The log as read from a database just opened.
+pub(crate) struct Loaded {
+    pub(crate) first: u64,
+    pub(crate) next: u64,
+    acked_floor: u64,
+    consumers: BTreeMap<String, Reach>,
+}
+
+/// Creates the log's tables in a new database (a no-op for an existing one).
+pub(crate) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(OUTBOX)?;
+    txn.open_table(CONSUMERS)?;
+    Ok(())
+}
+
+/// Reads what [`LogState`] keeps from a database just opened.
+pub(crate) fn load(read: &ReadTransaction) -> Result<Loaded, StoreError> {
+    let (first, next) = log_bounds(read)?;
+    let table = read.open_table(CONSUMERS)?;
+    let acked_floor = acked_floor(&table)?;
+    let mut consumers = BTreeMap::new();
+    for row in table.iter()? {
+        let (name, acked) = row?;
+        let acked = acked.value();
+        consumers.insert(name.value().to_owned(), Reach { acked, sent: acked });
+    }
+    Ok(Loaded {
+        first,
+        next,
+        acked_floor,
+        consumers,
+    })
+}
+
+/// Writes a transaction's appended entries, in offset order, into the outbox.
+pub(crate) fn write_appended(
+    txn: &WriteTransaction,
+    appended: &[(u64, Vec<u8>)],
+) -> Result<(), StoreError> {
+    let mut outbox = txn.open_table(OUTBOX)?;
+    for (offset, bytes) in appended {
+        outbox.insert(*offset, bytes.as_slice())?;
+    }
+    Ok(())
+}
+
+impl LogState {
+    pub(crate) fn new(loaded: Loaded) -> Self {
+        LogState {
+            head: watch::Sender::new(loaded.next),
+            acked_floor: AtomicU64::new(loaded.acked_floor),
+            consumers: Mutex::new(loaded.consumers),
+        }
+    }
+
+    /// Takes the positions of a database opened again: acknowledgements as stored, and what each
+    /// consumer was sent as far as this process knows (never behind what it acknowledged).
+    pub(crate) fn reload(&self, loaded: Loaded) {
+        if let Ok(mut consumers) = self.consumers.lock() {
+            for (name, reach) in loaded.consumers {
+                let sent = consumers
+                    .get(&name)
+                    .map_or(reach.sent, |r| r.sent.max(reach.acked));
+                consumers.insert(
+                    name,
+                    Reach {
+                        acked: reach.acked,
+                        sent,
+                    },
+                );
+            }
+        }
+        self.acked_floor
+            .store(loaded.acked_floor, Ordering::Relaxed);
+        self.publish(loaded.next);
+    }
+
+    /// The offset the next appended entry gets.
+    pub(crate) fn next_offset(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    /// Wakes subscribers: every entry below `next` is committed.
+    pub(crate) fn publish(&self, next: u64) {
+        self.head.send_if_modified(|head| {
+            let changed = *head != next;
+            *head = next;
+            changed
+        });
+    }
+}
+
+impl Store {
+    /// This store's outbox.
+    pub fn outbox(&self) -> Outbox {
+        Outbox {
+            store: self.clone(),
+        }
+    }
+}
+
+impl Outbox {
+    fn state(&self) -> &LogState {
+        self.store.log_state()
+    }
+
+    /// The offset the next appended entry gets. Cheap.
+    pub fn next_offset(&self) -> u64 {
+        self.state().next_offset()
+    }
+
+    /// `(first_offset, next_offset)` as committed.
+    pub fn bounds(&self) -> Result<(u64, u64), StoreError> {
+        self.store.observe(self.store.read(log_bounds))
+    }
+
+    /// A receiver that sees `next_offset` change after every committed append.
+    pub fn watch_head(&self) -> watch::Receiver<u64> {
+        self.state().head.subscribe()
+    }
+
+    /// Entries from `from` in offset order, each event as stored (encoded, for `Subscribe` to send
+    /// as it is): at most `max` of them, and no more once their encoded size reaches `max_bytes` (but
+    /// always at least one, whatever its size). `from == next_offset` gives an empty batch.
+    pub fn read_log(
+        &self,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredLogEntry>, StoreError> {
+        self.store.read(|read| {
+            let (first, next) = log_bounds(read)?;
+            if from < first {
+                return Err(StoreError::Truncated {
+                    requested: from,
+                    first,
+                });
+            }
+            if from > next {
+                return Err(StoreError::BeyondHead {
+                    requested: from,
+                    head: next,
+                });
+            }
+            let outbox = read.open_table(OUTBOX)?;
+            let mut entries = Vec::with_capacity(max.min((next - from) as usize));
+            let mut size = 0usize;
+            for row in outbox.range(from..)?.take(max) {
+                let (offset, bytes) = row?;
+                size = size.saturating_add(bytes.value().len());
+                if size > max_bytes && !entries.is_empty() {
+                    break;
+                }
+                entries.push(StoredLogEntry {
+                    offset: offset.value(),
+                    event: bytes::Bytes::copy_from_slice(bytes.value()),
+                });
+            }
+            Ok(entries)
+        })
+    }
+
+    /// Records that `consumer` has processed every entry below `offset`. Positions never move back.
+    /// Refused when the log is not kept for `consumer` ([`StoreError::UnknownConsumer`]) or when its
+    /// subscriptions were not sent every entry below `offset` ([`StoreError::NotSent`]): only what a
+    /// consumer really received can be deleted for it. Not fsynced on its own: losing an ack in a
+    /// crash only makes retention keep more.
+    pub fn ack(&self, consumer: &str, offset: u64) -> Result<(), StoreError> {
+        {
+            let consumers = self.consumers()?;
+            let Some(reach) = consumers.get(consumer) else {
+                return Err(unknown_consumer(consumer, &consumers));
+            };
+            if offset <= reach.acked {
+                return Ok(());
+            }
+            if offset > reach.sent {
+                return Err(StoreError::NotSent {
+                    consumer: consumer.to_owned(),
+                    offset,
+                    sent: reach.sent,
+                });
+            }
+        }
+        let floor = self.store.write_with(Durability::None, |txn| {
+            let mut consumers = txn.redb().open_table(CONSUMERS)?;
+            let current = consumers.get(consumer)?.map(|v| v.value());
+            if current.is_some_and(|current| offset > current) {
+                consumers.insert(consumer, offset)?;
+            }
+            acked_floor(&consumers)
+        })?;
+        if let Some(reach) = self.consumers()?.get_mut(consumer) {
+            reach.acked = reach.acked.max(offset);
+            reach.sent = reach.sent.max(reach.acked);
+        }
+        self.state().acked_floor.store(floor, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the log is kept for `consumer`; the error says for whom it is. Cheap.
+    pub fn check_consumer(&self, consumer: &str) -> Result<(), StoreError> {
+        let consumers = self.consumers()?;
+        if consumers.contains_key(consumer) {
+            Ok(())
+        } else {
+            Err(unknown_consumer(consumer, &consumers))
+        }
+    }
+
+    /// Notes that a subscription of `consumer` that started at `from` has been sent every entry
+    /// below `to`. It extends what the consumer may acknowledge only when it joins what the
+    /// consumer's subscriptions were already sent, so the sent range never has a gap. Cheap.
+    pub fn note_sent(&self, consumer: &str, from: u64, to: u64) {
+        if let Ok(mut consumers) = self.consumers()
+            && let Some(reach) = consumers.get_mut(consumer)
+            && from <= reach.sent.max(reach.acked)
+        {
+            reach.sent = reach.sent.max(to);
+        }
+    }
+
+    fn consumers(&self) -> Result<MutexGuard<'_, BTreeMap<String, Reach>>, StoreError> {
+        self.state()
+            .consumers
+            .lock()
+            .map_err(|_| StoreError::Poisoned)
+    }
+
+    /// Entries no registered consumer has acknowledged yet, from the slowest consumer's point of
+    /// view: `next_offset − lowest acknowledged offset`, or the whole log while no consumer has
+    /// acknowledged anything. Cheap (no I/O): for per-request checks.
+    pub fn unconsumed(&self) -> u64 {
+        let floor = self.state().acked_floor.load(Ordering::Relaxed);
+        let next = self.next_offset();
+        if floor == u64::MAX {
+            // Nobody has acknowledged: everything retention still holds is unconsumed. The first
+            // offset is only known from disk; the log starts at 0 unless retention trimmed it, which
+            // needs an acknowledgement or the size bound, so `next` is the right count here.
+            next
+        } else {
+            next.saturating_sub(floor)
+        }
+    }
+
+    /// Makes `consumers` exactly the consumers the log is kept for: each new one starts at the log's
+    /// first offset (so retention keeps everything for it from now on, even before it connects),
+    /// each known one keeps its position, and any other name is forgotten, so that it no longer
+    /// holds retention back.
+    pub fn retain_for(&self, consumers: &[String]) -> Result<(), StoreError> {
+        let floor = self.store.write_with(Durability::Immediate, |txn| {
+            let first = txn
+                .redb()
+                .open_table(META)?
+                .get(FIRST_OFFSET_KEY)?
+                .map_or(0, |v| v.value());
+            let mut table = txn.redb().open_table(CONSUMERS)?;
+            let mut forgotten = Vec::new();
+            for row in table.iter()? {
+                let name = row?.0.value().to_owned();
+                if !consumers.contains(&name) {
+                    forgotten.push(name);
+                }
+            }
+            for name in &forgotten {
+                tracing::info!(consumer = %name, "no longer keeping the log for this consumer");
+                table.remove(name.as_str())?;
+            }
+            for consumer in consumers {
+                if table.get(consumer.as_str())?.is_none() {
+                    table.insert(consumer.as_str(), first)?;
+                }
+            }
+            acked_floor(&table)
+        })?;
+        let stored = self.positions()?;
+        let mut reaches = self.consumers()?;
+        reaches.retain(|name, _| consumers.contains(name));
+        for (name, acked) in stored {
+            reaches
+                .entry(name)
+                .and_modify(|r| r.acked = r.acked.max(acked))
+                .or_insert(Reach { acked, sent: acked });
+        }
+        self.state().acked_floor.store(floor, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Every consumer the log is kept for, with its acknowledged position.
+    pub fn positions(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.store.read(|read| {
+            let consumers = read.open_table(CONSUMERS)?;
+            let mut out = Vec::new();
+            for row in consumers.iter()? {
+                let (name, offset) = row?;
+                out.push((name.value().to_owned(), offset.value()));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Deletes entries below `cutoff`, at most `max_entries` of them in this call, and moves
+    /// `first_offset` accordingly. Returns how many were deleted.
+    pub fn trim(&self, cutoff: u64, max_entries: u64) -> Result<u64, StoreError> {
+        self.store.write_with(Durability::None, |txn| {
+            let mut meta = txn.redb().open_table(META)?;
+            let first = meta.get(FIRST_OFFSET_KEY)?.map_or(0, |v| v.value());
+            let cutoff = cutoff
+                .min(txn.next_offset())
+                .min(first.saturating_add(max_entries));
+            if cutoff <= first {
+                return Ok(0);
+            }
+            let mut outbox = txn.redb().open_table(OUTBOX)?;
+            outbox.retain_in(first..cutoff, |_, _| false)?;
+            meta.insert(FIRST_OFFSET_KEY, cutoff)?;
+            Ok::<_, StoreError>(cutoff - first)
+        })
+    }
+}
+
+fn unknown_consumer(consumer: &str, consumers: &BTreeMap<String, Reach>) -> StoreError {
+    let known = if consumers.is_empty() {
+        "no consumer".to_owned()
+    } else {
+        consumers.keys().cloned().collect::<Vec<_>>().join(", ")
+    };
+    StoreError::UnknownConsumer {
+        consumer: consumer.to_owned(),
+        known,
+    }
+}
+
+fn acked_floor(consumers: &impl ReadableTable<&'static str, u64>) -> Result<u64, StoreError> {
+    let mut floor = u64::MAX;
+    for row in consumers.iter()? {
+        floor = floor.min(row?.1.value());
+    }
+    Ok(floor)
+}
+
+fn log_bounds(read: &ReadTransaction) -> Result<(u64, u64), StoreError> {
+    let meta = read.open_table(META)?;
+    let first = meta.get(FIRST_OFFSET_KEY)?.map_or(0, |v| v.value());
+    let outbox = read.open_table(OUTBOX)?;
+    let next = outbox.last()?.map_or(first, |(k, _)| k.value() + 1);
+    Ok((first, next.max(first)))
+}
