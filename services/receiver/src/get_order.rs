@@ -11,6 +11,7 @@ use tonic::Status;
 use crate::{
     Receiver,
     intake::{ORDERS, ORDERS_NAME},
+    progress,
 };
 
 pub(crate) async fn get_order(
@@ -98,10 +99,12 @@ pub(crate) async fn read(store: &Store, order_id: &str) -> Result<Option<Order>,
         .call(move |store| {
             store.read(|read| {
                 let orders = read.open_table(ORDERS)?;
-                match orders.get(id.as_str())? {
-                    Some(bytes) => decode_record(ORDERS_NAME, &id, bytes.value()).map(Some),
-                    None => Ok::<_, StoreError>(None),
-                }
+                let Some(row) = orders.get(id.as_str())? else {
+                    return Ok::<_, StoreError>(None);
+                };
+                let mut order: Order = decode_record(ORDERS_NAME, &id, row.value())?;
+                progress::compose(read, &mut order)?;
+                Ok(Some(order))
             })
         })
         .await

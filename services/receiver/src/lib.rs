@@ -188,6 +188,7 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
         .call(|store| {
             store.write(|txn| {
                 txn.redb().open_table(intake::ORDERS)?;
+                txn.redb().open_table(progress::STEPS)?;
                 intake::create_tables(txn)
             })
         })

@@ -1,12 +1,13 @@
 //! Where each order is: its progress, learned from the later stages' logs.
 //!
 //! The receiver subscribes to the stock, invoice and notifier logs like any downstream stage (one
-//! [`Progress`] each) and folds every event about one of its orders into that order's record in the
-//! `orders` table, in the batch's transaction with the consumed offset. The three logs are read
-//! independently, so a later state can be learned before an earlier one; a state is never lost or
-//! applied twice, and the order's status is the furthest state reached. The order is `terminal`
-//! only once its whole path to that state is known, so `WatchOrder` never ends before it has shown
-//! every transition:
+//! [`Progress`] each) and records every event about an order as one small row of [`STEPS`], keyed
+//! by the order and the step, in the batch's transaction with the consumed offset: no order row is
+//! read or rewritten on this path. Reading an order ([`compose`]) folds its steps into its row from
+//! intake. The three logs are read independently, so a later state can be learned before an earlier
+//! one; a step is never lost or recorded twice, and the order's status is the furthest state reached.
+//! The order is `terminal` only once its whole path to that state is known, so `WatchOrder` never
+//! ends before it has shown every transition:
 //!
 //! ```text
 //! ACCEPTED → RESERVED ─→ INVOICED ──────→ NOTIFIED (terminal)
@@ -15,6 +16,9 @@
 //!
 //! After each commit the [`Watchers`] of the orders it touched are woken, which is how `WatchOrder`
 //! pushes transitions as they happen.
+//!
+//! Stores written before the steps table existed kept the progress inside the order's row; such a
+//! row is the starting point of the fold like any other, so those orders read as they did.
 
 use std::{
     collections::HashMap,
@@ -27,10 +31,20 @@ use orderflow_proto::v1::{
 };
 use orderflow_runtime::{Apply, StoreError, Txn, decode_record};
 use prost::Message;
-use redb::ReadableTable;
+use redb::{ReadTransaction, TableDefinition};
 use tokio::sync::watch;
 
-use crate::intake::{ORDERS, ORDERS_NAME};
+/// One row per step an order went through after intake: (order id, [`Step`] code) → the step as
+/// an order fragment (its transition and what the step adds: invoice, rejections, failure reason,
+/// release time). Written once per step and never rewritten; [`compose`] folds them into the order.
+pub(crate) const STEPS: TableDefinition<(&str, u8), &[u8]> = TableDefinition::new("order_steps");
+const STEPS_NAME: &str = "order_steps";
+
+/// A step's key within its order: the status it reached, or [`STOCK_RELEASED`].
+type Step = u8;
+/// The stock stage gave a failed payment's reservation back: not a status of its own, so numbered
+/// above every status.
+const STOCK_RELEASED: Step = 100;
 
 /// How far along the pipeline a status is; the order's status is the furthest one reached.
 fn rank(status: OrderStatus) -> u8 {
@@ -49,7 +63,7 @@ pub(crate) fn is_terminal(status: OrderStatus) -> bool {
     matches!(status, OrderStatus::Notified | OrderStatus::DeadLettered)
 }
 
-/// Folds one stage's events into the orders they are about.
+/// Records one stage's events as the steps of the orders they are about.
 pub(crate) struct Progress {
     stage: &'static str,
     watchers: Arc<Watchers>,
@@ -76,23 +90,35 @@ impl Apply for Progress {
     ) -> Result<(), StoreError> {
         let mut moved = Vec::new();
         {
-            let mut orders = txn.redb().open_table(ORDERS)?;
+            let mut steps = txn.redb().open_table(STEPS)?;
+            let mut encoded = Vec::new();
             for entry in entries {
                 let Some(event) = &entry.event else {
                     continue;
                 };
-                let Some(kind) = &event.kind else {
+                let Some((step, fragment)) = event
+                    .kind
+                    .as_ref()
+                    .and_then(|kind| self.step(event.at, kind))
+                else {
                     continue;
                 };
-                let mut order: Order = match orders.get(event.order_id.as_str())? {
-                    Some(bytes) => decode_record(ORDERS_NAME, &event.order_id, bytes.value())?,
-                    // Not an order of this receiver (or from before its data was reset).
-                    None => continue,
-                };
-                if self.fold(&mut order, event.at, kind) {
-                    orders.insert(event.order_id.as_str(), order.encode_to_vec().as_slice())?;
-                    moved.push(event.order_id.clone());
+                // Not checked against `orders`: a step of an order this receiver does not hold
+                // (its data was reset, say) is a small row that no read ever reaches.
+                encoded.clear();
+                // Encoding into a `Vec` cannot fail: it grows.
+                fragment.encode_raw(&mut encoded);
+                let key = (event.order_id.as_str(), step);
+                let earlier = steps
+                    .insert(key, encoded.as_slice())?
+                    .map(|row| row.value().to_vec());
+                if let Some(earlier) = earlier {
+                    // A step is recorded once (a replayed notification dead-lettered again, say):
+                    // the first one stays.
+                    steps.insert(key, earlier.as_slice())?;
+                    continue;
                 }
+                moved.push(event.order_id.clone());
             }
         }
         if !moved.is_empty() {
@@ -108,55 +134,126 @@ impl Apply for Progress {
 }
 
 impl Progress {
-    /// Folds one event of this stage's into `order`; `false` if it was known already.
-    fn fold(&self, order: &mut Order, at: Option<prost_types::Timestamp>, kind: &Kind) -> bool {
+    /// The step one event of this stage's records, as an order fragment; `None` for an event that
+    /// moves no order.
+    fn step(&self, at: Option<prost_types::Timestamp>, kind: &Kind) -> Option<(Step, Order)> {
+        let reached = |status: OrderStatus, mut fragment: Order| {
+            fragment.transitions.push(OrderTransition {
+                status: status.into(),
+                at,
+                stage: self.stage.to_owned(),
+            });
+            Some((status as Step, fragment))
+        };
         match (self.stage, kind) {
-            ("stock", Kind::StockReserved(_)) => advance(order, OrderStatus::Reserved, at, "stock"),
-            ("stock", Kind::OrderRejected(rejected)) => {
-                order.rejections.clone_from(&rejected.lines);
-                advance(order, OrderStatus::Rejected, at, "stock")
-            }
-            ("stock", Kind::StockReleased(_)) => {
-                let first = order.stock_released_at.is_none();
-                order.stock_released_at = at;
-                first
-            }
-            ("invoice", Kind::InvoiceCreated(created)) => {
-                if let Some(invoice) = &created.invoice {
-                    order.invoice = Some(InvoiceSummary {
+            ("stock", Kind::StockReserved(_)) => reached(OrderStatus::Reserved, Order::default()),
+            ("stock", Kind::OrderRejected(rejected)) => reached(
+                OrderStatus::Rejected,
+                Order {
+                    rejections: rejected.lines.clone(),
+                    ..Order::default()
+                },
+            ),
+            ("stock", Kind::StockReleased(_)) => Some((
+                STOCK_RELEASED,
+                Order {
+                    stock_released_at: at,
+                    ..Order::default()
+                },
+            )),
+            ("invoice", Kind::InvoiceCreated(created)) => reached(
+                OrderStatus::Invoiced,
+                Order {
+                    invoice: created.invoice.as_ref().map(|invoice| InvoiceSummary {
                         number: invoice.number,
                         total: invoice.total.clone(),
                         tax: invoice.tax.clone(),
                         payment_attempts: invoice.payment.as_ref().map_or(0, |p| p.attempts),
-                    });
-                }
-                advance(order, OrderStatus::Invoiced, at, "invoice")
-            }
+                    }),
+                    ..Order::default()
+                },
+            ),
             ("invoice", Kind::PaymentFailed(failed)) => {
                 let why = match failed.reason() {
                     PaymentFailureReason::Declined => "payment declined",
                     _ => "payment gateway unavailable after every attempt",
                 };
-                order.failure_reason = format!(
-                    "{why}: {} ({} attempts)",
-                    failed.last_error, failed.attempts
-                );
-                advance(order, OrderStatus::PaymentFailed, at, "invoice")
+                reached(
+                    OrderStatus::PaymentFailed,
+                    Order {
+                        failure_reason: format!(
+                            "{why}: {} ({} attempts)",
+                            failed.last_error, failed.attempts
+                        ),
+                        ..Order::default()
+                    },
+                )
             }
             ("notifier", Kind::CustomerNotified(_)) => {
-                advance(order, OrderStatus::Notified, at, "notifier")
+                reached(OrderStatus::Notified, Order::default())
             }
-            ("notifier", Kind::NotificationDeadLettered(dead)) => {
-                if let Some(letter) = &dead.dead_letter {
-                    order.failure_reason = format!(
-                        "notification not delivered: {} ({})",
-                        letter.reason, letter.last_error
-                    );
-                }
-                advance(order, OrderStatus::DeadLettered, at, "notifier")
-            }
-            _ => false,
+            ("notifier", Kind::NotificationDeadLettered(dead)) => reached(
+                OrderStatus::DeadLettered,
+                Order {
+                    failure_reason: dead
+                        .dead_letter
+                        .as_ref()
+                        .map(|letter| {
+                            format!(
+                                "notification not delivered: {} ({})",
+                                letter.reason, letter.last_error
+                            )
+                        })
+                        .unwrap_or_default(),
+                    ..Order::default()
+                },
+            ),
+            _ => None,
         }
+    }
+}
+
+/// Folds every recorded step of `order` into it, in step order: how an order is read.
+pub(crate) fn compose(read: &ReadTransaction, order: &mut Order) -> Result<(), StoreError> {
+    let steps = read.open_table(STEPS)?;
+    let id = order.order_id.clone();
+    for row in steps.range((id.as_str(), Step::MIN)..=(id.as_str(), Step::MAX))? {
+        let (key, fragment) = row?;
+        let (_, step) = key.value();
+        let fragment: Order =
+            decode_record(STEPS_NAME, format_args!("{id}/{step}"), fragment.value())?;
+        fold(order, fragment);
+    }
+    Ok(())
+}
+
+/// Folds one step into `order`: its transition and what it adds, unless the order knew it already.
+fn fold(order: &mut Order, fragment: Order) {
+    let Order {
+        transitions,
+        invoice,
+        rejections,
+        failure_reason,
+        stock_released_at,
+        ..
+    } = fragment;
+    if stock_released_at.is_some() && order.stock_released_at.is_none() {
+        order.stock_released_at = stock_released_at;
+    }
+    let Some(transition) = transitions.into_iter().next() else {
+        return;
+    };
+    if !advance(order, transition.status(), transition.at, &transition.stage) {
+        return;
+    }
+    if invoice.is_some() {
+        order.invoice = invoice;
+    }
+    if !rejections.is_empty() {
+        order.rejections = rejections;
+    }
+    if !failure_reason.is_empty() {
+        order.failure_reason = failure_reason;
     }
 }
 
@@ -243,10 +340,210 @@ impl Watchers {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use orderflow_proto::v1::{
+        CustomerNotified, DeadLetter, Event, Invoice, InvoiceCreated, NotificationDeadLettered,
+        StockReserved,
+    };
+    use orderflow_runtime::Store;
+
     use super::*;
+    use crate::intake::{ORDERS, ORDERS_NAME};
+
+    fn entry(kind: Kind, at: i64) -> LogEntry {
+        LogEntry {
+            offset: 0,
+            event: Some(Event {
+                order_id: "o1".into(),
+                at: ts(at),
+                kind: Some(kind),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn dead_lettered(reason: &str, at: i64) -> LogEntry {
+        entry(
+            Kind::NotificationDeadLettered(NotificationDeadLettered {
+                dead_letter: Some(DeadLetter {
+                    reason: reason.into(),
+                    last_error: "sink down".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            at,
+        )
+    }
+
+    /// A store holding order `o1` as intake wrote it, or as `row` says (a store from before the
+    /// steps table kept progress in the row).
+    fn store_with(row: Order) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("r.redb")).unwrap();
+        store
+            .write(|txn| {
+                txn.redb().open_table(STEPS)?;
+                let mut orders = txn.redb().open_table(ORDERS)?;
+                orders.insert("o1", row.encode_to_vec().as_slice())?;
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        (dir, store)
+    }
+
+    fn accepted() -> Order {
+        let mut order = Order {
+            order_id: "o1".into(),
+            ..Default::default()
+        };
+        advance(&mut order, OrderStatus::Accepted, ts(1), "receiver");
+        order
+    }
+
+    /// Applies `entries` as `stage`'s batch; returns the orders whose watchers were woken.
+    fn apply(store: &Store, stage: &'static str, entries: &[LogEntry]) -> Vec<String> {
+        let watchers = Arc::new(Watchers::default());
+        let mut woken = watchers.watch("o1");
+        woken.mark_unchanged();
+        store
+            .write(|txn| Progress::new(stage, watchers.clone()).apply_batch(txn, entries, &mut ()))
+            .unwrap();
+        if woken.has_changed().unwrap() {
+            vec!["o1".into()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn read(store: &Store) -> Order {
+        store
+            .read(|read| {
+                let orders = read.open_table(ORDERS)?;
+                let mut order: Order =
+                    decode_record(ORDERS_NAME, "o1", orders.get("o1")?.unwrap().value())?;
+                compose(read, &mut order)?;
+                Ok::<_, StoreError>(order)
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn steps_compose_into_the_order_in_any_arrival_order() {
+        let (_dir, store) = store_with(accepted());
+        let notified = entry(Kind::CustomerNotified(CustomerNotified::default()), 4);
+        assert_eq!(apply(&store, "notifier", &[notified]), vec!["o1"]);
+        let order = read(&store);
+        assert_eq!(order.status(), OrderStatus::Notified);
+        assert!(!order.terminal, "terminal before its path is known");
+        apply(
+            &store,
+            "stock",
+            &[entry(Kind::StockReserved(StockReserved::default()), 2)],
+        );
+        let created = InvoiceCreated {
+            invoice: Some(Invoice {
+                number: 7,
+                ..Default::default()
+            }),
+        };
+        apply(
+            &store,
+            "invoice",
+            &[entry(Kind::InvoiceCreated(created), 3)],
+        );
+        let order = read(&store);
+        assert!(order.terminal);
+        assert_eq!(order.invoice.map(|i| i.number), Some(7));
+        let path: Vec<_> = order
+            .transitions
+            .iter()
+            .map(|t| (t.status(), t.stage.as_str()))
+            .collect();
+        assert_eq!(
+            path,
+            vec![
+                (OrderStatus::Accepted, "receiver"),
+                (OrderStatus::Reserved, "stock"),
+                (OrderStatus::Invoiced, "invoice"),
+                (OrderStatus::Notified, "notifier")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_step_is_recorded_once() {
+        let (_dir, store) = store_with(accepted());
+        assert_eq!(
+            apply(&store, "notifier", &[dead_lettered("first", 5)]),
+            vec!["o1"]
+        );
+        assert!(
+            apply(&store, "notifier", &[dead_lettered("second", 9)]).is_empty(),
+            "the same step again woke the watchers"
+        );
+        let order = read(&store);
+        assert_eq!(order.status(), OrderStatus::DeadLettered);
+        assert_eq!(
+            order.failure_reason,
+            "notification not delivered: first (sink down)"
+        );
+        assert_eq!(order.transitions.len(), 2);
+    }
+
+    #[test]
+    fn a_row_that_kept_its_progress_reads_as_before() {
+        let mut row = accepted();
+        advance(&mut row, OrderStatus::Reserved, ts(2), "stock");
+        let (_dir, store) = store_with(row);
+        apply(
+            &store,
+            "stock",
+            &[entry(Kind::StockReserved(StockReserved::default()), 2)],
+        );
+        apply(
+            &store,
+            "notifier",
+            &[entry(
+                Kind::CustomerNotified(CustomerNotified::default()),
+                4,
+            )],
+        );
+        let order = read(&store);
+        assert_eq!(
+            path(&order),
+            vec![
+                OrderStatus::Accepted,
+                OrderStatus::Reserved,
+                OrderStatus::Notified
+            ]
+        );
+        assert_eq!(order.status(), OrderStatus::Notified);
+    }
+
+    #[test]
+    fn events_that_move_no_order_record_nothing() {
+        let (_dir, store) = store_with(accepted());
+        // The stock stage's events read from the invoice log's subscription mean nothing there.
+        assert!(
+            apply(
+                &store,
+                "invoice",
+                &[entry(Kind::StockReserved(StockReserved::default()), 2)]
+            )
+            .is_empty()
+        );
+        assert_eq!(read(&store), accepted());
+    }
 
     fn ts(seconds: i64) -> Option<prost_types::Timestamp> {
         Some(prost_types::Timestamp { seconds, nanos: 0 })
+    }
+
+    /// The states `order` went through, in order.
+    fn path(order: &Order) -> Vec<OrderStatus> {
+        order.transitions.iter().map(|t| t.status()).collect()
     }
 
     #[test]
@@ -270,9 +567,8 @@ mod tests {
         );
         assert_eq!(order.status(), OrderStatus::Notified);
         assert!(order.terminal);
-        let path: Vec<_> = order.transitions.iter().map(|t| t.status()).collect();
         assert_eq!(
-            path,
+            path(&order),
             vec![
                 OrderStatus::Accepted,
                 OrderStatus::Reserved,
