@@ -487,9 +487,18 @@ pub fn init_logging_with_default(default: &str) {
 mod tests {
     use super::*;
 
+    /// The subscriber and the tracer provider are process-wide, and shutting one down ends its
+    /// spans' contexts: the checks that need them share one installation, so that they pass
+    /// under `cargo test` (one process) as under `cargo nextest` (one process per test).
     #[tokio::test]
-    async fn context_round_trips_through_an_event_map() {
+    async fn trace_context_travels_in_events() {
         let telemetry = init(&TelemetryConfig::stage("test", LogFormat::Text));
+        context_round_trips_through_an_event_map();
+        an_unsampled_order_gets_no_span_and_passes_its_context_on();
+        telemetry.shutdown().await;
+    }
+
+    fn context_round_trips_through_an_event_map() {
         let parent = tracing::info_span!(target: "orderflow_test", "parent");
         let carrier = inject(&parent);
         assert!(carrier.contains_key("traceparent"), "{carrier:?}");
@@ -498,12 +507,9 @@ mod tests {
         assert_eq!(trace_id(&child), trace_id(&parent));
         let other = tracing::info_span!(target: "orderflow_test", parent: None, "other");
         assert_ne!(trace_id(&other), trace_id(&parent));
-        telemetry.shutdown().await;
     }
 
-    #[tokio::test]
-    async fn an_unsampled_order_gets_no_span_and_passes_its_context_on() {
-        let telemetry = init(&TelemetryConfig::stage("test", LogFormat::Text));
+    fn an_unsampled_order_gets_no_span_and_passes_its_context_on() {
         let carrier = |flags: &str| {
             HashMap::from([(
                 "traceparent".to_owned(),
@@ -529,6 +535,5 @@ mod tests {
         PARENT_DECIDES.store(false, Ordering::Relaxed);
         assert!(!OrderSpan::child_of(&carrier("00"), make).is_none());
         PARENT_DECIDES.store(true, Ordering::Relaxed);
-        telemetry.shutdown().await;
     }
 }
