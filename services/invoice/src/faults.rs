@@ -5,7 +5,7 @@ use std::time::Duration;
 use orderflow_proto::v1::{
     GatewayFaults, ListCapturesRequest, ListCapturesResponse, SetFaultsRequest,
 };
-use orderflow_runtime::{FieldViolations, NumericPage, StoreError, status};
+use orderflow_runtime::{FieldViolations, NumericPage, StoreError, paging};
 use tonic::Status;
 
 use crate::gateway::{CAPTURES, CAPTURES_NAME, Faults, MAX_LATENCY, SimulatedGateway};
@@ -103,7 +103,7 @@ pub(crate) async fn list_captures(
         .call(move |store| {
             store.read(|read| {
                 let (captures, next_page_token) =
-                    status::read_numeric_page(read, CAPTURES, CAPTURES_NAME, page)?;
+                    paging::read_numeric_page(read, CAPTURES, CAPTURES_NAME, page)?;
                 Ok::<_, StoreError>(ListCapturesResponse {
                     captures,
                     next_page_token,

@@ -5,7 +5,7 @@ use orderflow_proto::v1::{
     ListInvoicesRequest, ListInvoicesResponse,
 };
 use orderflow_runtime::{
-    FieldViolations, NumericPage, Store, StoreError, dead_letters, decode_record, status,
+    FieldViolations, NumericPage, Store, StoreError, dead_letters, decode_record, paging,
 };
 use tonic::Status;
 
@@ -54,7 +54,7 @@ pub(crate) async fn list_invoices(
         .call(move |store| {
             store.read(|read| {
                 let (invoices, next_page_token) =
-                    status::read_numeric_page(read, INVOICES, INVOICES_NAME, page)?;
+                    paging::read_numeric_page(read, INVOICES, INVOICES_NAME, page)?;
                 Ok::<_, StoreError>(ListInvoicesResponse {
                     invoices,
                     next_page_token,

@@ -1,7 +1,7 @@
 //! `ListNotifications`: every delivered notification by id, or those of one order.
 
 use orderflow_proto::v1::{ListNotificationsRequest, ListNotificationsResponse};
-use orderflow_runtime::{NumericPage, Store, StoreError, decode_record, status};
+use orderflow_runtime::{NumericPage, Store, StoreError, decode_record, paging, status};
 use tonic::Status;
 
 use crate::tables::{BY_ORDER, NOTIFICATIONS, NOTIFICATIONS_NAME};
@@ -22,7 +22,7 @@ pub(crate) async fn list_notifications(
             store.read(|read| {
                 if order_id.is_empty() {
                     let (notifications, next_page_token) =
-                        status::read_numeric_page(read, NOTIFICATIONS, NOTIFICATIONS_NAME, page)?;
+                        paging::read_numeric_page(read, NOTIFICATIONS, NOTIFICATIONS_NAME, page)?;
                     return Ok(ListNotificationsResponse {
                         notifications,
                         next_page_token,

@@ -10,7 +10,7 @@ use redb::{ReadableTable, TableDefinition};
 use tonic::Status;
 
 use crate::{
-    status::{NumericPage, read_numeric_page},
+    paging::{NumericPage, read_numeric_page},
     store::{Store, StoreError, Txn, decode_record},
 };
 

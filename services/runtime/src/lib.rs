@@ -30,7 +30,8 @@
 //! Public modules, used by name (`telemetry::inject`, `metrics::EVENTS_PROCESSED`, …):
 //! - [`telemetry`]: logging, tracing and trace-context propagation.
 //! - [`metrics`]: the names of every metric the stages export.
-//! - [`status`]: gRPC statuses for store errors and field violations; paging.
+//! - [`status`]: gRPC statuses for store errors and field violations.
+//! - [`paging`]: page sizes and tokens, pages filled by rows and bytes, numeric-keyed pages.
 //! - [`dead_letters`]: the dead-letter table every stage with outside calls keeps.
 //! - [`tls`]: server identities, client configs and endpoints.
 
@@ -43,6 +44,7 @@ mod group_commit;
 mod health;
 pub mod metrics;
 mod outbox;
+pub mod paging;
 mod retention;
 mod retry;
 mod server;
@@ -61,6 +63,7 @@ pub use disk::{FreeSpace, MinFreeSpace};
 pub use eventlog::EventLogService;
 pub use group_commit::{GroupCommit, WriterName};
 pub use outbox::Outbox;
+pub use paging::{NumericPage, PageFill};
 pub use retry::{
     Attempt, FIRST_ATTEMPTS_BUDGET, Failure, FirstAttempt, FirstAttempts, NewTask, Outcome,
     RetryPolicy, RetryQueue, RetryWork,
@@ -70,7 +73,7 @@ pub use server::{
     respond, run_main,
 };
 pub use shutdown::shutdown_on_signal;
-pub use status::{FieldViolations, NumericPage, PageFill};
+pub use status::FieldViolations;
 pub use store::{Commit, Condition, Fault, FaultKind, Store, StoreError, Txn, decode_record};
 pub use subscription::{Admission, Apply, Subscription};
 pub use tls::ServerIdentity;

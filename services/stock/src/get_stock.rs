@@ -3,7 +3,7 @@
 use std::ops::Bound;
 
 use orderflow_proto::v1::{GetStockRequest, ListStockRequest, ListStockResponse, StockItem};
-use orderflow_runtime::{FieldViolations, PageFill, Store, StoreError, decode_record, status};
+use orderflow_runtime::{FieldViolations, PageFill, Store, StoreError, decode_record, paging};
 use tonic::Status;
 
 use crate::items::{self, ITEMS, ITEMS_NAME};
@@ -27,7 +27,7 @@ pub(crate) async fn list_stock(
     request: ListStockRequest,
 ) -> Result<ListStockResponse, Status> {
     let mut violations = FieldViolations::new();
-    let size = status::page_size_or_default(request.page_size, &mut violations);
+    let size = paging::page_size_or_default(request.page_size, &mut violations);
     violations.check()?;
     // The token is the last sku of the previous page; the next page starts after it.
     let after = request.page_token;
