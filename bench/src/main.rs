@@ -8,7 +8,8 @@
 //!    traces sampled at 1 % and exported to a live OTLP receiver;
 //! 4. accept and placed→notified latency percentiles at fixed rates (open loop; 1,000 and
 //!    5,000 orders/s unless `--rate` says otherwise);
-//! 5. each stage's peak RSS with the notifier stopped and a backlog of events waiting for it;
+//! 5. each stage's peak RSS with the notifier stopped and a backlog of events waiting for it (the
+//!    peak is reset when this phase starts; the peak under the earlier full load is reported too);
 //! 6. the notifier's catch-up rate (events/s) when it comes back.
 //!
 //! Next to each throughput figure it measures CPU time per order ((utime + stime) from
@@ -225,6 +226,14 @@ impl Proc {
             .parse()
             .ok()?;
         Some(kib / 1024.0)
+    }
+
+    /// Resets the process's peak RSS to what it holds now (`5` to `/proc/<pid>/clear_refs`), so
+    /// that the next [`Proc::peak_rss_mib`] covers only what follows.
+    fn reset_peak_rss(&self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("the process has exited")?;
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+            .with_context(|| format!("cannot reset the peak RSS of process {pid}"))
     }
 
     /// SIGTERM, then waits for the exit.
@@ -679,6 +688,17 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
         "5/6 backlog of {} events with the notifier stopped",
         a.backlog
     );
+    let loaded_rss = json!({
+        "receiver_mib": pipeline.receiver.peak_rss_mib(),
+        "stock_mib": pipeline.stock.peak_rss_mib(),
+        "invoice_mib": pipeline.invoice.peak_rss_mib(),
+        "notifier_mib": pipeline.notifier.as_ref().and_then(Proc::peak_rss_mib),
+    });
+    results.insert("loaded_rss", loaded_rss);
+    for stage in [&pipeline.receiver, &pipeline.stock, &pipeline.invoice] {
+        stage.reset_peak_rss()?;
+    }
+    // The notifier starts again for the catch-up: its peak is that run's alone.
     if let Some(notifier) = pipeline.notifier.take() {
         notifier.stop().await?;
     }
@@ -829,6 +849,15 @@ fn table(report: &Value, baseline: f64) -> String {
         ]);
     }
     for stage in ["receiver", "stock", "invoice", "notifier"] {
+        rows.push([
+            format!("{stage} peak RSS, full load"),
+            format!(
+                "{:.0} MiB",
+                get(r, &["loaded_rss", &format!("{stage}_mib")])
+            ),
+            String::new(),
+            String::new(),
+        ]);
         rows.push([
             format!("{stage} peak RSS, backlog"),
             format!(
