@@ -28,10 +28,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The server half of `orderflow.v1.EventLog` once more, answering `Subscribe` with
-/// `crate::stored::StoredEventBatch`: the same bytes on the wire as `EventBatch`, but each event is
-/// sent as the outbox stores it, already encoded, instead of being decoded and encoded again.
-/// Clients (and reflection) keep the generated `EventBatch`.
+/// `orderflow.v1.EventLog` once more, with `Subscribe` answering `crate::stored::StoredEventBatch`:
+/// the same bytes on the wire as `EventBatch`, but each event stays encoded. The server sends events
+/// as the outbox stores them instead of decoding them only to encode them again; the client (a
+/// downstream stage) decodes each event itself, into the view of it that the stage reads. Other
+/// clients (and reflection) keep the generated `EventBatch`.
 fn compile_stored_event_log() {
     use tonic_prost_build::manual::{Builder, Method, Service};
     let method = |name: &str, route: &str, input: &str, output: &str| {
@@ -58,5 +59,5 @@ fn compile_stored_event_log() {
         .method(method("ack", "Ack", "AckRequest", "crate::v1::AckResponse").build())
         .method(method("head", "Head", "HeadRequest", "crate::v1::HeadResponse").build())
         .build();
-    Builder::new().build_client(false).compile(&[service]);
+    Builder::new().compile(&[service]);
 }

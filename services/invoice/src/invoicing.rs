@@ -7,10 +7,10 @@
 //! survives any crash. `OrderRejected` is passed on for the notifier. The tables are listed in
 //! `tables`.
 
-use orderflow_proto::v1::{Event, Invoice, LogEntry, StockReserved, event::Kind};
+use orderflow_proto::v1::{Event, Invoice, StockReserved, event::Kind};
 use orderflow_runtime::{
-    Apply, FirstAttempt, FirstAttempts, NewTask, RetryQueue, Store, StoreError, Txn, follow_up,
-    record_processed, telemetry,
+    Apply, Entry, FirstAttempt, FirstAttempts, NewTask, RetryQueue, Store, StoreError, Txn,
+    follow_up, record_processed, telemetry,
 };
 
 use crate::{
@@ -79,13 +79,14 @@ impl Pricing {
 }
 
 impl Apply for Pricing {
+    type Event = Event;
     type Prepared = FirstAttempts<Payments<SimulatedGateway>>;
 
-    async fn prepare(&self, entries: &[LogEntry]) -> Self::Prepared {
+    async fn prepare(&self, entries: &[Entry<Event>]) -> Self::Prepared {
         let payments = entries
             .iter()
             .filter_map(|entry| {
-                let event = entry.event.as_ref()?;
+                let event = &entry.event;
                 match &event.kind {
                     Some(Kind::StockReserved(reserved)) => Some(self.payment(event, reserved)),
                     _ => None,
@@ -98,12 +99,10 @@ impl Apply for Pricing {
     fn apply(
         &self,
         txn: &mut Txn,
-        entry: &LogEntry,
+        entry: &Entry<Event>,
         first: &mut Self::Prepared,
     ) -> Result<(), StoreError> {
-        let Some(event) = &entry.event else {
-            return Ok(());
-        };
+        let event = &entry.event;
         match &event.kind {
             Some(Kind::StockReserved(reserved)) => {
                 let settled = txn.has_key_in_any(&[BY_ORDER, FAILED_BY_ORDER], &event.order_id)?;

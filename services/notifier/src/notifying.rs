@@ -6,9 +6,9 @@
 //! (or refused for good) at once is settled there (see `delivery`), one that must be retried waits
 //! in `delivery.pending`. Every order is notified exactly once in the store, whatever crashes.
 
-use orderflow_proto::v1::{Event, LogEntry, Notification, NotificationKind, event::Kind};
+use orderflow_proto::v1::{Event, Notification, NotificationKind, event::Kind};
 use orderflow_runtime::{
-    Apply, FirstAttempt, FirstAttempts, NewTask, RetryQueue, Store, StoreError, Txn,
+    Apply, Entry, FirstAttempt, FirstAttempts, NewTask, RetryQueue, Store, StoreError, Txn,
     record_processed, telemetry,
 };
 
@@ -98,12 +98,13 @@ impl Notifying {
 }
 
 impl Apply for Notifying {
+    type Event = Event;
     type Prepared = FirstAttempts<Deliveries>;
 
-    async fn prepare(&self, entries: &[LogEntry]) -> Self::Prepared {
+    async fn prepare(&self, entries: &[Entry<Event>]) -> Self::Prepared {
         let deliveries = entries
             .iter()
-            .filter_map(|entry| self.delivery(entry.event.as_ref()?))
+            .filter_map(|entry| self.delivery(&entry.event))
             .collect();
         self.deliveries.attempt_first(deliveries).await
     }
@@ -111,12 +112,10 @@ impl Apply for Notifying {
     fn apply(
         &self,
         txn: &mut Txn,
-        entry: &LogEntry,
+        entry: &Entry<Event>,
         first: &mut Self::Prepared,
     ) -> Result<(), StoreError> {
-        let Some(event) = &entry.event else {
-            return Ok(());
-        };
+        let event = &entry.event;
         let delivery = match first.take(&event.order_id) {
             Some(delivery) => delivery,
             // A duplicate within the batch, or an event that ends nothing.

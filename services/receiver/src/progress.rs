@@ -26,10 +26,9 @@ use std::{
 };
 
 use orderflow_proto::v1::{
-    InvoiceSummary, LogEntry, Order, OrderStatus, OrderTransition, PaymentFailureReason,
-    event::Kind,
+    InvoiceSummary, LineRejection, Money, Order, OrderStatus, OrderTransition, PaymentFailureReason,
 };
-use orderflow_runtime::{Apply, StoreError, Txn, decode_record};
+use orderflow_runtime::{Apply, Entry, StoreError, Txn, decode_record};
 use prost::Message;
 use redb::{ReadTransaction, TableDefinition};
 use tokio::sync::watch;
@@ -63,6 +62,103 @@ pub(crate) fn is_terminal(status: OrderStatus) -> bool {
     matches!(status, OrderStatus::Notified | OrderStatus::DeadLettered)
 }
 
+/// An event of the stock, invoice or notifier log as the progress fold reads it: the `Event`
+/// message with only the fields a step keeps. Lines, notification texts, trace contexts and the
+/// rest are skipped unread, so the three subscriptions decode a fraction of each event.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct StepEvent {
+    #[prost(string, tag = "1")]
+    pub order_id: String,
+    #[prost(message, optional, tag = "3")]
+    pub at: Option<prost_types::Timestamp>,
+    #[prost(oneof = "StepKind", tags = "11, 12, 13, 14, 15, 16, 17")]
+    pub kind: Option<StepKind>,
+}
+
+/// The kinds of `Event` that move an order (same field numbers), each read as far as its step needs.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub(crate) enum StepKind {
+    #[prost(message, tag = "11")]
+    StockReserved(Skipped),
+    #[prost(message, tag = "12")]
+    OrderRejected(Rejected),
+    #[prost(message, tag = "13")]
+    InvoiceCreated(InvoiceCreatedView),
+    #[prost(message, tag = "14")]
+    CustomerNotified(Skipped),
+    #[prost(message, tag = "15")]
+    PaymentFailed(PaymentFailedView),
+    #[prost(message, tag = "16")]
+    StockReleased(Skipped),
+    #[prost(message, tag = "17")]
+    NotificationDeadLettered(DeadLetteredView),
+}
+
+/// A message whose content is not read.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct Skipped {}
+
+/// `OrderRejected`: every line's reason is kept.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct Rejected {
+    #[prost(message, repeated, tag = "1")]
+    pub lines: Vec<LineRejection>,
+}
+
+/// `InvoiceCreated`: the invoice's number, amounts and payment attempts (not its lines).
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct InvoiceCreatedView {
+    #[prost(message, optional, tag = "1")]
+    pub invoice: Option<InvoiceView>,
+}
+
+/// `Invoice`, without lines, parties or dates.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct InvoiceView {
+    #[prost(uint64, tag = "1")]
+    pub number: u64,
+    #[prost(message, optional, tag = "7")]
+    pub tax: Option<Money>,
+    #[prost(message, optional, tag = "8")]
+    pub total: Option<Money>,
+    #[prost(message, optional, tag = "10")]
+    pub payment: Option<PaymentView>,
+}
+
+/// `Payment`: how many attempts it took.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct PaymentView {
+    #[prost(uint32, tag = "2")]
+    pub attempts: u32,
+}
+
+/// `PaymentFailed`: why, after how many attempts (not the lines or the amount).
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct PaymentFailedView {
+    #[prost(enumeration = "PaymentFailureReason", tag = "1")]
+    pub reason: i32,
+    #[prost(uint32, tag = "2")]
+    pub attempts: u32,
+    #[prost(string, tag = "3")]
+    pub last_error: String,
+}
+
+/// `NotificationDeadLettered`: the dead letter's reason and last error (not the notification).
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct DeadLetteredView {
+    #[prost(message, optional, tag = "1")]
+    pub dead_letter: Option<DeadLetterView>,
+}
+
+/// `DeadLetter`: why delivery gave up.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct DeadLetterView {
+    #[prost(string, tag = "5")]
+    pub reason: String,
+    #[prost(string, tag = "7")]
+    pub last_error: String,
+}
+
 /// Records one stage's events as the steps of the orders they are about.
 pub(crate) struct Progress {
     stage: &'static str,
@@ -76,26 +172,29 @@ impl Progress {
 }
 
 impl Apply for Progress {
+    type Event = StepEvent;
     type Prepared = ();
 
-    fn apply(&self, txn: &mut Txn, entry: &LogEntry, prepared: &mut ()) -> Result<(), StoreError> {
+    fn apply(
+        &self,
+        txn: &mut Txn,
+        entry: &Entry<StepEvent>,
+        prepared: &mut (),
+    ) -> Result<(), StoreError> {
         self.apply_batch(txn, std::slice::from_ref(entry), prepared)
     }
 
     fn apply_batch(
         &self,
         txn: &mut Txn,
-        entries: &[LogEntry],
+        entries: &[Entry<StepEvent>],
         _: &mut (),
     ) -> Result<(), StoreError> {
         let mut moved = Vec::new();
         {
             let mut steps = txn.redb().open_table(STEPS)?;
             let mut encoded = Vec::new();
-            for entry in entries {
-                let Some(event) = &entry.event else {
-                    continue;
-                };
+            for Entry { event, .. } in entries {
                 let Some((step, fragment)) = event
                     .kind
                     .as_ref()
@@ -136,7 +235,7 @@ impl Apply for Progress {
 impl Progress {
     /// The step one event of this stage's records, as an order fragment; `None` for an event that
     /// moves no order.
-    fn step(&self, at: Option<prost_types::Timestamp>, kind: &Kind) -> Option<(Step, Order)> {
+    fn step(&self, at: Option<prost_types::Timestamp>, kind: &StepKind) -> Option<(Step, Order)> {
         let reached = |status: OrderStatus, mut fragment: Order| {
             fragment.transitions.push(OrderTransition {
                 status: status.into(),
@@ -146,22 +245,24 @@ impl Progress {
             Some((status as Step, fragment))
         };
         match (self.stage, kind) {
-            ("stock", Kind::StockReserved(_)) => reached(OrderStatus::Reserved, Order::default()),
-            ("stock", Kind::OrderRejected(rejected)) => reached(
+            ("stock", StepKind::StockReserved(_)) => {
+                reached(OrderStatus::Reserved, Order::default())
+            }
+            ("stock", StepKind::OrderRejected(rejected)) => reached(
                 OrderStatus::Rejected,
                 Order {
                     rejections: rejected.lines.clone(),
                     ..Order::default()
                 },
             ),
-            ("stock", Kind::StockReleased(_)) => Some((
+            ("stock", StepKind::StockReleased(_)) => Some((
                 STOCK_RELEASED,
                 Order {
                     stock_released_at: at,
                     ..Order::default()
                 },
             )),
-            ("invoice", Kind::InvoiceCreated(created)) => reached(
+            ("invoice", StepKind::InvoiceCreated(created)) => reached(
                 OrderStatus::Invoiced,
                 Order {
                     invoice: created.invoice.as_ref().map(|invoice| InvoiceSummary {
@@ -173,7 +274,7 @@ impl Progress {
                     ..Order::default()
                 },
             ),
-            ("invoice", Kind::PaymentFailed(failed)) => {
+            ("invoice", StepKind::PaymentFailed(failed)) => {
                 let why = match failed.reason() {
                     PaymentFailureReason::Declined => "payment declined",
                     _ => "payment gateway unavailable after every attempt",
@@ -189,10 +290,10 @@ impl Progress {
                     },
                 )
             }
-            ("notifier", Kind::CustomerNotified(_)) => {
+            ("notifier", StepKind::CustomerNotified(_)) => {
                 reached(OrderStatus::Notified, Order::default())
             }
-            ("notifier", Kind::NotificationDeadLettered(dead)) => reached(
+            ("notifier", StepKind::NotificationDeadLettered(dead)) => reached(
                 OrderStatus::DeadLettered,
                 Order {
                     failure_reason: dead
@@ -344,26 +445,31 @@ mod tests {
 
     use orderflow_proto::v1::{
         CustomerNotified, DeadLetter, Event, Invoice, InvoiceCreated, NotificationDeadLettered,
-        StockReserved,
+        StockReserved, event::Kind,
     };
-    use orderflow_runtime::Store;
+    use orderflow_runtime::{Decode, Store};
 
     use super::*;
     use crate::intake::{ORDERS, ORDERS_NAME};
 
-    fn entry(kind: Kind, at: i64) -> LogEntry {
-        LogEntry {
+    /// An event about `o1` as a subscription hands it over: decoded from the bytes of the whole
+    /// `Event` its stage logged.
+    fn entry(kind: Kind, at: i64) -> Entry<StepEvent> {
+        let event = Event {
+            order_id: "o1".into(),
+            customer_id: "c1".into(),
+            at: ts(at),
+            trace_context: [("traceparent".to_owned(), "00-ab-cd-01".to_owned())].into(),
+            kind: Some(kind),
+            ..Default::default()
+        };
+        Entry {
             offset: 0,
-            event: Some(Event {
-                order_id: "o1".into(),
-                at: ts(at),
-                kind: Some(kind),
-                ..Default::default()
-            }),
+            event: StepEvent::decode_event(&event.encode_to_vec()).unwrap(),
         }
     }
 
-    fn dead_lettered(reason: &str, at: i64) -> LogEntry {
+    fn dead_lettered(reason: &str, at: i64) -> Entry<StepEvent> {
         entry(
             Kind::NotificationDeadLettered(NotificationDeadLettered {
                 dead_letter: Some(DeadLetter {
@@ -403,7 +509,7 @@ mod tests {
     }
 
     /// Applies `entries` as `stage`'s batch; returns the orders whose watchers were woken.
-    fn apply(store: &Store, stage: &'static str, entries: &[LogEntry]) -> Vec<String> {
+    fn apply(store: &Store, stage: &'static str, entries: &[Entry<StepEvent>]) -> Vec<String> {
         let watchers = Arc::new(Watchers::default());
         let mut woken = watchers.watch("o1");
         woken.mark_unchanged();
@@ -588,5 +694,76 @@ mod tests {
         assert_eq!(order.status(), OrderStatus::DeadLettered);
         advance(&mut order, OrderStatus::Notified, ts(9), "notifier");
         assert_eq!(order.status(), OrderStatus::Notified);
+    }
+
+    #[test]
+    fn the_lean_view_keeps_what_each_step_shows() {
+        // Each case: a store with `o1` reserved, then one event of the stage with every field set.
+        let after = |stage: &'static str, kind: Kind| {
+            let (dir, store) = store_with(accepted());
+            apply(
+                &store,
+                "stock",
+                &[entry(Kind::StockReserved(StockReserved::default()), 2)],
+            );
+            apply(&store, stage, &[entry(kind, 3)]);
+            let order = read(&store);
+            drop(dir);
+            order
+        };
+        let invoice = Invoice {
+            number: 9,
+            order_id: "o1".into(),
+            lines: vec![Default::default(); 3],
+            tax: Some(Money::new(20, "EUR")),
+            total: Some(Money::new(120, "EUR")),
+            payment: Some(orderflow_proto::v1::Payment {
+                capture_id: "cap-1".into(),
+                attempts: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = Kind::InvoiceCreated(InvoiceCreated {
+            invoice: Some(invoice),
+        });
+        assert_eq!(
+            after("invoice", created).invoice,
+            Some(InvoiceSummary {
+                number: 9,
+                total: Some(Money::new(120, "EUR")),
+                tax: Some(Money::new(20, "EUR")),
+                payment_attempts: 2,
+            })
+        );
+
+        let failed = Kind::PaymentFailed(orderflow_proto::v1::PaymentFailed {
+            reason: PaymentFailureReason::Declined.into(),
+            attempts: 1,
+            last_error: "card expired".into(),
+            lines: vec![Default::default(); 2],
+            ..Default::default()
+        });
+        let order = after("invoice", failed);
+        assert_eq!(order.status(), OrderStatus::PaymentFailed);
+        assert_eq!(
+            order.failure_reason,
+            "payment declined: card expired (1 attempts)"
+        );
+
+        let (_dir, store) = store_with(accepted());
+        let rejection = LineRejection {
+            sku: "KB-01".into(),
+            requested: 3,
+            available: 1,
+            reason: orderflow_proto::v1::RejectionReason::OutOfStock.into(),
+        };
+        let rejected = Kind::OrderRejected(orderflow_proto::v1::OrderRejected {
+            lines: vec![rejection.clone()],
+        });
+        apply(&store, "stock", &[entry(rejected, 2)]);
+        let order = read(&store);
+        assert_eq!(order.status(), OrderStatus::Rejected);
+        assert_eq!(order.rejections, vec![rejection]);
     }
 }

@@ -231,7 +231,7 @@ impl Outbox {
                 }
                 entries.push(StoredLogEntry {
                     offset: offset.value(),
-                    event: bytes::Bytes::copy_from_slice(bytes.value()),
+                    event: bytes.value().to_vec(),
                 });
             }
             Ok(entries)

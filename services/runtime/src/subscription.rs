@@ -24,8 +24,9 @@ use std::{
 };
 
 use futures::FutureExt;
-use orderflow_proto::v1::{
-    AckRequest, HeadRequest, LogEntry, SubscribeRequest, event_log_client::EventLogClient,
+use orderflow_proto::{
+    stored::{StoredLogEntry, event_log_client::EventLogClient},
+    v1::{AckRequest, HeadRequest, SubscribeRequest},
 };
 use rand::Rng;
 use tokio::sync::watch;
@@ -54,16 +55,41 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// At most one acknowledgement upstream per this interval.
 const ACK_INTERVAL: Duration = Duration::from_millis(200);
 
+/// One upstream log entry as a stage reads it: its offset and the stage's view of its event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry<E> {
+    pub offset: u64,
+    pub event: E,
+}
+
+/// How a stage decodes an upstream event from the bytes its log holds. Any prost message decodes
+/// itself: the whole `Event`, or a lean view with the same field numbers that leaves out what the
+/// stage never reads (protobuf skips a field it does not know without allocating anything).
+pub trait Decode: Sized + Send + Sync + 'static {
+    fn decode_event(bytes: &[u8]) -> Result<Self, prost::DecodeError>;
+}
+
+impl<M: prost::Message + Default + Send + Sync + 'static> Decode for M {
+    fn decode_event(bytes: &[u8]) -> Result<Self, prost::DecodeError> {
+        M::decode(bytes)
+    }
+}
+
 /// A stage's reaction to a batch of upstream events: an optional step outside the transaction, then
 /// each event inside it.
 pub trait Apply: Send + Sync + 'static {
+    /// What the stage reads of each upstream event (see [`Decode`]).
+    type Event: Decode;
     /// What [`Apply::prepare`] hands to [`Apply::apply`] for one batch.
     type Prepared: Default + Send + 'static;
 
     /// Runs before the batch's transaction, outside it: the place for outside calls whose results
     /// the transaction records (a payment's first attempt, say). The batch may not commit and then
     /// comes again, so whatever this does must be safe to do again (idempotent outside calls).
-    fn prepare(&self, _entries: &[LogEntry]) -> impl Future<Output = Self::Prepared> + Send {
+    fn prepare(
+        &self,
+        _entries: &[Entry<Self::Event>],
+    ) -> impl Future<Output = Self::Prepared> + Send {
         std::future::ready(Self::Prepared::default())
     }
 
@@ -73,7 +99,7 @@ pub trait Apply: Send + Sync + 'static {
     fn apply(
         &self,
         txn: &mut Txn,
-        entry: &LogEntry,
+        entry: &Entry<Self::Event>,
         prepared: &mut Self::Prepared,
     ) -> Result<(), StoreError>;
 
@@ -82,7 +108,7 @@ pub trait Apply: Send + Sync + 'static {
     fn apply_batch(
         &self,
         txn: &mut Txn,
-        entries: &[LogEntry],
+        entries: &[Entry<Self::Event>],
         prepared: &mut Self::Prepared,
     ) -> Result<(), StoreError> {
         for entry in entries {
@@ -103,6 +129,11 @@ enum SubscriptionError {
     Ended,
     #[error("expected offset {expected}, upstream sent {got}")]
     Gap { expected: u64, got: u64 },
+    #[error("the event at offset {offset} cannot be decoded: {error}")]
+    Malformed {
+        offset: u64,
+        error: prost::DecodeError,
+    },
     #[error("cannot commit: {0}")]
     Store(#[from] StoreError),
     #[error(
@@ -352,15 +383,8 @@ impl<A: Apply> Subscription<A> {
                 }
             }
             entries.retain(|e| e.offset >= next);
-            for (i, entry) in entries.iter().enumerate() {
-                let expected = next + i as u64;
-                if entry.offset != expected {
-                    return Err(SubscriptionError::Gap {
-                        expected,
-                        got: entry.offset,
-                    });
-                }
-            }
+            // The encoded entries share the stream's receive buffer; they go as soon as decoded.
+            let entries = decode_dense::<A::Event>(entries, next)?;
             if !entries.is_empty() {
                 next = self.commit(entries, next).await?;
                 acked.send_replace(next);
@@ -381,7 +405,11 @@ impl<A: Apply> Subscription<A> {
     }
 
     /// Applies `entries` (dense, starting at `next`) and records the new offset, in one transaction.
-    async fn commit(&self, entries: Vec<LogEntry>, next: u64) -> Result<u64, SubscriptionError> {
+    async fn commit(
+        &self,
+        entries: Vec<Entry<A::Event>>,
+        next: u64,
+    ) -> Result<u64, SubscriptionError> {
         let count = entries.len();
         let new_next = next + count as u64;
         let store = self.store.clone();
@@ -422,6 +450,33 @@ impl<A: Apply> Subscription<A> {
         metrics::histogram!(names::BATCH_ENTRIES, "stage" => stage).record(count as f64);
         Ok(new_next)
     }
+}
+
+/// `entries`, which must be dense from `next`, each decoded into the stage's view of its event.
+fn decode_dense<E: Decode>(
+    entries: Vec<StoredLogEntry>,
+    next: u64,
+) -> Result<Vec<Entry<E>>, SubscriptionError> {
+    let mut decoded = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.into_iter().enumerate() {
+        let expected = next + i as u64;
+        if entry.offset != expected {
+            return Err(SubscriptionError::Gap {
+                expected,
+                got: entry.offset,
+            });
+        }
+        let event =
+            E::decode_event(&entry.event).map_err(|error| SubscriptionError::Malformed {
+                offset: entry.offset,
+                error,
+            })?;
+        decoded.push(Entry {
+            offset: entry.offset,
+            event,
+        });
+    }
+    Ok(decoded)
 }
 
 /// The client of an upstream `EventLog`, with the link credential on every call.

@@ -5,8 +5,11 @@
 //! batch's one transaction with the consumed invoice offset — so a reservation is given back exactly
 //! once, whatever crashes in between.
 
-use orderflow_proto::v1::{LogEntry, StockReleased, event::Kind};
-use orderflow_runtime::{Apply, StoreError, Txn, follow_up, record_processed, telemetry};
+use orderflow_proto::v1::{Event, StockReleased, event::Kind};
+use orderflow_runtime::{
+    Apply, Decode, Entry, StoreError, Txn, follow_up, record_processed, telemetry,
+};
+use prost::Message;
 
 use crate::{
     STAGE,
@@ -16,11 +19,43 @@ use crate::{
 /// Applies `PaymentFailed` events of the invoice log; ignores every other kind.
 pub(crate) struct Releaser;
 
+/// An invoice-log event as the stock stage reads it: decoded whole only when it is a
+/// `PaymentFailed`, which is rare; every invoice created is looked at no further than its kind.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct InvoiceLogEvent(Option<Event>);
+
+/// Just enough of an `Event` to tell a `PaymentFailed` (field 15 of the `kind` oneof) from the
+/// rest; every other field is skipped unread.
+#[derive(Clone, PartialEq, prost::Message)]
+struct KindProbe {
+    #[prost(message, optional, tag = "15")]
+    payment_failed: Option<Skipped>,
+}
+
+/// A message whose content is not read.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Skipped {}
+
+impl Decode for InvoiceLogEvent {
+    fn decode_event(bytes: &[u8]) -> Result<Self, prost::DecodeError> {
+        if KindProbe::decode(bytes)?.payment_failed.is_none() {
+            return Ok(InvoiceLogEvent(None));
+        }
+        Event::decode(bytes).map(|event| InvoiceLogEvent(Some(event)))
+    }
+}
+
 impl Apply for Releaser {
+    type Event = InvoiceLogEvent;
     type Prepared = ();
 
-    fn apply(&self, txn: &mut Txn, entry: &LogEntry, _: &mut ()) -> Result<(), StoreError> {
-        let Some(event) = &entry.event else {
+    fn apply(
+        &self,
+        txn: &mut Txn,
+        entry: &Entry<InvoiceLogEvent>,
+        _: &mut (),
+    ) -> Result<(), StoreError> {
+        let Some(event) = &entry.event.0 else {
             return Ok(());
         };
         let Some(Kind::PaymentFailed(failed)) = &event.kind else {
@@ -64,7 +99,9 @@ impl Apply for Releaser {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use orderflow_proto::v1::{Event, Money, PaymentFailed, ReservedLine, StockItem};
+    use orderflow_proto::v1::{
+        Event, Invoice, InvoiceCreated, Money, PaymentFailed, ReservedLine, StockItem,
+    };
     use orderflow_runtime::Store;
 
     use super::*;
@@ -88,30 +125,34 @@ mod tests {
                 )
             })
             .unwrap();
-        let failed = LogEntry {
-            offset: 0,
-            event: Some(Event {
-                order_id: "o1".into(),
-                kind: Some(Kind::PaymentFailed(PaymentFailed {
-                    lines: vec![
-                        ReservedLine {
-                            sku: "A".into(),
-                            quantity: 5,
-                            ..Default::default()
-                        },
-                        ReservedLine {
-                            sku: "GONE".into(),
-                            quantity: 1,
-                            ..Default::default()
-                        },
-                    ],
-                    ..Default::default()
-                })),
+        let failed = Event {
+            order_id: "o1".into(),
+            trace_context: [("traceparent".to_owned(), "00-ab-cd-01".to_owned())].into(),
+            kind: Some(Kind::PaymentFailed(PaymentFailed {
+                lines: vec![
+                    ReservedLine {
+                        sku: "A".into(),
+                        quantity: 5,
+                        ..Default::default()
+                    },
+                    ReservedLine {
+                        sku: "GONE".into(),
+                        quantity: 1,
+                        ..Default::default()
+                    },
+                ],
                 ..Default::default()
-            }),
+            })),
+            ..Default::default()
         };
+        // As the subscription hands it over: decoded from the bytes the invoice log holds.
+        let entry = Entry {
+            offset: 0,
+            event: InvoiceLogEvent::decode_event(&failed.encode_to_vec()).unwrap(),
+        };
+        assert_eq!(entry.event, InvoiceLogEvent(Some(failed)));
         store
-            .write(|txn| Releaser.apply(txn, &failed, &mut ()))
+            .write(|txn| Releaser.apply(txn, &entry, &mut ()))
             .unwrap();
         let item = store
             .read(|read| items::get(&read.open_table(ITEMS)?, "A"))
@@ -123,5 +164,24 @@ mod tests {
             released[0].decode_event().unwrap().kind,
             Some(Kind::StockReleased(r)) if r.lines.len() == 2
         ));
+    }
+
+    #[test]
+    fn every_other_invoice_event_is_read_no_further_than_its_kind() {
+        let created = Event {
+            order_id: "o2".into(),
+            kind: Some(Kind::InvoiceCreated(InvoiceCreated {
+                invoice: Some(Invoice {
+                    number: 7,
+                    ..Default::default()
+                }),
+            })),
+            ..Default::default()
+        };
+        for event in [created, Event::default()] {
+            let decoded = InvoiceLogEvent::decode_event(&event.encode_to_vec()).unwrap();
+            assert_eq!(decoded, InvoiceLogEvent(None));
+        }
+        assert!(InvoiceLogEvent::decode_event(&[0x7a, 0x05, 0x01]).is_err());
     }
 }

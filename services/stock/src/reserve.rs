@@ -1,10 +1,10 @@
 //! The reservation: for each `OrderPlaced`, every line is reserved or none is.
 
 use orderflow_proto::v1::{
-    LineRejection, LogEntry, OrderLine, OrderRejected, RejectionReason, ReservedLine, StockItem,
+    Event, LineRejection, OrderLine, OrderRejected, RejectionReason, ReservedLine, StockItem,
     StockReserved, event::Kind,
 };
-use orderflow_runtime::{Apply, StoreError, Txn, follow_up, record_processed, telemetry};
+use orderflow_runtime::{Apply, Entry, StoreError, Txn, follow_up, record_processed, telemetry};
 
 use crate::{
     STAGE,
@@ -15,42 +15,61 @@ use crate::{
 pub(crate) struct Reserver;
 
 impl Apply for Reserver {
+    type Event = Event;
     type Prepared = ();
 
-    fn apply(&self, txn: &mut Txn, entry: &LogEntry, _: &mut ()) -> Result<(), StoreError> {
-        let Some(event) = &entry.event else {
-            return Ok(());
-        };
-        let Some(Kind::OrderPlaced(placed)) = &event.kind else {
-            return Ok(());
-        };
-        let span = telemetry::order_span(
-            STAGE,
-            "reserve stock",
-            &event.order_id,
-            &event.customer_id,
-            &event.trace_context,
-        );
-        let _entered = span.enter();
-        let outcome = {
+    fn apply(
+        &self,
+        txn: &mut Txn,
+        entry: &Entry<Event>,
+        prepared: &mut (),
+    ) -> Result<(), StoreError> {
+        self.apply_batch(txn, std::slice::from_ref(entry), prepared)
+    }
+
+    /// Reserves every order of the batch with the items table opened once, then appends what
+    /// each order came to, in order.
+    fn apply_batch(
+        &self,
+        txn: &mut Txn,
+        entries: &[Entry<Event>],
+        _: &mut (),
+    ) -> Result<(), StoreError> {
+        let mut outcomes = Vec::with_capacity(entries.len());
+        {
             let mut table = txn.redb().open_table(ITEMS)?;
-            reserve(&mut table, &placed.lines)?
-        };
-        let kind = match outcome {
-            Ok(lines) => {
-                span.record("outcome", "reserved");
-                record_processed(STAGE, "reserved", event);
-                Kind::StockReserved(StockReserved { lines })
+            for Entry { event, .. } in entries {
+                let Some(Kind::OrderPlaced(placed)) = &event.kind else {
+                    continue;
+                };
+                let span = telemetry::order_span(
+                    STAGE,
+                    "reserve stock",
+                    &event.order_id,
+                    &event.customer_id,
+                    &event.trace_context,
+                );
+                let _entered = span.enter();
+                let kind = match reserve(&mut table, &placed.lines)? {
+                    Ok(lines) => {
+                        span.record("outcome", "reserved");
+                        record_processed(STAGE, "reserved", event);
+                        Kind::StockReserved(StockReserved { lines })
+                    }
+                    Err(lines) => {
+                        let reasons: Vec<String> = lines.iter().map(describe).collect();
+                        span.record("outcome", "rejected");
+                        span.record("otel.status_description", reasons.join("; ").as_str());
+                        record_processed(STAGE, "rejected", event);
+                        Kind::OrderRejected(OrderRejected { lines })
+                    }
+                };
+                outcomes.push(follow_up(event, span.context(), kind));
             }
-            Err(lines) => {
-                let reasons: Vec<String> = lines.iter().map(describe).collect();
-                span.record("outcome", "rejected");
-                span.record("otel.status_description", reasons.join("; ").as_str());
-                record_processed(STAGE, "rejected", event);
-                Kind::OrderRejected(OrderRejected { lines })
-            }
-        };
-        txn.append(&follow_up(event, span.context(), kind));
+        }
+        for outcome in &outcomes {
+            txn.append(outcome);
+        }
         Ok(())
     }
 }
