@@ -34,6 +34,7 @@ use crate::{
     auth::LinkGuard,
     outbox::Outbox,
     status::{FieldViolations, check_name},
+    store::blocking,
 };
 
 /// Entries per batch when the subscriber does not say.
@@ -212,8 +213,8 @@ async fn produce(
                     let _ = tx.send(Err(e.into())).await;
                     return;
                 }
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
                     return;
                 }
             };
@@ -241,14 +242,4 @@ async fn produce(
             () = shutdown.cancelled() => return,
         }
     }
-}
-
-/// Runs blocking store work off the async threads.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        tracing::error!(error = %e, "blocking store task failed");
-        Status::internal("internal error")
-    })
 }

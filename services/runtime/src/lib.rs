@@ -30,7 +30,8 @@
 //! Public modules, used by name (`telemetry::inject`, `metrics::EVENTS_PROCESSED`, …):
 //! - [`telemetry`]: logging, tracing and trace-context propagation.
 //! - [`metrics`]: the names of every metric the stages export.
-//! - [`status`]: gRPC statuses for store errors and field violations.
+//! - [`status`]: the RPC edge: gRPC statuses for store errors and field violations, and
+//!   [`Store::call`], which runs store work for an RPC handler.
 //! - [`paging`]: page sizes and tokens, pages filled by rows and bytes, numeric-keyed pages.
 //! - [`dead_letters`]: the dead-letter table every stage with outside calls keeps.
 //! - [`tls`]: server identities, client configs and endpoints.

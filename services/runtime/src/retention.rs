@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{eventlog::blocking, store::Store};
+use crate::store::{Store, blocking};
 
 /// How much of the outbox to keep.
 #[derive(Debug, Clone, Copy)]

@@ -53,9 +53,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
-    eventlog::blocking,
     metrics as names, now_unix_ms,
-    store::{Store, StoreError, Txn, decode_record},
+    store::{Store, StoreError, Txn, blocking, decode_record},
     subscription::Admission,
     telemetry,
 };

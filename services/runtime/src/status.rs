@@ -3,7 +3,7 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::store::StoreError;
+use crate::store::{self, Store, StoreError};
 
 /// How long a caller refused because the store cannot commit is told to wait.
 pub const STORE_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
@@ -44,6 +44,24 @@ impl From<StoreError> for Status {
                 Status::internal("internal storage error")
             }
         }
+    }
+}
+
+impl Store {
+    /// Runs blocking store work `f` from an RPC handler: store failures, and whatever else `f`
+    /// answers, become the matching gRPC status.
+    pub async fn call<T, E>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        E: Into<Status> + Send + 'static,
+    {
+        let store = self.clone();
+        store::blocking(move || f(&store))
+            .await?
+            .map_err(Into::into)
     }
 }
 

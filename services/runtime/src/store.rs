@@ -100,6 +100,19 @@ pub enum StoreError {
     },
     #[error("{0}; writes resume by themselves once the store can commit again")]
     Unavailable(Fault),
+    #[error("a blocking store task failed: {0}")]
+    TaskFailed(String),
+}
+
+/// Runs blocking store work `f` off the async threads. A task that panicked or was cancelled is
+/// [`StoreError::TaskFailed`] (and logged here).
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        tracing::error!(error = %e, "blocking store task failed");
+        StoreError::TaskFailed(e.to_string())
+    })
 }
 
 /// Why a store cannot commit.
@@ -505,22 +518,6 @@ impl Store {
     {
         let read = self.observe(self.db()?.begin_read().map_err(StoreError::from))?;
         f(&read)
-    }
-
-    /// Runs blocking store work `f` from async code (an RPC handler); store failures become the
-    /// matching gRPC status.
-    pub async fn call<T, E>(
-        &self,
-        f: impl FnOnce(&Store) -> Result<T, E> + Send + 'static,
-    ) -> Result<T, tonic::Status>
-    where
-        T: Send + 'static,
-        E: Into<tonic::Status> + Send + 'static,
-    {
-        let store = self.clone();
-        crate::eventlog::blocking(move || f(&store))
-            .await?
-            .map_err(Into::into)
     }
 
     /// The next upstream offset to consume for `upstream` (0 when never recorded).

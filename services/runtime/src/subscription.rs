@@ -39,9 +39,8 @@ use tonic::{
 use crate::{
     auth::LinkAuth,
     config::Link,
-    eventlog::blocking,
     metrics as names,
-    store::{Commit, Store, StoreError, Txn},
+    store::{Commit, Store, StoreError, Txn, blocking},
 };
 
 /// Entries applied in one transaction at most when several batches are waiting. A stage's peak memory
@@ -305,9 +304,7 @@ impl<A: Apply> Subscription<A> {
     async fn committed_offset(&self) -> Result<u64, StoreError> {
         let store = self.store.clone();
         let key = self.upstream_name.clone();
-        blocking(move || store.consumed_offset(&key))
-            .await
-            .map_err(|_| StoreError::Poisoned)?
+        blocking(move || store.consumed_offset(&key)).await?
     }
 
     /// One connection: subscribe from the committed offset and apply batches until something breaks.
@@ -433,7 +430,7 @@ impl<A: Apply> Subscription<A> {
             })
         })
         .await
-        .map_err(SubscriptionError::Status)?;
+        .map_err(SubscriptionError::Store)?;
         match committed {
             Ok(()) => {}
             Err(BatchError::Store(e)) => return Err(e.into()),
