@@ -132,10 +132,22 @@ struct LedgerAnswer {
     voided: bool,
 }
 
+/// Why the ledger could not answer: its store's error, as text (every caller of a failed batch
+/// gets it).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+struct LedgerError(String);
+
+impl From<StoreError> for LedgerError {
+    fn from(e: StoreError) -> Self {
+        LedgerError(e.to_string())
+    }
+}
+
 /// The simulated provider.
 pub struct SimulatedGateway {
     faults: RwLock<Faults>,
-    ledger: GroupCommit<LedgerWrite, LedgerAnswer>,
+    ledger: GroupCommit<LedgerWrite, LedgerAnswer, LedgerError>,
     store: Store,
     requests: AtomicU64,
     captures: AtomicU64,
@@ -225,9 +237,10 @@ impl SimulatedGateway {
     }
 
     async fn write(&self, write: LedgerWrite) -> Result<LedgerAnswer, PaymentError> {
-        self.ledger.submit(write).await.map_err(|status| {
-            PaymentError::Transient(format!("gateway error: {}", status.message()))
-        })
+        self.ledger
+            .submit(write)
+            .await
+            .map_err(|e| PaymentError::Transient(format!("gateway error: {e}")))
     }
 
     fn lose_answer(&self) -> PaymentError {
@@ -289,7 +302,7 @@ impl PaymentGateway for SimulatedGateway {
 fn record(
     txn: &mut Txn,
     writes: Vec<LedgerWrite>,
-) -> Result<Vec<Result<LedgerAnswer, tonic::Status>>, StoreError> {
+) -> Result<Vec<Result<LedgerAnswer, LedgerError>>, StoreError> {
     let mut answers = Vec::with_capacity(writes.len());
     for write in writes {
         let answer = match write {

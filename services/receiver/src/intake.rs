@@ -69,7 +69,7 @@ pub(crate) struct Accepted {
 /// Hands orders to the group-commit writer.
 #[derive(Clone)]
 pub(crate) struct Intake {
-    writer: GroupCommit<NewOrder, Accepted>,
+    writer: GroupCommit<NewOrder, Accepted, Status>,
 }
 
 /// Creates the key tables so a new store can be read.

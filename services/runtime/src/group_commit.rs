@@ -5,16 +5,19 @@
 //! `write` function inside ONE transaction, and answers every caller once that commit is on disk.
 //! While one fsync runs the next batch queues up, so under load many callers share each fsync; with
 //! one caller at a time the latency is one commit.
+//!
+//! An item's answer is `Result<R, E>`: `write` may refuse one item alone (an RPC writer answers
+//! with a `tonic::Status`, say), and a batch that cannot be committed is the [`StoreError`], as
+//! `E`, for each of its items.
 
 use tokio::{
     sync::{mpsc, oneshot},
     task::JoinHandle,
 };
-use tonic::Status;
 
 use crate::{
     metrics as names,
-    store::{Store, StoreError, Txn},
+    store::{Store, StoreError, Txn, blocking},
 };
 
 /// Which group commit this is, in its metrics: the stage and what it writes (e.g. `intake`).
@@ -29,19 +32,19 @@ const QUEUE_DEPTH: usize = 16_384;
 
 /// What `write` decides for each item of a batch: its answer, or a refusal that only that caller
 /// sees (the rest of the batch still commits).
-pub type ItemResult<R> = Result<R, Status>;
+pub type ItemResult<R, E> = Result<R, E>;
 
-struct Pending<T, R> {
+struct Pending<T, R, E> {
     item: T,
-    reply: oneshot::Sender<ItemResult<R>>,
+    reply: oneshot::Sender<ItemResult<R, E>>,
 }
 
 /// Hands items to the group-commit writer. Cheap to clone.
-pub struct GroupCommit<T, R> {
-    queue: mpsc::Sender<Pending<T, R>>,
+pub struct GroupCommit<T, R, E> {
+    queue: mpsc::Sender<Pending<T, R, E>>,
 }
 
-impl<T, R> Clone for GroupCommit<T, R> {
+impl<T, R, E> Clone for GroupCommit<T, R, E> {
     fn clone(&self) -> Self {
         GroupCommit {
             queue: self.queue.clone(),
@@ -49,7 +52,12 @@ impl<T, R> Clone for GroupCommit<T, R> {
     }
 }
 
-impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
+impl<T, R, E> GroupCommit<T, R, E>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    E: From<StoreError> + Clone + Send + 'static,
+{
     /// Starts the writer over `store`. `write` gets each batch inside one durable transaction and
     /// returns one result per item, in order. The writer ends once every `GroupCommit` clone is
     /// dropped and the queue is written. Each batch's size is recorded as
@@ -61,7 +69,10 @@ impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
         write: W,
     ) -> (Self, JoinHandle<()>)
     where
-        W: Fn(&mut Txn, Vec<T>) -> Result<Vec<ItemResult<R>>, StoreError> + Send + Sync + 'static,
+        W: Fn(&mut Txn, Vec<T>) -> Result<Vec<ItemResult<R, E>>, StoreError>
+            + Send
+            + Sync
+            + 'static,
     {
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = tokio::spawn(write_batches(
@@ -75,9 +86,9 @@ impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
     }
 
     /// Commits `item` with whatever else is waiting; its answer once the commit is on disk.
-    pub async fn submit(&self, item: T) -> ItemResult<R> {
+    pub async fn submit(&self, item: T) -> ItemResult<R, E> {
         let (reply, answer) = oneshot::channel();
-        let stopped = || Status::unavailable("the stage is shutting down");
+        let stopped = || E::from(StoreError::ShuttingDown);
         self.queue
             .send(Pending { item, reply })
             .await
@@ -86,16 +97,17 @@ impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
     }
 }
 
-async fn write_batches<T, R, W>(
+async fn write_batches<T, R, E, W>(
     store: Store,
     name: WriterName,
-    mut rx: mpsc::Receiver<Pending<T, R>>,
+    mut rx: mpsc::Receiver<Pending<T, R, E>>,
     max_batch: usize,
     write: std::sync::Arc<W>,
 ) where
     T: Send + 'static,
     R: Send + 'static,
-    W: Fn(&mut Txn, Vec<T>) -> Result<Vec<ItemResult<R>>, StoreError> + Send + Sync + 'static,
+    E: From<StoreError> + Clone + Send + 'static,
+    W: Fn(&mut Txn, Vec<T>) -> Result<Vec<ItemResult<R, E>>, StoreError> + Send + Sync + 'static,
 {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
@@ -105,8 +117,7 @@ async fn write_batches<T, R, W>(
             .record(count as f64);
         let store = store.clone();
         let write = write.clone();
-        let committed =
-            tokio::task::spawn_blocking(move || store.write(|txn| write(txn, items))).await;
+        let committed = blocking(move || store.write(|txn| write(txn, items))).await;
         let results = match committed {
             Ok(Ok(results)) if results.len() == count => results,
             Ok(Ok(results)) => {
@@ -115,19 +126,19 @@ async fn write_batches<T, R, W>(
                     results = results.len(),
                     "group commit answered the wrong number of items"
                 );
-                fail_all(count, Status::internal("could not be stored"))
+                fail_all(
+                    count,
+                    StoreError::TaskFailed("group commit lost items".into()),
+                )
             }
             Ok(Err(e)) => {
                 // A storage fault is logged once, by the store, however many batches it refuses.
                 if e.fault().is_none() {
                     tracing::error!(error = %e, items = count, "group commit failed");
                 }
-                fail_all(count, Status::from(e))
+                fail_all(count, e)
             }
-            Err(e) => {
-                tracing::error!(error = %e, "group commit task failed");
-                fail_all(count, Status::internal("could not be stored"))
-            }
+            Err(e) => fail_all(count, e),
         };
         for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(result);
@@ -136,8 +147,12 @@ async fn write_batches<T, R, W>(
 }
 
 /// The same refusal for every item of a batch that could not be committed: nothing of it was.
-fn fail_all<R>(count: usize, status: Status) -> Vec<ItemResult<R>> {
-    (0..count).map(|_| Err(status.clone())).collect()
+fn fail_all<R, E: From<StoreError> + Clone>(
+    count: usize,
+    error: StoreError,
+) -> Vec<ItemResult<R, E>> {
+    let error = E::from(error);
+    (0..count).map(|_| Err(error.clone())).collect()
 }
 
 #[cfg(test)]
@@ -145,6 +160,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use orderflow_proto::v1::Event;
+    use tonic::Status;
 
     use super::*;
 

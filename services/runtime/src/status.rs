@@ -39,6 +39,7 @@ impl From<StoreError> for Status {
             StoreError::UnknownConsumer { .. } | StoreError::NotSent { .. } => {
                 Status::failed_precondition(e.to_string())
             }
+            StoreError::ShuttingDown => Status::unavailable(e.to_string()),
             e => {
                 tracing::error!(error = %e, "store failure");
                 Status::internal("internal storage error")

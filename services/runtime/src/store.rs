@@ -102,6 +102,8 @@ pub enum StoreError {
     Unavailable(Fault),
     #[error("a blocking store task failed: {0}")]
     TaskFailed(String),
+    #[error("the stage is shutting down")]
+    ShuttingDown,
 }
 
 /// Runs blocking store work `f` off the async threads. A task that panicked or was cancelled is
