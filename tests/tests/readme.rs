@@ -199,11 +199,17 @@ struct Up {
 
 impl Up {
     fn start(tools: &Tools, cwd: &Path) -> Up {
+        // Another test's outgoing connection may hold one of these as its local end for a while
+        // (they lie in the kernel's ephemeral range): wait for it to go rather than fail at once.
+        let deadline = Instant::now() + Duration::from_secs(60);
         for port in UP_PORTS {
-            assert!(
-                std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
-                "port {port} is taken: README's `orderflow up` needs 50051-50054, 8080 and 9450"
-            );
+            while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "port {port} is taken: README's `orderflow up` needs 50051-50054, 8080 and 9450"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
         let mut child = Command::new("sh")
             .args(["-c", "exec orderflow up"])
