@@ -28,7 +28,7 @@ use std::{
 use orderflow_proto::v1::{
     InvoiceSummary, LineRejection, Money, Order, OrderStatus, OrderTransition, PaymentFailureReason,
 };
-use orderflow_runtime::{Apply, Entry, StoreError, Txn, decode_record};
+use orderflow_runtime::{Apply, Entry, Skipped, StoreError, Txn, decode_record};
 use prost::Message;
 use redb::{ReadTransaction, TableDefinition};
 use tokio::sync::watch;
@@ -93,10 +93,6 @@ pub(crate) enum StepKind {
     #[prost(message, tag = "17")]
     NotificationDeadLettered(DeadLetteredView),
 }
-
-/// A message whose content is not read.
-#[derive(Clone, PartialEq, prost::Message)]
-pub(crate) struct Skipped {}
 
 /// `OrderRejected`: every line's reason is kept.
 #[derive(Clone, PartialEq, prost::Message)]

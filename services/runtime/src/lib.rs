@@ -76,7 +76,7 @@ pub use server::{
 pub use shutdown::shutdown_on_signal;
 pub use status::FieldViolations;
 pub use store::{Commit, Condition, Fault, FaultKind, Store, StoreError, Txn, decode_record};
-pub use subscription::{Admission, Apply, Decode, Entry, Subscription};
+pub use subscription::{Admission, Apply, Decode, Entry, Skipped, Subscription};
 pub use tls::ServerIdentity;
 
 /// The event a stage emits about the order `upstream` is about: same order, customer and placement

@@ -74,6 +74,11 @@ impl<M: prost::Message + Default + Send + Sync + 'static> Decode for M {
     }
 }
 
+/// A field of a view whose content the stage does not read: the wire still says the field is
+/// there (an event's kind, say), and protobuf skips what is inside it without allocating.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct Skipped {}
+
 /// A stage's reaction to a batch of upstream events: an optional step outside the transaction, then
 /// each event inside it.
 pub trait Apply: Send + Sync + 'static {

@@ -7,7 +7,7 @@
 
 use orderflow_proto::v1::{Event, StockReleased, event::Kind};
 use orderflow_runtime::{
-    Apply, Decode, Entry, StoreError, Txn, follow_up, record_processed, telemetry,
+    Apply, Decode, Entry, Skipped, StoreError, Txn, follow_up, record_processed, telemetry,
 };
 use prost::Message;
 
@@ -31,10 +31,6 @@ struct KindProbe {
     #[prost(message, optional, tag = "15")]
     payment_failed: Option<Skipped>,
 }
-
-/// A message whose content is not read.
-#[derive(Clone, PartialEq, prost::Message)]
-struct Skipped {}
 
 impl Decode for InvoiceLogEvent {
     fn decode_event(bytes: &[u8]) -> Result<Self, prost::DecodeError> {
