@@ -123,7 +123,7 @@ pub async fn serve(listener: Option<TcpListener>, shutdown: CancellationToken) {
 }
 
 /// How often histogram samples are folded into their buckets.
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Binds the metrics listener, with an error naming the flag and the variable.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
