@@ -8,6 +8,11 @@
 //! the new upstream offset. Only after that commit does it acknowledge upstream (finalize late), and the
 //! acknowledgement is coalesced by a side task so it never slows the hot path.
 //!
+//! The transaction runs on a blocking thread; while it does, the loop reads, decodes and prepares the
+//! next batch, so a catching-up stage keeps two cores busy. At most one batch is in flight, and the
+//! next one's transaction starts only once it has committed: transactions stay serial, in offset
+//! order, each checking that it starts at the consumed offset the store holds.
+//!
 //! Any failure — upstream down, stream broken, a gap in offsets — drops the stream and reconnects with
 //! exponential backoff and jitter, resuming from the committed offset. A batch is applied entirely or
 //! not at all, so a crash or reconnect at any point neither loses nor repeats an effect.
@@ -89,7 +94,9 @@ pub trait Apply: Send + Sync + 'static {
 
     /// Runs before the batch's transaction, outside it: the place for outside calls whose results
     /// the transaction records (a payment's first attempt, say). The batch may not commit and then
-    /// comes again, so whatever this does must be safe to do again (idempotent outside calls).
+    /// comes again, so whatever this does must be safe to do again (idempotent outside calls). It
+    /// may run while the previous batch's transaction is still under way, so it must not depend on
+    /// that batch's effects.
     fn prepare(
         &self,
         _entries: &[Entry<Self::Event>],
@@ -349,16 +356,31 @@ impl<A: Apply> Subscription<A> {
             .await?
             .into_inner();
         tracing::info!(upstream = %self.upstream.uri(), from_offset = next, "subscribed upstream");
+        // The batch whose transaction runs on a blocking thread while the next one is read,
+        // decoded and prepared here: at most one, and they commit in offset order.
+        let mut in_flight: Option<InFlight> = None;
         loop {
             if let Some(admission) = &self.admission {
                 tokio::select! {
                     () = admission.room() => {}
-                    () = shutdown.cancelled() => return Ok(()),
+                    done = finish(&mut in_flight), if in_flight.is_some() => {
+                        self.committed(done?, acked, backoff);
+                        continue;
+                    }
+                    () = shutdown.cancelled() => {
+                        return finish(&mut in_flight).await.map(|done| self.committed(done, acked, backoff));
+                    }
                 }
             }
             let batch = tokio::select! {
                 batch = stream.message() => batch?,
-                () = shutdown.cancelled() => return Ok(()),
+                done = finish(&mut in_flight), if in_flight.is_some() => {
+                    self.committed(done?, acked, backoff);
+                    continue;
+                }
+                () = shutdown.cancelled() => {
+                    return finish(&mut in_flight).await.map(|done| self.committed(done, acked, backoff));
+                }
             };
             let Some(batch) = batch else {
                 return Err(SubscriptionError::Ended);
@@ -387,13 +409,23 @@ impl<A: Apply> Subscription<A> {
             entries.retain(|e| e.offset >= next);
             // The encoded entries share the stream's receive buffer; they go as soon as decoded.
             let entries = decode_dense::<A::Event>(entries, next)?;
-            if !entries.is_empty() {
-                next = self.commit(entries, next).await?;
-                acked.send_replace(next);
+            if entries.is_empty() {
+                // Only a batch that took effect (or needed none) shows the link is healthy again: a
+                // stage that cannot commit backs off like one that cannot connect.
+                if in_flight.is_none() {
+                    backoff.reset();
+                }
+            } else {
+                let started = Instant::now();
+                let prepared = self.applier.prepare(&entries).await;
+                // Transactions stay serial and in offset order: this batch's starts once the one
+                // before it has committed.
+                if in_flight.is_some() {
+                    self.committed(finish(&mut in_flight).await?, acked, backoff);
+                }
+                next += entries.len() as u64;
+                in_flight = Some(self.start_commit(entries, prepared, started));
             }
-            // Only a batch that took effect (or needed none) shows the link is healthy again: a
-            // stage that cannot commit backs off like one that cannot connect.
-            backoff.reset();
             metrics::gauge!(
                 names::CONSUMER_LAG,
                 "stage" => self.consumer.clone(),
@@ -401,26 +433,31 @@ impl<A: Apply> Subscription<A> {
             )
             .set(head.saturating_sub(next) as f64);
             if let Some(e) = deferred_error {
+                finish(&mut in_flight)
+                    .await
+                    .map(|done| self.committed(done, acked, backoff))?;
                 return Err(e);
             }
         }
     }
 
-    /// Applies `entries` (dense, starting at `next`) and records the new offset, in one transaction.
-    async fn commit(
+    /// Starts the transaction that applies `entries` (dense from the consumed offset) with what
+    /// [`Apply::prepare`] made of them, and records the new offset; it runs on a blocking thread
+    /// whether or not the result is awaited.
+    fn start_commit(
         &self,
         entries: Vec<Entry<A::Event>>,
-        next: u64,
-    ) -> Result<u64, SubscriptionError> {
+        mut prepared: A::Prepared,
+        started: Instant,
+    ) -> InFlight {
         let count = entries.len();
+        let next = entries.first().map_or(0, |e| e.offset);
         let new_next = next + count as u64;
         let store = self.store.clone();
         let applier = self.applier.clone();
         let key = self.upstream_name.clone();
         let commit = self.commit;
-        let started = Instant::now();
-        let mut prepared = self.applier.prepare(&entries).await;
-        let committed = blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             store.write_as(commit, |txn| {
                 // The batch must start where the store says this stage is: a store opened again
                 // after a fault is back at its last durable commit, which may be older than what
@@ -433,24 +470,78 @@ impl<A: Apply> Subscription<A> {
                 txn.set_consumed(&key, new_next)?;
                 Ok(())
             })
-        })
-        .await
-        .map_err(SubscriptionError::Store)?;
-        match committed {
-            Ok(()) => {}
-            Err(BatchError::Store(e)) => return Err(e.into()),
-            Err(BatchError::Moved { found }) => {
-                return Err(SubscriptionError::Moved {
-                    expected: next,
-                    found,
-                });
-            }
+        });
+        InFlight {
+            task,
+            next,
+            count,
+            started,
         }
+    }
+
+    /// Records that a batch committed: acknowledges it upstream and in the metrics.
+    fn committed(
+        &self,
+        done: Option<Committed>,
+        acked: &watch::Sender<u64>,
+        backoff: &mut Backoff,
+    ) {
+        let Some(done) = done else { return };
+        acked.send_replace(done.next);
+        backoff.reset();
         let stage = self.consumer.clone();
         metrics::histogram!(names::BATCH_COMMIT_SECONDS, "stage" => stage.clone())
-            .record(started.elapsed().as_secs_f64());
-        metrics::histogram!(names::BATCH_ENTRIES, "stage" => stage).record(count as f64);
-        Ok(new_next)
+            .record(done.took.as_secs_f64());
+        metrics::histogram!(names::BATCH_ENTRIES, "stage" => stage).record(done.count as f64);
+    }
+}
+
+/// A batch's transaction under way on a blocking thread.
+struct InFlight {
+    task: tokio::task::JoinHandle<Result<(), BatchError>>,
+    /// The batch's first offset.
+    next: u64,
+    count: usize,
+    /// When its preparation started.
+    started: Instant,
+}
+
+/// What a committed batch leaves to record.
+struct Committed {
+    /// The next offset to consume.
+    next: u64,
+    count: usize,
+    took: Duration,
+}
+
+/// Waits for the batch in flight, if any, and clears it.
+async fn finish(in_flight: &mut Option<InFlight>) -> Result<Option<Committed>, SubscriptionError> {
+    let Some(batch) = in_flight.as_mut() else {
+        return Ok(None);
+    };
+    let joined = (&mut batch.task).await;
+    let InFlight {
+        next,
+        count,
+        started,
+        ..
+    } = *batch;
+    *in_flight = None;
+    let committed = joined.map_err(|e| {
+        tracing::error!(error = %e, "blocking store task failed");
+        SubscriptionError::Store(StoreError::TaskFailed(e.to_string()))
+    })?;
+    match committed {
+        Ok(()) => Ok(Some(Committed {
+            next: next + count as u64,
+            count,
+            took: started.elapsed(),
+        })),
+        Err(BatchError::Store(e)) => Err(e.into()),
+        Err(BatchError::Moved { found }) => Err(SubscriptionError::Moved {
+            expected: next,
+            found,
+        }),
     }
 }
 
