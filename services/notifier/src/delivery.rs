@@ -73,8 +73,14 @@ impl RetryWork for Deliveries {
         task: DeliveryTask,
         outcome: Outcome<()>,
     ) -> Result<(), StoreError> {
-        let upstream = task.upstream.clone().unwrap_or_default();
-        let mut notification = task.notification.clone().unwrap_or_default();
+        let DeliveryTask {
+            upstream,
+            notification,
+            dead_letter_id,
+            trace_context,
+        } = task;
+        let upstream = upstream.unwrap_or_default();
+        let mut notification = notification.unwrap_or_default();
         notification.sink = self.sink.name().to_owned();
         notification.attempts = outcome.attempts;
         match outcome.result {
@@ -95,8 +101,8 @@ impl RetryWork for Deliveries {
                 txn.redb()
                     .open_table(NOTIFICATIONS)?
                     .insert(notification.id, notification.encode_to_vec().as_slice())?;
-                if task.dead_letter_id != 0 {
-                    dead_letters::update(txn, task.dead_letter_id, |letter| {
+                if dead_letter_id != 0 {
+                    dead_letters::update(txn, dead_letter_id, |letter| {
                         letter.set_state(DeadLetterState::Delivered);
                         letter.resolved_at = Some(now_timestamp());
                         letter.resolution = format!("delivered by replay {}", letter.replays);
@@ -138,8 +144,8 @@ impl RetryWork for Deliveries {
                     format!("{reason}: {}", failure.error).as_str(),
                 );
                 tracing::warn!(parent: span.span(), order_id = %key, attempts = outcome.attempts, error = %failure.error, "notification dead-lettered");
-                let letter = if task.dead_letter_id != 0 {
-                    dead_letters::update(txn, task.dead_letter_id, |letter| {
+                let letter = if dead_letter_id != 0 {
+                    dead_letters::update(txn, dead_letter_id, |letter| {
                         letter.set_state(DeadLetterState::Dead);
                         letter.reason = reason.into();
                         letter.attempts = outcome.attempts;
@@ -165,9 +171,16 @@ impl RetryWork for Deliveries {
                         },
                     )?;
                     let id = letter.id;
+                    // What a replay delivers: the task as it was scheduled.
                     let replay = DeliveryTask {
+                        upstream: Some(upstream.clone()),
+                        notification: Some(Notification {
+                            sink: String::new(),
+                            attempts: 0,
+                            ..notification.clone()
+                        }),
                         dead_letter_id: id,
-                        ..task
+                        trace_context,
                     };
                     txn.redb()
                         .open_table(DEAD_LETTER_TASKS)?

@@ -6,11 +6,14 @@
 //! (or refused for good) at once is settled there (see `delivery`), one that must be retried waits
 //! in `delivery.pending`. Every order is notified exactly once in the store, whatever crashes.
 
+use std::collections::HashSet;
+
 use orderflow_proto::v1::{Event, Notification, NotificationKind, event::Kind};
 use orderflow_runtime::{
     Apply, Entry, FirstAttempt, FirstAttempts, NewTask, RetryQueue, Store, StoreError, Txn,
     record_processed, telemetry,
 };
+use redb::ReadableTable;
 
 use crate::{
     STAGE,
@@ -115,6 +118,52 @@ impl Apply for Notifying {
         entry: &Entry<Event>,
         first: &mut Self::Prepared,
     ) -> Result<(), StoreError> {
+        let known = txn.has_key_in_any(&[BY_ORDER, DEAD_LETTER_BY_ORDER], &entry.event.order_id)?;
+        self.record(txn, entry, first, known).map(|_| ())
+    }
+
+    fn apply_batch(
+        &self,
+        txn: &mut Txn,
+        entries: &[Entry<Event>],
+        first: &mut Self::Prepared,
+    ) -> Result<(), StoreError> {
+        // The orders notified (or dead-lettered) before this batch, with the two tables opened
+        // once for the batch rather than for each event; those of this batch are in `recorded`.
+        let mut known = HashSet::new();
+        {
+            let by_order = txn.redb().open_table(BY_ORDER)?;
+            let dead_letters = txn.redb().open_table(DEAD_LETTER_BY_ORDER)?;
+            for entry in entries {
+                let order_id = entry.event.order_id.as_str();
+                if by_order.get(order_id)?.is_some() || dead_letters.get(order_id)?.is_some() {
+                    known.insert(order_id);
+                }
+            }
+        }
+        let mut recorded = HashSet::with_capacity(entries.len());
+        for entry in entries {
+            let order_id = entry.event.order_id.as_str();
+            let known = known.contains(order_id) || recorded.contains(order_id);
+            if self.record(txn, entry, first, known)? {
+                recorded.insert(order_id);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Notifying {
+    /// Records the delivery `entry` asks for: settled at once when its first attempt decided it,
+    /// else scheduled. `known`: the order has been notified or dead-lettered already, so this is a
+    /// duplicate to ignore. Returns whether a delivery was recorded.
+    fn record(
+        &self,
+        txn: &mut Txn,
+        entry: &Entry<Event>,
+        first: &mut FirstAttempts<Deliveries>,
+        known: bool,
+    ) -> Result<bool, StoreError> {
         let event = &entry.event;
         let delivery = match first.take(&event.order_id) {
             Some(delivery) => delivery,
@@ -127,18 +176,18 @@ impl Apply for Notifying {
                     {
                         tracing::warn!(order_id = %event.order_id, "invoice event without invoice skipped");
                     }
-                    return Ok(());
+                    return Ok(false);
                 }
             },
         };
-        let known = txn.has_key_in_any(&[BY_ORDER, DEAD_LETTER_BY_ORDER], &event.order_id)?;
         if known {
             tracing::warn!(order_id = %event.order_id, "order already notified; duplicate ignored");
-            return Ok(());
+            return Ok(false);
         }
-        if self.deliveries.submit(txn, delivery)? {
+        let submitted = self.deliveries.submit(txn, delivery)?;
+        if submitted {
             record_processed(STAGE, "delivery scheduled", event);
         }
-        Ok(())
+        Ok(submitted)
     }
 }
