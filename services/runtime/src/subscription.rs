@@ -8,8 +8,10 @@
 //! the new upstream offset. Only after that commit does it acknowledge upstream (finalize late), and the
 //! acknowledgement is coalesced by a side task so it never slows the hot path.
 //!
-//! The transaction runs on a blocking thread; while it does, the loop reads, decodes and prepares the
-//! next batch, so a catching-up stage keeps two cores busy. At most one batch is in flight, and the
+//! The transaction runs on a blocking thread. When the batch was full (more is waiting: the stage is
+//! catching up), the loop reads, decodes and prepares the next one meanwhile, so a catching-up stage
+//! keeps two cores busy; otherwise it waits for the commit, so that what arrives meanwhile makes one
+//! larger batch rather than several small ones. At most one batch is in flight, and the
 //! next one's transaction starts only once it has committed: transactions stay serial, in offset
 //! order, each checking that it starts at the consumed offset the store holds.
 //!
@@ -423,8 +425,15 @@ impl<A: Apply> Subscription<A> {
                 if in_flight.is_some() {
                     self.committed(finish(&mut in_flight).await?, acked, backoff);
                 }
-                next += entries.len() as u64;
+                let count = entries.len();
+                next += count as u64;
                 in_flight = Some(self.start_commit(entries, prepared, started));
+                // Only a full batch says more is waiting. Otherwise what arrives during this
+                // commit joins the next batch, as large as it can be, rather than a small one
+                // prepared at once: under a steady load, smaller batches would cost more per event.
+                if count < MAX_ENTRIES_PER_COMMIT {
+                    self.committed(finish(&mut in_flight).await?, acked, backoff);
+                }
             }
             metrics::gauge!(
                 names::CONSUMER_LAG,
