@@ -375,7 +375,7 @@ impl<A: Apply> Subscription<A> {
                 }
             }
             let batch = tokio::select! {
-                batch = stream.message() => batch?,
+                batch = stream.message() => batch,
                 done = finish(&mut in_flight), if in_flight.is_some() => {
                     self.committed(done?, acked, backoff);
                     continue;
@@ -384,8 +384,18 @@ impl<A: Apply> Subscription<A> {
                     return finish(&mut in_flight).await.map(|done| self.committed(done, acked, backoff));
                 }
             };
-            let Some(batch) = batch else {
-                return Err(SubscriptionError::Ended);
+            let batch = match batch {
+                Ok(Some(batch)) => batch,
+                Ok(None) => {
+                    return self
+                        .fail(&mut in_flight, SubscriptionError::Ended, acked, backoff)
+                        .await;
+                }
+                Err(status) => {
+                    return self
+                        .fail(&mut in_flight, status.into(), acked, backoff)
+                        .await;
+                }
             };
             let mut head = batch.head;
             let mut entries = batch.entries;
@@ -410,7 +420,10 @@ impl<A: Apply> Subscription<A> {
             }
             entries.retain(|e| e.offset >= next);
             // The encoded entries share the stream's receive buffer; they go as soon as decoded.
-            let entries = decode_dense::<A::Event>(entries, next)?;
+            let entries = match decode_dense::<A::Event>(entries, next) {
+                Ok(entries) => entries,
+                Err(e) => return self.fail(&mut in_flight, e, acked, backoff).await,
+            };
             if entries.is_empty() {
                 // Only a batch that took effect (or needed none) shows the link is healthy again: a
                 // stage that cannot commit backs off like one that cannot connect.
@@ -442,10 +455,7 @@ impl<A: Apply> Subscription<A> {
             )
             .set(head.saturating_sub(next) as f64);
             if let Some(e) = deferred_error {
-                finish(&mut in_flight)
-                    .await
-                    .map(|done| self.committed(done, acked, backoff))?;
-                return Err(e);
+                return self.fail(&mut in_flight, e, acked, backoff).await;
             }
         }
     }
@@ -486,6 +496,20 @@ impl<A: Apply> Subscription<A> {
             count,
             started,
         }
+    }
+
+    /// Ends this connection with `error`, once the batch in flight has committed (or failed): a
+    /// new connection then starts from what the store holds, not from under a commit still running.
+    async fn fail(
+        &self,
+        in_flight: &mut Option<InFlight>,
+        error: SubscriptionError,
+        acked: &watch::Sender<u64>,
+        backoff: &mut Backoff,
+    ) -> Result<(), SubscriptionError> {
+        let done = finish(in_flight).await?;
+        self.committed(done, acked, backoff);
+        Err(error)
     }
 
     /// Records that a batch committed: acknowledges it upstream and in the metrics.
