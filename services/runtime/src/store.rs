@@ -111,10 +111,13 @@ pub enum StoreError {
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        tracing::error!(error = %e, "blocking store task failed");
-        StoreError::TaskFailed(e.to_string())
-    })
+    tokio::task::spawn_blocking(f).await.map_err(task_failed)
+}
+
+/// A blocking store task that panicked or was cancelled, as [`StoreError::TaskFailed`] (logged).
+pub(crate) fn task_failed(e: tokio::task::JoinError) -> StoreError {
+    tracing::error!(error = %e, "blocking store task failed");
+    StoreError::TaskFailed(e.to_string())
 }
 
 /// Why a store cannot commit.

@@ -47,7 +47,7 @@ use crate::{
     auth::LinkAuth,
     config::Link,
     metrics as names,
-    store::{Commit, Store, StoreError, Txn, blocking},
+    store::{Commit, Store, StoreError, Txn, blocking, task_failed},
 };
 
 /// Entries applied in one transaction at most when several batches are waiting. A stage's peak memory
@@ -365,24 +365,20 @@ impl<A: Apply> Subscription<A> {
             if let Some(admission) = &self.admission {
                 tokio::select! {
                     () = admission.room() => {}
-                    done = finish(&mut in_flight), if in_flight.is_some() => {
-                        self.committed(done?, acked, backoff);
+                    done = self.drain(&mut in_flight, acked, backoff), if in_flight.is_some() => {
+                        done?;
                         continue;
                     }
-                    () = shutdown.cancelled() => {
-                        return finish(&mut in_flight).await.map(|done| self.committed(done, acked, backoff));
-                    }
+                    () = shutdown.cancelled() => return self.drain(&mut in_flight, acked, backoff).await,
                 }
             }
             let batch = tokio::select! {
                 batch = stream.message() => batch,
-                done = finish(&mut in_flight), if in_flight.is_some() => {
-                    self.committed(done?, acked, backoff);
+                done = self.drain(&mut in_flight, acked, backoff), if in_flight.is_some() => {
+                    done?;
                     continue;
                 }
-                () = shutdown.cancelled() => {
-                    return finish(&mut in_flight).await.map(|done| self.committed(done, acked, backoff));
-                }
+                () = shutdown.cancelled() => return self.drain(&mut in_flight, acked, backoff).await,
             };
             let batch = match batch {
                 Ok(Some(batch)) => batch,
@@ -435,9 +431,7 @@ impl<A: Apply> Subscription<A> {
                 let prepared = self.applier.prepare(&entries).await;
                 // Transactions stay serial and in offset order: this batch's starts once the one
                 // before it has committed.
-                if in_flight.is_some() {
-                    self.committed(finish(&mut in_flight).await?, acked, backoff);
-                }
+                self.drain(&mut in_flight, acked, backoff).await?;
                 let count = entries.len();
                 next += count as u64;
                 in_flight = Some(self.start_commit(entries, prepared, started));
@@ -445,7 +439,7 @@ impl<A: Apply> Subscription<A> {
                 // commit joins the next batch, as large as it can be, rather than a small one
                 // prepared at once: under a steady load, smaller batches would cost more per event.
                 if count < MAX_ENTRIES_PER_COMMIT {
-                    self.committed(finish(&mut in_flight).await?, acked, backoff);
+                    self.drain(&mut in_flight, acked, backoff).await?;
                 }
             }
             metrics::gauge!(
@@ -507,25 +501,28 @@ impl<A: Apply> Subscription<A> {
         acked: &watch::Sender<u64>,
         backoff: &mut Backoff,
     ) -> Result<(), SubscriptionError> {
-        let done = finish(in_flight).await?;
-        self.committed(done, acked, backoff);
+        self.drain(in_flight, acked, backoff).await?;
         Err(error)
     }
 
-    /// Records that a batch committed: acknowledges it upstream and in the metrics.
-    fn committed(
+    /// Waits for the batch in flight, if any, and once it has committed acknowledges it upstream
+    /// and in the metrics.
+    async fn drain(
         &self,
-        done: Option<Committed>,
+        in_flight: &mut Option<InFlight>,
         acked: &watch::Sender<u64>,
         backoff: &mut Backoff,
-    ) {
-        let Some(done) = done else { return };
+    ) -> Result<(), SubscriptionError> {
+        let Some(done) = finish(in_flight).await? else {
+            return Ok(());
+        };
         acked.send_replace(done.next);
         backoff.reset();
         let stage = self.consumer.clone();
         metrics::histogram!(names::BATCH_COMMIT_SECONDS, "stage" => stage.clone())
             .record(done.took.as_secs_f64());
         metrics::histogram!(names::BATCH_ENTRIES, "stage" => stage).record(done.count as f64);
+        Ok(())
     }
 }
 
@@ -560,10 +557,7 @@ async fn finish(in_flight: &mut Option<InFlight>) -> Result<Option<Committed>, S
         ..
     } = *batch;
     *in_flight = None;
-    let committed = joined.map_err(|e| {
-        tracing::error!(error = %e, "blocking store task failed");
-        SubscriptionError::Store(StoreError::TaskFailed(e.to_string()))
-    })?;
+    let committed = joined.map_err(task_failed)?;
     match committed {
         Ok(()) => Ok(Some(Committed {
             next: next + count as u64,
