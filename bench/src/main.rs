@@ -351,7 +351,7 @@ fn args(list: &[&str]) -> Vec<String> {
 /// `(head, acked offset of consumer)` of a stage's log.
 async fn log_position(url: &str, consumer: &str) -> anyhow::Result<(u64, u64)> {
     let mut log = EventLogClient::connect(url.to_owned()).await?;
-    let head = log.head(HeadRequest {}).await?.into_inner();
+    let head = log.head(HeadRequest::default()).await?.into_inner();
     let acked = head
         .consumers
         .iter()

@@ -534,7 +534,11 @@ impl Stage {
     /// `next_offset` of the stage's outbox.
     pub async fn head(&self) -> anyhow::Result<u64> {
         let mut client = self.event_log().await;
-        Ok(client.head(HeadRequest {}).await?.into_inner().next_offset)
+        Ok(client
+            .head(HeadRequest::default())
+            .await?
+            .into_inner()
+            .next_offset)
     }
 }
 

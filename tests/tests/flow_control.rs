@@ -96,7 +96,7 @@ async fn backlog_waits_on_disk_and_drains() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let head = receiver_log
-            .head(HeadRequest {})
+            .head(HeadRequest::default())
             .await
             .unwrap()
             .into_inner();

@@ -151,6 +151,7 @@ fn manifests_render_validate_and_hold_together() {
                     .collect();
             assert_eq!(env["ORDERFLOW_REPLICA"], format!("{stage}-0"), "{dir}");
             assert_eq!(env["ORDERFLOW_REPLICAS"], "1", "{dir}");
+            assert_eq!(env["ORDERFLOW_PARTITIONS"], "1", "{dir}");
 
             // Ports: the ones the stage listens on, named for the Services and Prometheus.
             let (grpc, metrics) = default_ports(stage);

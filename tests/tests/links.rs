@@ -36,7 +36,7 @@ async fn head(pipeline: &Pipeline) -> HeadResponse {
         .stage("receiver")
         .event_log()
         .await
-        .head(HeadRequest {})
+        .head(HeadRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -46,6 +46,7 @@ fn ack(consumer: &str, offset: u64) -> AckRequest {
     AckRequest {
         consumer: consumer.into(),
         offset,
+        partition: 0,
     }
 }
 
@@ -135,7 +136,7 @@ async fn forged_acks_lose_nothing(
                     codes.iter().all(|c| *c == Code::Unauthenticated),
                     "{attempts:?}"
                 );
-                let head = outsider.head(HeadRequest {}).await.unwrap_err();
+                let head = outsider.head(HeadRequest::default()).await.unwrap_err();
                 assert_eq!(head.code(), Code::Unauthenticated);
             }
         }

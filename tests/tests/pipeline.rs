@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use orderflow_e2e::{Pipeline, PipelineOptions, catalog, line, place_streamed};
 use orderflow_proto::v1::{
-    GetInvoiceRequest, GetOrderRequest, GetStockRequest, ListNotificationsRequest, Money,
-    NotificationKind, OrderLine, OrderStatus, PlaceOrderRequest, SetStockRequest, SubscribeRequest,
-    event_log_client::EventLogClient,
+    AckRequest, GetInvoiceRequest, GetOrderRequest, GetStockRequest, HeadRequest,
+    ListNotificationsRequest, Money, NotificationKind, OrderLine, OrderStatus, PlaceOrderRequest,
+    SetStockRequest, SubscribeRequest, event_log_client::EventLogClient,
 };
 use tonic::Code;
 use tonic_health::pb::{
@@ -449,6 +449,44 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(out_of_range.code(), Code::OutOfRange);
+
+    // A partition the pipeline does not have: INVALID_ARGUMENT naming `partition`, on every call
+    // of every stage's log.
+    let bounds = log.head(HeadRequest::default()).await.unwrap().into_inner();
+    assert_eq!((bounds.partition, bounds.partitions), (0, 1));
+    for stage in ["receiver", "stock", "invoice", "notifier"] {
+        let mut log = EventLogClient::new(pipeline.stage(stage).channel().await);
+        let refusals = [
+            log.head(HeadRequest { partition: 1 })
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+            log.subscribe(SubscribeRequest {
+                partition: 7,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+            log.ack(AckRequest {
+                consumer: "stock".into(),
+                offset: 0,
+                partition: 1,
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        ];
+        for status in refusals {
+            assert_eq!(status.code(), Code::InvalidArgument, "{stage}: {status:?}");
+            let fields = status.get_details_bad_request().unwrap().field_violations;
+            assert_eq!(fields[0].field, "partition", "{stage}: {fields:?}");
+            assert!(
+                fields[0].description.contains("has 1 partition"),
+                "{stage}: {fields:?}"
+            );
+        }
+    }
 }
 
 /// A client that keeps a stream open (here a health watch) must not keep a stage from exiting:

@@ -376,6 +376,7 @@ fn grpcurl_line(tools: &Tools, cwd: &Path, line: &str, answers: &mut Answers) {
         "ListDeadLetters" | "ReplayDeadLetters" => first.is_object(),
         "Head" => {
             first["nextOffset"].is_string()
+                && first["partitions"] == 1
                 && first["consumers"]
                     .as_array()
                     .is_some_and(|c| c.iter().any(|c| c["consumer"] == "invoice"))
@@ -668,7 +669,7 @@ fn sample(flag: &str) -> (&'static str, &'static [&'static str]) {
         "--min-free-space" => ("1%", &[]),
         "--shutdown-grace" => ("5s", &[]),
         "--replica" => ("receiver-0", &[]),
-        "--replicas" => ("1", &[]),
+        "--replicas" | "--partitions" => ("1", &[]),
         "--admin-token" => ("admin-token-1", &[]),
         "--tls-cert" => ("cert.pem", &["--tls-key", "key.pem"]),
         "--tls-key" => ("key.pem", &["--tls-cert", "cert.pem"]),

@@ -422,3 +422,67 @@ async fn the_free_space_floor_refuses_orders_before_the_volume_fills() {
     accepted.extend(placed.accepted);
     everything_accounted_for(&pipeline, &accepted).await;
 }
+
+/// The `meta` table every store keeps (`services/runtime/src/store.rs`).
+const META: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+
+/// The partition count a store records, or `None`.
+fn recorded_partitions(store: &std::path::Path) -> Option<u64> {
+    let db = redb::Database::create(store).unwrap();
+    let read = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let meta = read.open_table(META).unwrap();
+    meta.get("partition.count").unwrap().map(|v| v.value())
+}
+
+/// A store keeps the partition count it was created with. A stage started on a store made for
+/// another count (here 4, as a store of a partitioned pipeline records it) refuses to start,
+/// names the flag and leaves the store as it was, rather than consuming, numbering or retaining
+/// the wrong entries.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_made_for_another_partition_count_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut invoice = Stage::start(
+        "invoice",
+        "127.0.0.1:0",
+        dir.path(),
+        vec!["--upstream".into(), "http://127.0.0.1:9".into()],
+    )
+    .await
+    .unwrap();
+    assert!(invoice.terminate().await.unwrap());
+    let store = dir.path().join("invoice.redb");
+    assert_eq!(recorded_partitions(&store), Some(1));
+
+    {
+        let db = redb::Database::create(&store).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("partition.count", 4)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let refused = Command::new(orderflow_e2e::binary("orderflow-invoice"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "none"])
+        .args(["--upstream", "http://127.0.0.1:9", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("holds partition 0 of 4, not partition 0 of 1")
+            && said.contains("ORDERFLOW_PARTITIONS"),
+        "{said}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&refused.stdout).contains("listening on"),
+        "it served"
+    );
+    assert_eq!(
+        recorded_partitions(&store),
+        Some(4),
+        "the refusal changed the store"
+    );
+}

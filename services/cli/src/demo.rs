@@ -89,7 +89,7 @@ async fn drive(config: &DemoConfig, pipeline: &Pipeline) -> anyhow::Result<()> {
         let channel = Channel::from_shared(format!("http://{addr}"))?.connect_lazy();
         let mut client = EventLogClient::new(channel);
         let head = client
-            .head(HeadRequest {})
+            .head(HeadRequest::default())
             .await
             .with_context(|| format!("reading the {stage} log's head"))?
             .into_inner();
@@ -269,6 +269,8 @@ async fn watch(
             consumer: DEMO_CONSUMER.into(),
             stop_at_head: false,
             from_first: false,
+            // The pipeline's one partition: `--partitions` takes only 1 until scale-out.
+            partition: 0,
         })
         .await
     else {
@@ -292,6 +294,7 @@ async fn watch(
                 .ack(AckRequest {
                     consumer: DEMO_CONSUMER.into(),
                     offset,
+                    partition: 0,
                 })
                 .await;
         }

@@ -484,7 +484,7 @@ fn refuse_unanswered(
 /// Follows the notifier's log from its head, reporting every terminal notification.
 async fn follow_notifier(mut log: LogClient, state: Arc<State>) -> anyhow::Result<()> {
     let head = log
-        .head(HeadRequest {})
+        .head(HeadRequest::default())
         .await
         .map_err(|s| crate::client::refused("EventLog/Head of the notifier (--notifier)", s))?
         .into_inner()
@@ -496,6 +496,8 @@ async fn follow_notifier(mut log: LogClient, state: Arc<State>) -> anyhow::Resul
             consumer: String::new(),
             stop_at_head: false,
             from_first: false,
+            // The pipeline's one partition: `--partitions` takes only 1 until scale-out.
+            partition: 0,
         })
         .await
         .map_err(|s| crate::client::refused("EventLog/Subscribe to the notifier (--notifier)", s))?

@@ -140,6 +140,11 @@ pub struct ServerArgs {
     #[arg(long, env = "ORDERFLOW_REPLICAS", default_value = "1", value_parser = parse_replicas, value_name = "N")]
     pub replicas: u32,
 
+    /// Partitions of the pipeline, the same on every stage. Fixed when a store is created: a stage
+    /// refuses to open a store made with another count. Only 1 until scale-out
+    #[arg(long, env = "ORDERFLOW_PARTITIONS", default_value = "1", value_parser = parse_partitions, value_name = "P")]
+    pub partitions: u32,
+
     #[command(subcommand)]
     pub command: Option<StageCommand>,
 }
@@ -168,6 +173,23 @@ impl FromStr for Replica {
                  StatefulSet pod's (stock-0); got {s:?}"
                 )
             })
+    }
+}
+
+fn parse_partitions(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(1) => Ok(1),
+        Ok(0) => Err("a pipeline has at least 1 partition".into()),
+        Ok(n) if n > crate::partition::MAX_PARTITIONS => Err(format!(
+            "at most {} partitions",
+            crate::partition::MAX_PARTITIONS
+        )),
+        Ok(_) => Err(
+            "more than 1 partition is not available yet: the stages cannot yet reserve one order's \
+             stock across partitions; run with 1"
+                .into(),
+        ),
+        Err(e) => Err(format!("expected a number: {e}")),
     }
 }
 
@@ -256,6 +278,7 @@ impl ServerArgs {
             min_free_space: crate::disk::MinFreeSpace::Bytes(64 << 20),
             replica: Replica(0),
             replicas: 1,
+            partitions: 1,
             command: None,
         }
     }
@@ -302,6 +325,15 @@ impl ServerArgs {
              a stage would process every order again; scale the stage back to {n}",
             n = self.replicas
         ))
+    }
+
+    /// The partition this replica's store holds: replica I of N owns the partitions p with
+    /// p mod N = I, and with one replica and one partition that is partition 0 of 1.
+    pub fn partition(&self) -> crate::partition::Partition {
+        crate::partition::Partition {
+            index: self.replica.0,
+            count: self.partitions,
+        }
     }
 
     pub fn retention(&self) -> Retention {
@@ -545,5 +577,21 @@ mod tests {
         let many = parse(&["--replicas", "2"]).unwrap_err().to_string();
         assert!(many.contains("scale-out is not available yet"), "{many}");
         assert!(parse(&["--replicas", "1"]).is_ok());
+    }
+
+    #[test]
+    fn one_partition_until_scale_out() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.server.partition(), crate::Partition::ONLY);
+        assert!(parse(&["--partitions", "1"]).is_ok());
+        for (given, why) in [
+            ("0", "at least 1 partition"),
+            ("4", "not available yet"),
+            ("2000", "at most 1024"),
+            ("x", "expected a number"),
+        ] {
+            let refused = parse(&["--partitions", given]).unwrap_err().to_string();
+            assert!(refused.contains(why), "{given}: {refused}");
+        }
     }
 }

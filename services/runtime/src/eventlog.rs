@@ -17,6 +17,10 @@
 //! own subscriptions (those that name it in `consumer`) were sent, without a gap from its last
 //! acknowledgement ([`Outbox::note_sent`]). A consumer the log is not kept for (`--retain-for`) can
 //! neither subscribe under its name nor acknowledge.
+//!
+//! Every request names a partition of the log. This service serves the partition its store holds;
+//! one the pipeline does not have is `INVALID_ARGUMENT`, another one it has is
+//! `FAILED_PRECONDITION` (its owner serves it).
 
 use std::pin::Pin;
 
@@ -33,6 +37,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     auth::LinkGuard,
     outbox::Outbox,
+    partition::Partition,
     status::{FieldViolations, check_name},
     store::blocking,
 };
@@ -52,6 +57,8 @@ pub const SUBSCRIBE_CHANNEL_DEPTH: usize = 2;
 #[derive(Clone)]
 pub struct EventLogService {
     outbox: Outbox,
+    /// The partition of the log `outbox` is.
+    partition: Partition,
     /// Cancelled when the stage drains: every producer ends its stream.
     streams: CancellationToken,
     guard: LinkGuard,
@@ -60,10 +67,37 @@ pub struct EventLogService {
 impl EventLogService {
     pub fn new(outbox: Outbox, streams: CancellationToken, guard: LinkGuard) -> Self {
         EventLogService {
+            partition: outbox.partition(),
             outbox,
             streams,
             guard,
         }
+    }
+}
+
+impl EventLogService {
+    /// Refuses a request for any partition but the one this service serves.
+    fn check_partition(&self, requested: u32) -> Result<(), Status> {
+        let Partition { index, count } = self.partition;
+        if requested == index {
+            return Ok(());
+        }
+        if requested >= count {
+            let mut violations = FieldViolations::new();
+            let numbered = match count {
+                1 => "has 1 partition, number 0".to_owned(),
+                n => format!("has {n} partitions, numbered 0 to {}", n - 1),
+            };
+            violations.add(
+                "partition",
+                format!("the pipeline {numbered} (--partitions); got {requested}"),
+            );
+            return violations.check();
+        }
+        Err(Status::failed_precondition(format!(
+            "this replica serves {}, not partition {requested}: ask the replica that owns it",
+            self.partition
+        )))
     }
 }
 
@@ -86,6 +120,7 @@ impl EventLog for EventLogService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         self.guard.check(&request)?;
         let request = request.into_inner();
+        self.check_partition(request.partition)?;
         let max_batch = match request.max_batch {
             0 => DEFAULT_MAX_BATCH,
             n => n.min(MAX_MAX_BATCH),
@@ -134,10 +169,15 @@ impl EventLog for EventLogService {
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         self.guard.check(&request)?;
-        let AckRequest { consumer, offset } = request.into_inner();
+        let AckRequest {
+            consumer,
+            offset,
+            partition,
+        } = request.into_inner();
         let mut violations = FieldViolations::new();
         check_consumer_field(&consumer, &mut violations);
         violations.check()?;
+        self.check_partition(partition)?;
         let head = self.outbox.next_offset();
         if offset > head {
             return Err(Status::out_of_range(format!(
@@ -151,6 +191,7 @@ impl EventLog for EventLogService {
 
     async fn head(&self, request: Request<HeadRequest>) -> Result<Response<HeadResponse>, Status> {
         self.guard.check(&request)?;
+        self.check_partition(request.get_ref().partition)?;
         let outbox = self.outbox.clone();
         let ((first, next), consumers) =
             blocking(move || Ok::<_, Status>((outbox.bounds()?, outbox.positions()?))).await??;
@@ -164,6 +205,8 @@ impl EventLog for EventLogService {
                     acked_offset,
                 })
                 .collect(),
+            partition: self.partition.index,
+            partitions: self.partition.count,
         }))
     }
 }

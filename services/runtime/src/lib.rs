@@ -11,6 +11,8 @@
 //!   offsets; storage faults ([`Fault`], [`Condition`]), and reopening the store to recover.
 //! - `outbox`: [`Outbox`] — the log half of the store: reading it, the consumers it is kept for,
 //!   their acknowledgements, trimming.
+//! - `partition`: [`Partition`] — which partition of the pipeline a store holds, fixed when the
+//!   store is created.
 //! - `disk`: the data volume's [`FreeSpace`] against `--min-free-space` ([`MinFreeSpace`]).
 //! - `eventlog`: [`EventLogService`] — `Subscribe`/`Ack`/`Head` over the outbox.
 //! - `retention`: deleting what every consumer has acknowledged, and the outbox's metrics.
@@ -46,6 +48,7 @@ mod health;
 pub mod metrics;
 mod outbox;
 pub mod paging;
+mod partition;
 mod retention;
 mod retry;
 mod server;
@@ -65,6 +68,7 @@ pub use eventlog::EventLogService;
 pub use group_commit::{GroupCommit, WriterName};
 pub use outbox::Outbox;
 pub use paging::{NumericPage, PageFill};
+pub use partition::{MAX_PARTITIONS, Partition};
 pub use retry::{
     Attempt, FIRST_ATTEMPTS_BUDGET, Failure, FirstAttempt, FirstAttempts, NewTask, Outcome,
     RetryPolicy, RetryQueue, RetryWork,

@@ -41,7 +41,10 @@ use std::{
 };
 
 use orderflow_proto::stored::StoredLogEntry;
-use redb::{Durability, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Durability, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use tokio::sync::watch;
 
 use crate::store::{META, Store, StoreError};
@@ -82,6 +85,11 @@ pub(crate) struct Loaded {
     pub(crate) next: u64,
     acked_floor: u64,
     consumers: BTreeMap<String, Reach>,
+}
+
+/// Whether the outbox holds no entry and never held one: a store just created.
+pub(crate) fn is_empty(txn: &WriteTransaction) -> Result<bool, StoreError> {
+    Ok(txn.open_table(OUTBOX)?.is_empty()?)
 }
 
 /// Creates the log's tables in a new database (a no-op for an existing one).
@@ -180,6 +188,11 @@ impl Store {
 impl Outbox {
     fn state(&self) -> &LogState {
         self.store.log_state()
+    }
+
+    /// The partition of the log this outbox is. Cheap.
+    pub fn partition(&self) -> crate::partition::Partition {
+        self.store.partition()
     }
 
     /// The offset the next appended entry gets. Cheap.

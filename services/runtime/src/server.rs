@@ -97,7 +97,8 @@ pub struct StageServer {
 }
 
 impl StageServer {
-    /// Opens `<data-dir>/<stage>.redb` (recovering from any crash) and binds `--listen`.
+    /// Opens `<data-dir>/<stage>.redb`, the store of this replica's partition (recovering from any
+    /// crash), and binds `--listen`.
     pub async fn bind(stage: &'static str, args: ServerArgs) -> Result<Self, ServeError> {
         let identity = ServerIdentity::load(
             args.tls_cert.as_deref(),
@@ -108,8 +109,11 @@ impl StageServer {
         ensure_data_dir(&args.data_dir).map_err(ServeError::Config)?;
         let path = args.data_dir.join(format!("{stage}.redb"));
         let store = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || Store::open(&path)).await?
+            let (path, partition) = (path.clone(), args.partition());
+            tokio::task::spawn_blocking(move || {
+                Store::open_partition(&path, partition, crate::store::CACHE_BYTES)
+            })
+            .await?
         }
         .map_err(|source| ServeError::Store {
             path: path.display().to_string(),
@@ -320,7 +324,7 @@ impl StageServer {
             })
         };
 
-        tracing::info!(stage, addr = %local_addr, data_dir = %args.data_dir.display(), "serving");
+        tracing::info!(stage, addr = %local_addr, data_dir = %args.data_dir.display(), partition = %store.partition(), "serving");
         let drain = {
             let shutdown = shutdown.clone();
             let health = health.clone();

@@ -56,9 +56,13 @@ use redb::{
 };
 use tokio::sync::watch;
 
-use crate::outbox::{self, LogState};
+use crate::{
+    outbox::{self, LogState},
+    partition::{self, Partition},
+};
 
-/// Upstream offsets consumed (`upstream.<name>`) and the outbox's first offset.
+/// Upstream offsets consumed (`upstream.<name>`), the outbox's first offset and the partition the
+/// store holds (`partition.index`, `partition.count`).
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Written and deleted again to prove that the store can commit after a fault.
 const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
@@ -102,6 +106,12 @@ pub enum StoreError {
     Unavailable(Fault),
     #[error("a blocking store task failed: {0}")]
     TaskFailed(String),
+    #[error(
+        "the store holds {held}, not {wanted}: a store keeps the partition count it was created \
+         with (--partitions, ORDERFLOW_PARTITIONS); start it with the partition count it was \
+         created with, or give the stage an empty data directory"
+    )]
+    ForeignPartition { held: Partition, wanted: Partition },
     #[error("the stage is shutting down")]
     ShuttingDown,
 }
@@ -236,6 +246,8 @@ pub struct Store {
 struct Inner {
     path: PathBuf,
     cache_bytes: usize,
+    /// The partition this store holds, checked whenever the database is opened.
+    partition: Partition,
     /// The open database; `None` while it is being opened again after a fault.
     db: RwLock<Option<Arc<Database>>>,
     /// Whether the store can commit; watched for health.
@@ -260,19 +272,32 @@ pub enum Commit {
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path`, recovering from any crash.
+    /// Opens (or creates) the store at `path` of a pipeline with one partition, recovering from any
+    /// crash.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_with_cache(path, CACHE_BYTES)
+        Self::open_partition(path, Partition::ONLY, CACHE_BYTES)
     }
 
     /// [`Store::open`] with a page cache of `cache_bytes` instead of `CACHE_BYTES` (8 MiB).
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
-        let (db, loaded) = open_database(path, cache_bytes)?;
-        tracing::debug!(path = %path.display(), first = loaded.first, next = loaded.next, "store opened");
+        Self::open_partition(path, Partition::ONLY, cache_bytes)
+    }
+
+    /// Opens (or creates) the store of `partition` at `path` with a page cache of `cache_bytes`. A
+    /// new store records `partition`; an existing one that holds another partition, or was made for
+    /// another partition count, is refused with [`StoreError::ForeignPartition`] and left as it is.
+    pub fn open_partition(
+        path: &Path,
+        partition: Partition,
+        cache_bytes: usize,
+    ) -> Result<Self, StoreError> {
+        let (db, loaded) = open_database(path, cache_bytes, partition)?;
+        tracing::debug!(path = %path.display(), %partition, first = loaded.first, next = loaded.next, "store opened");
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
                 cache_bytes,
+                partition,
                 db: RwLock::new(Some(Arc::new(db))),
                 condition: watch::Sender::new(Condition::Healthy),
                 write_lock: Mutex::new(()),
@@ -288,6 +313,11 @@ impl Store {
         let slot = self.inner.db.read().map_err(|_| StoreError::Poisoned)?;
         slot.clone()
             .ok_or_else(|| StoreError::Unavailable(self.fault().unwrap_or_else(reopening)))
+    }
+
+    /// The partition this store holds.
+    pub fn partition(&self) -> Partition {
+        self.inner.partition
     }
 
     /// Whether the store can commit now, and a receiver that sees every change.
@@ -397,8 +427,12 @@ impl Store {
                 }
                 drop(old);
             }
-            let (db, loaded) =
-                open_database(&self.inner.path, self.inner.cache_bytes).map_err(Reopen::Open)?;
+            let (db, loaded) = open_database(
+                &self.inner.path,
+                self.inner.cache_bytes,
+                self.inner.partition,
+            )
+            .map_err(Reopen::Open)?;
             self.inner.log.reload(loaded);
             *self
                 .inner
@@ -634,18 +668,21 @@ fn reopening() -> Fault {
     }
 }
 
-/// Opens (or creates) the database at `path` with its tables, and reads what the store keeps in
-/// memory.
+/// Opens (or creates) the database of `partition` at `path` with its tables, and reads what the store
+/// keeps in memory.
 fn open_database(
     path: &Path,
     cache_bytes: usize,
+    partition: Partition,
 ) -> Result<(Database, outbox::Loaded), StoreError> {
     let db = Database::builder()
         .set_cache_size(cache_bytes)
         .create(path)?;
     let txn = db.begin_write()?;
-    txn.open_table(META)?;
+    let empty = partition::meta_is_empty(&txn)? && outbox::is_empty(&txn)?;
     outbox::create_tables(&txn)?;
+    // Refused: the transaction is dropped, and the store stays exactly as it was.
+    partition::claim(&txn, partition, empty)?;
     txn.commit()?;
     let loaded = outbox::load(&db.begin_read()?)?;
     Ok((db, loaded))

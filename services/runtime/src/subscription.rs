@@ -153,6 +153,11 @@ enum SubscriptionError {
         "the store holds offset {found} as consumed, not {expected} (it was opened again after a fault); resuming from it"
     )]
     Moved { expected: u64, found: u64 },
+    #[error(
+        "upstream's log has {upstream} partitions and this stage's store {ours}: every stage of a \
+         pipeline needs the same --partitions (ORDERFLOW_PARTITIONS)"
+    )]
+    Partitions { upstream: u32, ours: u32 },
 }
 
 /// Why one batch's transaction did not commit.
@@ -280,6 +285,7 @@ impl<A: Apply> Subscription<A> {
             // Lazy commits are durable only once a durable commit follows: make one before telling
             // upstream it may delete what they hold.
             (self.commit == Commit::Lazy).then(|| (self.store.clone(), self.upstream_name.clone())),
+            self.store.partition().index,
             acked_rx,
             shutdown.clone(),
         ));
@@ -296,6 +302,12 @@ impl<A: Apply> Subscription<A> {
                             upstream = %self.upstream.uri(),
                             error = %e,
                             "upstream no longer has the entries this stage needs"
+                        );
+                    } else if matches!(e, SubscriptionError::Partitions { .. }) {
+                        tracing::error!(
+                            upstream = %self.upstream.uri(),
+                            error = %e,
+                            "not consuming a log partitioned differently"
                         );
                     } else {
                         tracing::warn!(
@@ -335,7 +347,21 @@ impl<A: Apply> Subscription<A> {
         };
         let mut client = EventLogClient::with_interceptor(channel, self.auth.clone())
             .max_decoding_message_size(crate::eventlog::MAX_MESSAGE_BYTES);
-        let head = client.head(HeadRequest {}).await?.into_inner();
+        let partition = self.store.partition();
+        let head = client
+            .head(HeadRequest {
+                partition: partition.index,
+            })
+            .await?
+            .into_inner();
+        // A server that predates partitions answers 0: it has exactly one.
+        let upstream_partitions = head.partitions.max(1);
+        if upstream_partitions != partition.count {
+            return Err(SubscriptionError::Partitions {
+                upstream: upstream_partitions,
+                ours: partition.count,
+            });
+        }
         let upstream_acked = head
             .consumers
             .iter()
@@ -354,6 +380,7 @@ impl<A: Apply> Subscription<A> {
                 consumer: self.consumer.clone(),
                 stop_at_head: false,
                 from_first: false,
+                partition: partition.index,
             })
             .await?
             .into_inner();
@@ -612,6 +639,7 @@ async fn acknowledge(
     mut client: LogClient,
     consumer: String,
     flush: Option<(Store, String)>,
+    partition: u32,
     mut committed: watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
@@ -634,6 +662,7 @@ async fn acknowledge(
                 let request = AckRequest {
                     consumer: consumer.clone(),
                     offset: durable,
+                    partition,
                 };
                 match client.ack(request).await {
                     Ok(_) => {

@@ -1,0 +1,195 @@
+//! Partitions of the pipeline: which one a store holds, and the check that keeps a store with the
+//! one partition count it was created with.
+//!
+//! The pipeline has P partitions (`--partitions`), fixed when its stores are created. Each
+//! partition of a stage has its own store, so its own outbox, offsets and consumer positions, and
+//! partition p of a stage consumes partition p of its upstream. A store records which partition it
+//! holds in its `meta` table (`partition.index`, `partition.count`) in the transaction that creates
+//! it, and refuses to open as any other: a stage started with another P, or for a partition the
+//! store does not hold, would otherwise consume, renumber or retain the wrong entries.
+
+use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
+
+use crate::store::{META, StoreError};
+
+/// Upper bound on `--partitions`: far beyond what one pipeline needs, low enough that a typo does not
+/// make thousands of stores.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// `meta` keys of the partition a store holds.
+const INDEX_KEY: &str = "partition.index";
+const COUNT_KEY: &str = "partition.count";
+
+/// Partition `index` of a pipeline with `count` partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partition {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Partition {
+    /// The one partition of a pipeline that has one: the whole pipeline.
+    pub const ONLY: Partition = Partition { index: 0, count: 1 };
+}
+
+impl std::fmt::Display for Partition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "partition {} of {}", self.index, self.count)
+    }
+}
+
+/// Makes the store `txn` belongs to hold `wanted`, or says why it cannot. A store that records no
+/// partition is new when it has no other `meta` row and an empty `outbox`, and then takes
+/// `wanted`; otherwise it was created before stores recorded their partition, when every pipeline
+/// had one, so it holds [`Partition::ONLY`].
+pub(crate) fn claim(
+    txn: &WriteTransaction,
+    wanted: Partition,
+    empty: bool,
+) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(META)?;
+    let index = meta.get(INDEX_KEY)?.map(|v| v.value());
+    let count = meta.get(COUNT_KEY)?.map(|v| v.value());
+    let held = match (index, count) {
+        (Some(index), Some(count)) => Some(Partition {
+            index: u32::try_from(index).unwrap_or(u32::MAX),
+            count: u32::try_from(count).unwrap_or(u32::MAX),
+        }),
+        _ if empty => None,
+        _ => Some(Partition::ONLY),
+    };
+    match held {
+        Some(held) if held != wanted => Err(StoreError::ForeignPartition { held, wanted }),
+        _ => {
+            if index.is_none() || count.is_none() {
+                meta.insert(INDEX_KEY, u64::from(wanted.index))?;
+                meta.insert(COUNT_KEY, u64::from(wanted.count))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Whether the `meta` table holds nothing yet: a store just created (or never written).
+pub(crate) fn meta_is_empty(txn: &WriteTransaction) -> Result<bool, StoreError> {
+    Ok(txn.open_table(META)?.is_empty()?)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::path::Path;
+
+    use orderflow_proto::v1::Event;
+
+    use super::*;
+    use crate::store::{CACHE_BYTES, Store};
+
+    fn open(path: &Path, partition: Partition) -> Result<Store, StoreError> {
+        Store::open_partition(path, partition, CACHE_BYTES)
+    }
+
+    /// One entry appended and upstream offset 5 consumed.
+    fn write_something(store: &Store) {
+        store
+            .write(|txn| {
+                txn.append(&Event {
+                    order_id: "o-1".into(),
+                    ..Default::default()
+                });
+                txn.set_consumed("up", 5)
+            })
+            .unwrap();
+    }
+
+    /// Deletes the partition keys, as a store made before stores recorded them.
+    fn forget_partition(path: &Path) {
+        let db = redb::Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            meta.remove(INDEX_KEY).unwrap();
+            meta.remove(COUNT_KEY).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    const THIRD_OF_FOUR: Partition = Partition { index: 2, count: 4 };
+
+    #[test]
+    fn a_store_keeps_the_partition_it_was_created_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stage.redb");
+        let store = open(&path, THIRD_OF_FOUR).unwrap();
+        assert_eq!(store.partition(), THIRD_OF_FOUR);
+        write_something(&store);
+        drop(store);
+
+        for wrong in [
+            Partition::ONLY,
+            Partition { index: 1, count: 4 },
+            Partition { index: 2, count: 8 },
+        ] {
+            let Err(refused) = open(&path, wrong) else {
+                panic!("opened as {wrong}");
+            };
+            assert!(
+                matches!(refused, StoreError::ForeignPartition { held, wanted }
+                    if held == THIRD_OF_FOUR && wanted == wrong),
+                "{refused}"
+            );
+            let message = refused.to_string();
+            assert!(
+                message.contains("partition 2 of 4") && message.contains("--partitions"),
+                "{message}"
+            );
+        }
+
+        // Refusing changed nothing: the store opens as what it is, with what it held.
+        let store = open(&path, THIRD_OF_FOUR).unwrap();
+        assert_eq!(store.outbox().next_offset(), 1);
+        assert_eq!(store.consumed_offset("up").unwrap(), 5);
+    }
+
+    #[test]
+    fn a_store_made_before_partitions_holds_the_only_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stage.redb");
+        write_something(&open(&path, Partition::ONLY).unwrap());
+        forget_partition(&path);
+
+        let refused = open(&path, THIRD_OF_FOUR).err().unwrap();
+        assert!(
+            matches!(
+                refused,
+                StoreError::ForeignPartition {
+                    held: Partition::ONLY,
+                    ..
+                }
+            ),
+            "{refused}"
+        );
+        let store = open(&path, Partition::ONLY).unwrap();
+        assert_eq!(store.consumed_offset("up").unwrap(), 5);
+        drop(store);
+        // Adopted: the store now records it.
+        let db = redb::Database::create(&path).unwrap();
+        let read = redb::ReadableDatabase::begin_read(&db).unwrap();
+        let meta = read.open_table(META).unwrap();
+        assert_eq!(meta.get(COUNT_KEY).unwrap().unwrap().value(), 1);
+        assert_eq!(meta.get(INDEX_KEY).unwrap().unwrap().value(), 0);
+    }
+
+    #[test]
+    fn a_store_that_never_held_anything_takes_any_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stage.redb");
+        drop(open(&path, Partition::ONLY).unwrap());
+        forget_partition(&path);
+        assert_eq!(
+            open(&path, THIRD_OF_FOUR).unwrap().partition(),
+            THIRD_OF_FOUR
+        );
+    }
+}
