@@ -669,7 +669,7 @@ fn sample(flag: &str) -> (&'static str, &'static [&'static str]) {
         "--min-free-space" => ("1%", &[]),
         "--shutdown-grace" => ("5s", &[]),
         "--replica" => ("receiver-0", &[]),
-        "--replicas" | "--partitions" => ("1", &[]),
+        "--replicas" | "--partitions" | "--replica-slot" => ("1", &[]),
         "--admin-token" => ("admin-token-1", &[]),
         "--tls-cert" => ("cert.pem", &["--tls-key", "key.pem"]),
         "--tls-key" => ("key.pem", &["--tls-cert", "cert.pem"]),

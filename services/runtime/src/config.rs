@@ -135,6 +135,18 @@ pub struct ServerArgs {
     )]
     pub replica: Replica,
 
+    /// Which replica of its stage this process is, counted from 1 as Docker Swarm's task slot
+    /// (`ORDERFLOW_REPLICA_SLOT={{.Task.Slot}}` in a stack file): slot 1 is replica 0. Instead of
+    /// --replica
+    #[arg(
+        long,
+        env = "ORDERFLOW_REPLICA_SLOT",
+        value_name = "SLOT",
+        value_parser = parse_slot,
+        conflicts_with = "replica"
+    )]
+    pub replica_slot: Option<u32>,
+
     /// Replicas of each stage. Only 1 until scale-out: a second replica would consume the same
     /// log with a store of its own and process every order again
     #[arg(long, env = "ORDERFLOW_REPLICAS", default_value = "1", value_parser = parse_replicas, value_name = "N")]
@@ -173,6 +185,15 @@ impl FromStr for Replica {
                  StatefulSet pod's (stock-0); got {s:?}"
                 )
             })
+    }
+}
+
+/// A task slot, counted from 1, as the replica it is (counted from 0).
+fn parse_slot(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("slots count from 1 (Docker Swarm's {{.Task.Slot}})".into()),
+        Ok(slot) => Ok(slot - 1),
+        Err(e) => Err(format!("expected a slot number from 1: {e}")),
     }
 }
 
@@ -277,6 +298,7 @@ impl ServerArgs {
             tls_client_ca: None,
             min_free_space: crate::disk::MinFreeSpace::Bytes(64 << 20),
             replica: Replica(0),
+            replica_slot: None,
             replicas: 1,
             partitions: 1,
             command: None,
@@ -315,23 +337,36 @@ impl ServerArgs {
     /// Refuses a replica beyond `--replicas` (say, a StatefulSet scaled past what the stage
     /// supports): it would consume its upstream's log as a second copy of the stage.
     pub fn check_replica(&self) -> Result<(), String> {
-        let Replica(replica) = self.replica;
+        let replica = self.replica_index();
         if replica < self.replicas {
             return Ok(());
         }
+        let told_by = match self.replica_slot {
+            Some(slot) => format!(
+                "task slot {}, --replica-slot / ORDERFLOW_REPLICA_SLOT",
+                slot + 1
+            ),
+            None => "counting from 0; --replica / ORDERFLOW_REPLICA".to_owned(),
+        };
         Err(format!(
-            "this is replica {replica} (counting from 0; --replica / ORDERFLOW_REPLICA) but the \
+            "this is replica {replica} ({told_by}) but the \
              stage runs {n} (--replicas / ORDERFLOW_REPLICAS): not starting, since a second copy of \
              a stage would process every order again; scale the stage back to {n}",
             n = self.replicas
         ))
     }
 
+    /// Which replica of its stage this process is, counted from 0: from `--replica-slot` if given,
+    /// else `--replica`.
+    pub fn replica_index(&self) -> u32 {
+        self.replica_slot.unwrap_or(self.replica.0)
+    }
+
     /// The partition this replica's store holds: replica I of N owns the partitions p with
     /// p mod N = I, and with one replica and one partition that is partition 0 of 1.
     pub fn partition(&self) -> crate::partition::Partition {
         crate::partition::Partition {
-            index: self.replica.0,
+            index: self.replica_index(),
             count: self.partitions,
         }
     }
@@ -354,14 +389,23 @@ pub struct Link {
 /// Where a downstream stage reads its input from.
 #[derive(Args, Debug, Clone)]
 pub struct UpstreamArgs {
-    /// URL of the upstream stage's gRPC server (http:// or https://)
+    /// URL of the upstream stage's gRPC server (http:// or https://); `{replica}` in it stands for
+    /// the number of the upstream's replica (0, the only one until scale-out)
     #[arg(long, env = "ORDERFLOW_UPSTREAM", value_name = "URL", value_parser = UpstreamUrl::from_str)]
     pub upstream: UpstreamUrl,
 }
 
-/// A validated `http://` or `https://` URL of another stage.
+/// A validated `http://` or `https://` URL of another stage: of its one replica, since every stage
+/// runs one until scale-out.
+///
+/// Written as operators' manifests will write it once stages have replicas: one URL, the
+/// replicas' URLs in replica order separated by commas, or one URL containing `{replica}` that
+/// each replica's number replaces (a StatefulSet's stable names: `http://stock-{replica}.stock:50052`).
 #[derive(Debug, Clone)]
 pub struct UpstreamUrl(String);
+
+/// What stands for a replica's number in a URL.
+const REPLICA_PLACEHOLDER: &str = "{replica}";
 
 impl UpstreamUrl {
     /// A tonic endpoint for it, with connect timeout and keep-alives set, and `tls` applied when the
@@ -379,6 +423,24 @@ impl FromStr for UpstreamUrl {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let urls: Vec<&str> = s.split(',').map(str::trim).collect();
+        let [url] = urls.as_slice() else {
+            return Err(format!(
+                "lists {} URLs, one per replica of that stage, but every stage runs 1 replica \
+                 until scale-out: give one URL",
+                urls.len()
+            ));
+        };
+        if url.matches(REPLICA_PLACEHOLDER).count() > 1 {
+            return Err(format!("{REPLICA_PLACEHOLDER} may appear once"));
+        }
+        // Replica 0, the only one.
+        Self::checked(&url.replace(REPLICA_PLACEHOLDER, "0"))
+    }
+}
+
+impl UpstreamUrl {
+    fn checked(s: &str) -> Result<Self, String> {
         if !(s.starts_with("http://") || s.starts_with("https://")) {
             return Err("expected a URL starting with http:// or https://".into());
         }
@@ -539,9 +601,27 @@ mod tests {
     fn upstream_urls_are_checked() {
         assert!(UpstreamUrl::from_str("http://127.0.0.1:50051").is_ok());
         assert!(UpstreamUrl::from_str("https://stock:50052").is_ok());
-        for bad in ["127.0.0.1:50051", "ftp://x", "http://", ""] {
+        for bad in ["127.0.0.1:50051", "ftp://x", "http://", "", "http://a:1,"] {
             assert!(UpstreamUrl::from_str(bad).is_err(), "{bad} accepted");
         }
+        // As manifests write the replicas of another stage: its one replica until scale-out.
+        for (given, url) in [
+            (
+                "http://stock-{replica}.stock:50052",
+                "http://stock-0.stock:50052",
+            ),
+            ("https://stock-{replica}:50052", "https://stock-0:50052"),
+            (" http://stock:50052 ", "http://stock:50052"),
+        ] {
+            assert_eq!(UpstreamUrl::from_str(given).unwrap().as_str(), url);
+        }
+        let two = UpstreamUrl::from_str("http://stock-0:1,http://stock-1:1").unwrap_err();
+        assert!(
+            two.contains("lists 2 URLs") && two.contains("1 replica"),
+            "{two}"
+        );
+        let twice = UpstreamUrl::from_str("http://s-{replica}-{replica}:1").unwrap_err();
+        assert!(twice.contains("once"), "{twice}");
     }
 
     #[test]
@@ -577,6 +657,26 @@ mod tests {
         let many = parse(&["--replicas", "2"]).unwrap_err().to_string();
         assert!(many.contains("scale-out is not available yet"), "{many}");
         assert!(parse(&["--replicas", "1"]).is_ok());
+    }
+
+    #[test]
+    fn a_swarm_task_slot_counts_from_1() {
+        let first = parse(&["--replica-slot", "1"]).unwrap();
+        assert_eq!(first.server.replica_index(), 0);
+        assert!(first.server.check_replica().is_ok());
+        assert_eq!(first.server.partition(), crate::Partition::ONLY);
+        let second = parse(&["--replica-slot", "2"]).unwrap();
+        let refused = second.server.check_replica().unwrap_err();
+        assert!(
+            refused.contains("replica 1 (task slot 2, --replica-slot"),
+            "{refused}"
+        );
+        for (bad, why) in [("0", "count from 1"), ("x", "expected a slot number")] {
+            let refused = parse(&["--replica-slot", bad]).unwrap_err().to_string();
+            assert!(refused.contains(why), "{bad}: {refused}");
+        }
+        let both = parse(&["--replica-slot", "1", "--replica", "0"]).unwrap_err();
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 
     #[test]
