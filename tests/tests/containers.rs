@@ -409,6 +409,27 @@ fn shipped_target(base: &str, target: &str) -> Vec<String> {
     ]
 }
 
+/// Builds each stage's image from the shipped `prebuilt` target on `base` (tagged `tag_of(stage)`)
+/// and the OTLP receiver's (`sink_image`), noting each in `built` as it is made (for removal);
+/// returns `sink_image`.
+fn build_stages_and_sink(
+    base: &str,
+    tag_of: impl Fn(&str) -> String,
+    sink_image: &str,
+    built: &mut Vec<String>,
+) -> anyhow::Result<String> {
+    for stage in STAGES {
+        let context = context_with_as(&[(&format!("orderflow-{stage}"), "orderflow-stage")])?;
+        let tag = tag_of(stage);
+        build_image(context.path(), &tag, &shipped_target(base, "prebuilt"))?;
+        built.push(tag);
+    }
+    prune_intermediate_images();
+    build_image(sink_context(base)?.path(), sink_image, &[])?;
+    built.push(sink_image.to_owned());
+    Ok(sink_image.to_owned())
+}
+
 /// A build context for the test's OTLP receiver (spans to a JSON-lines file) on `base`, standing in
 /// for Jaeger, which cannot be pulled here.
 fn sink_context(base: &str) -> anyhow::Result<tempfile::TempDir> {
@@ -503,23 +524,15 @@ fn start_project() -> anyhow::Result<Project> {
     let override_file = dir.path().join("docker-compose.test.yml");
     std::fs::write(&override_file, override_yaml)?;
 
-    let names = [
-        "RECEIVER_PORT",
-        "RECEIVER_HTTP_PORT",
-        "RECEIVER_METRICS_PORT",
-        "STOCK_PORT",
-        "STOCK_METRICS_PORT",
-        "INVOICE_PORT",
-        "INVOICE_METRICS_PORT",
-        "NOTIFIER_PORT",
-        "NOTIFIER_METRICS_PORT",
+    let others = [
         "JAEGER_UI_PORT",
         "JAEGER_OTLP_PORT",
         "PROMETHEUS_PORT",
         "GRAFANA_PORT",
     ];
     let free = free_ports::<13>();
-    let ports: HashMap<&'static str, u16> = names.into_iter().zip(free).collect();
+    let ports: HashMap<&'static str, u16> =
+        STAGE_PORTS.into_iter().chain(others).zip(free).collect();
     let mut env: Vec<(String, String)> = ports
         .iter()
         .map(|(name, port)| ((*name).to_owned(), port.to_string()))
@@ -834,16 +847,12 @@ impl Pods {
             spans_dir,
             _dir: dir,
         };
-        for stage in STAGES {
-            let context = context_with_as(&[(&format!("orderflow-{stage}"), "orderflow-stage")])?;
-            let tag = format!("orderflow-e2e/{stage}:{run_id}");
-            build_image(context.path(), &tag, &shipped_target(base, "prebuilt"))?;
-            pods.images.push(tag);
-        }
-        prune_intermediate_images();
-        let sink_image = format!("orderflow-e2e/otlp-sink:{run_id}");
-        build_image(sink_context(base)?.path(), &sink_image, &[])?;
-        pods.images.push(sink_image.clone());
+        let sink_image = build_stages_and_sink(
+            base,
+            |stage| format!("orderflow-e2e/{stage}:{run_id}"),
+            &format!("orderflow-e2e/otlp-sink:{run_id}"),
+            &mut pods.images,
+        )?;
         docker(&["network", "create", &pods.network])?;
 
         // Where the ConfigMap sends traces: the test's OTLP receiver under that name.
@@ -1113,4 +1122,298 @@ async fn kubernetes_pods_run_as_rendered() {
         .map(|p| p.result.clone().unwrap())
         .collect();
     await_whole_traces(|| pods.spans(), &first).await;
+}
+
+/// The Swarm stack (`deploy/swarm/orderflow.yml`) deployed on this engine's swarm mode, with the
+/// test's images and an OTLP receiver standing in for Jaeger. Dropping it removes the stack, leaves
+/// the swarm the test joined, and removes the volumes, the `docker_gwbridge` network the swarm made
+/// and the images, whatever happened.
+struct Stack {
+    name: String,
+    images: Vec<String>,
+    ports: HashMap<&'static str, u16>,
+    spans_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// README's command that deploys the stack (section "Docker Swarm"), as words.
+fn readme_stack_deploy() -> Vec<String> {
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .split("\n## Docker Swarm\n")
+        .nth(1)
+        .expect("README has a section \"Docker Swarm\"");
+    let line = section
+        .lines()
+        .find(|line| line.starts_with("docker stack deploy "))
+        .expect("README's Swarm section deploys the stack");
+    let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    assert!(
+        words
+            .windows(2)
+            .any(|w| w == ["-c", "deploy/swarm/orderflow.yml"]),
+        "{line}"
+    );
+    words
+}
+
+/// The variables that move the stages' published ports (compose file and Swarm stack alike).
+const STAGE_PORTS: [&str; 9] = [
+    "RECEIVER_PORT",
+    "RECEIVER_HTTP_PORT",
+    "RECEIVER_METRICS_PORT",
+    "STOCK_PORT",
+    "STOCK_METRICS_PORT",
+    "INVOICE_PORT",
+    "INVOICE_METRICS_PORT",
+    "NOTIFIER_PORT",
+    "NOTIFIER_METRICS_PORT",
+];
+
+impl Stack {
+    /// Joins a single-node swarm (refusing an engine that is in one already: the test must be able
+    /// to leave it), builds the images and deploys the shipped stack file with an override.
+    fn deploy() -> anyhow::Result<Stack> {
+        let state = docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"])?;
+        if state != "inactive" {
+            bail!(
+                "this engine's swarm mode is {state}; the test needs it inactive, to join and leave"
+            );
+        }
+        let base = base_image()?;
+        let run_id = std::process::id();
+        let dir = tempfile::tempdir()?;
+        let spans_dir = dir.path().join("spans");
+        std::fs::create_dir(&spans_dir)?;
+        let tag = format!("swarm-{run_id}");
+        let mut stack = Stack {
+            name: format!("orderflow-e2e-{run_id}"),
+            images: Vec::new(),
+            ports: STAGE_PORTS
+                .into_iter()
+                .chain(["JAEGER_UI_PORT"])
+                .zip(free_ports::<10>())
+                .collect(),
+            spans_dir,
+            _dir: dir,
+        };
+        docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"])?;
+        let sink_image = build_stages_and_sink(
+            base,
+            |stage| format!("orderflow-{stage}:{tag}"),
+            &format!("orderflow-e2e/otlp-sink:{tag}"),
+            &mut stack.images,
+        )?;
+
+        let override_file = stack._dir.path().join("stack.test.yml");
+        std::fs::write(
+            &override_file,
+            format!(
+                "version: \"3.8\"\nservices:\n  jaeger:\n    image: {sink_image}\n\
+                 \x20   command: [\"0.0.0.0:4317\", \"/spans/spans.jsonl\"]\n\
+                 \x20   volumes: [\"{}:/spans\"]\n",
+                stack.spans_dir.display()
+            ),
+        )?;
+        let mut env: Vec<(String, String)> = stack
+            .ports
+            .iter()
+            .map(|(name, port)| ((*name).to_owned(), port.to_string()))
+            .collect();
+        env.push(("ORDERFLOW_TAG".into(), tag));
+        env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()));
+        // README's line, from the repository root, with the override added and this run's name.
+        let mut args = readme_stack_deploy();
+        let _stack_name = args.pop();
+        let root = repo_root();
+        let mut words: Vec<String> = Vec::new();
+        for (i, word) in args.iter().enumerate().skip(1) {
+            let is_file = args[i - 1] == "-c";
+            words.push(if is_file {
+                root.join(word).display().to_string()
+            } else {
+                word.clone()
+            });
+        }
+        words.extend(["-c".into(), override_file.display().to_string()]);
+        words.push(stack.name.clone());
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        run("docker", &words, &env)?;
+        Ok(stack)
+    }
+
+    /// The running container of `stage`'s task in `slot`, if there is one.
+    fn container(&self, stage: &str, slot: u32) -> Option<String> {
+        let id = docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=com.docker.swarm.service.name={}_{stage}", self.name),
+            "--filter",
+            &format!("name={}_{stage}.{slot}.", self.name),
+        ])
+        .ok()?;
+        id.lines().next().map(str::to_owned)
+    }
+
+    /// Waits until the task in slot 1 of every stage runs and reports healthy.
+    fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let waiting: Vec<&str> = STAGES
+                .iter()
+                .copied()
+                .filter(|stage| {
+                    let health = self.container(stage, 1).and_then(|id| {
+                        docker(&["inspect", "--format", "{{.State.Health.Status}}", &id]).ok()
+                    });
+                    health.as_deref() != Some("healthy")
+                })
+                .collect();
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let tasks = docker(&["stack", "ps", "--no-trunc", &self.name]).unwrap_or_default();
+                bail!("not healthy after {timeout:?}: {waiting:?}\n{tasks}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn channel(&self, port_name: &str) -> Channel {
+        Channel::from_shared(format!("http://127.0.0.1:{}", self.ports[port_name]))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy()
+    }
+
+    /// Waits until each stage answers SERVING on its published gRPC port: the swarm's routing
+    /// mesh may take a moment after a task turns healthy.
+    async fn wait_published(&self) {
+        use tonic_health::pb::{
+            HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for port in [
+            "RECEIVER_PORT",
+            "STOCK_PORT",
+            "INVOICE_PORT",
+            "NOTIFIER_PORT",
+        ] {
+            loop {
+                let status = HealthClient::new(self.channel(port))
+                    .check(HealthCheckRequest::default())
+                    .await
+                    .map(|r| r.into_inner().status());
+                if matches!(status, Ok(ServingStatus::Serving)) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "nothing SERVING on {port} ({}): {status:?}",
+                    self.ports[port]
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+
+    fn logs(&self, stage: &str) -> String {
+        let service = format!("{}_{stage}", self.name);
+        run(
+            "docker",
+            &["service", "logs", "--raw", "--tail", "40", &service],
+            &[],
+        )
+        .unwrap_or_else(|e| e.to_string())
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for stage in STAGES {
+                eprintln!("--- {stage} logs\n{}", self.logs(stage));
+            }
+        }
+        if let Err(e) = docker(&["stack", "rm", &self.name]) {
+            eprintln!("docker stack rm: {e}");
+        }
+        // The stack's containers go away in the background; volumes in use cannot be removed.
+        let label = format!("label=com.docker.stack.namespace={}", self.name);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while docker(&["ps", "-aq", "--filter", &label]).is_ok_and(|ids| !ids.is_empty())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if let Err(e) = docker(&["swarm", "leave", "--force"]) {
+            eprintln!("docker swarm leave: {e}");
+        }
+        let prefix = format!("{}_", self.name);
+        let volumes = docker(&["volume", "ls", "-q"]).unwrap_or_default();
+        for volume in volumes.lines().filter(|v| v.starts_with(&prefix)) {
+            if let Err(e) = docker(&["volume", "rm", "-f", volume]) {
+                eprintln!("docker volume rm {volume}: {e}");
+            }
+        }
+        // Made by `swarm init`; not removed by `swarm leave`.
+        let _ = docker(&["network", "rm", "docker_gwbridge"]);
+        for image in &self.images {
+            let _ = docker(&["rmi", "-f", image]);
+        }
+    }
+}
+
+/// The shipped Swarm stack on the engine's swarm mode: orders flow through the published receiver
+/// port; the stock task's container is killed mid-stream and Swarm starts a new one on the same
+/// volume (slot 1's), which carries on from what it committed. Every order ends exactly once, stock
+/// arithmetic is exact, and each order placed after the restart is one trace across the four
+/// services.
+#[tokio::test(flavor = "multi_thread")]
+async fn swarm_stack_restarts_a_killed_task_on_its_volume() {
+    if !docker_available() {
+        return;
+    }
+    let stack = tokio::task::spawn_blocking(Stack::deploy)
+        .await
+        .unwrap()
+        .unwrap();
+    stack.wait_healthy(Duration::from_secs(180)).unwrap();
+    stack.wait_published().await;
+
+    let receiver = OrderReceiverClient::new(stack.channel("RECEIVER_PORT"));
+    let stock = StockCheckerClient::new(stack.channel("STOCK_PORT"));
+    let notifier = NotifierClient::new(stack.channel("NOTIFIER_PORT"));
+    let initial = stock_levels(stock.clone()).await.unwrap();
+    let mut placed = place(&receiver, 0..200).await.unwrap();
+
+    let killed = stack.container("stock", 1).unwrap();
+    docker(&["kill", &killed]).unwrap();
+    placed.extend(place(&receiver, 200..400).await.unwrap());
+    stack.wait_healthy(Duration::from_secs(120)).unwrap();
+    stack.wait_published().await;
+    let restarted = stack.container("stock", 1).unwrap();
+    assert_ne!(restarted, killed, "Swarm did not start a new stock task");
+    let volume = docker(&[
+        "inspect",
+        "--format",
+        "{{range .Mounts}}{{.Name}}{{end}}",
+        &restarted,
+    ])
+    .unwrap();
+    assert_eq!(volume, format!("{}_stock-data-1", stack.name));
+    placed.extend(place(&receiver, 400..500).await.unwrap());
+
+    let confirmed =
+        assert_each_order_ended_once(&receiver, &stock, &notifier, &placed, &initial).await;
+    assert!(confirmed > 0);
+    // Spans the killed task had not exported yet died with it: the orders placed after its
+    // successor came up must each be one whole trace.
+    let orders: Vec<String> = placed[400..]
+        .iter()
+        .map(|p| p.result.clone().unwrap())
+        .collect();
+    await_whole_traces(|| spans_in(&stack.spans_dir), &orders).await;
 }
