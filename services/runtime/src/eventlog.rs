@@ -57,8 +57,6 @@ pub const SUBSCRIBE_CHANNEL_DEPTH: usize = 2;
 #[derive(Clone)]
 pub struct EventLogService {
     outbox: Outbox,
-    /// The partition of the log `outbox` is.
-    partition: Partition,
     /// Cancelled when the stage drains: every producer ends its stream.
     streams: CancellationToken,
     guard: LinkGuard,
@@ -67,18 +65,16 @@ pub struct EventLogService {
 impl EventLogService {
     pub fn new(outbox: Outbox, streams: CancellationToken, guard: LinkGuard) -> Self {
         EventLogService {
-            partition: outbox.partition(),
             outbox,
             streams,
             guard,
         }
     }
-}
 
-impl EventLogService {
     /// Refuses a request for any partition but the one this service serves.
     fn check_partition(&self, requested: u32) -> Result<(), Status> {
-        let Partition { index, count } = self.partition;
+        let held = self.outbox.partition();
+        let Partition { index, count } = held;
         if requested == index {
             return Ok(());
         }
@@ -95,8 +91,7 @@ impl EventLogService {
             return violations.check();
         }
         Err(Status::failed_precondition(format!(
-            "this replica serves {}, not partition {requested}: ask the replica that owns it",
-            self.partition
+            "this replica serves {held}, not partition {requested}: ask the replica that owns it"
         )))
     }
 }
@@ -205,8 +200,8 @@ impl EventLog for EventLogService {
                     acked_offset,
                 })
                 .collect(),
-            partition: self.partition.index,
-            partitions: self.partition.count,
+            partition: self.outbox.partition().index,
+            partitions: self.outbox.partition().count,
         }))
     }
 }
