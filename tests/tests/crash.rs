@@ -171,6 +171,22 @@ async fn crash_and_recover(victim: &'static str, invoice_args: &[&str]) {
             "accepted order {id} was never notified"
         );
     }
+    // The `log` sink writes its lines in batches: every notification recorded as delivered has its
+    // line, over both of the notifier's lives.
+    let logs = pipeline.stage("notifier").logs();
+    let log_lines: HashSet<&str> = logs
+        .lines()
+        .filter(|l| l.contains("customer notified"))
+        .filter_map(|l| l.split("order_id=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    for n in &notifications {
+        assert!(
+            log_lines.contains(n.order_id.as_str()),
+            "order {} was recorded as notified, but the log sink never wrote its line",
+            n.order_id
+        );
+    }
 
     // 4. Invoices: exactly the confirmed orders, numbered 1..=n.
     let invoices = pipeline.invoices().await.unwrap();

@@ -66,6 +66,10 @@ impl RetryWork for Deliveries {
         }
     }
 
+    fn attempts_made(&self) {
+        self.sink.attempts_made();
+    }
+
     fn settle(
         &self,
         txn: &mut Txn,
@@ -114,8 +118,11 @@ impl RetryWork for Deliveries {
                     .and_then(|p| std::time::SystemTime::try_from(p).ok())
                     && let Ok(elapsed) = std::time::SystemTime::now().duration_since(placed)
                 {
-                    metrics::histogram!(names::PLACED_TO_NOTIFIED_SECONDS, "stage" => STAGE)
-                        .record(elapsed.as_secs_f64());
+                    names::observe(
+                        names::PLACED_TO_NOTIFIED_SECONDS,
+                        [("stage", STAGE)],
+                        elapsed.as_secs_f64(),
+                    );
                 }
                 txn.append(&follow_up(
                     &upstream,

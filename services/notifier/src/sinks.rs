@@ -19,7 +19,7 @@ use std::{
 };
 
 use orderflow_proto::v1::Notification;
-use orderflow_runtime::{Attempt, error_chain};
+use orderflow_runtime::{Attempt, error_chain, telemetry};
 use reqwest::StatusCode;
 use serde_json::json;
 use tokio::sync::Mutex;
@@ -109,10 +109,19 @@ impl Sink {
         }
     }
 
+    /// Makes the attempts so far final: the `log` sink's lines are held by the logger and written
+    /// here, one `write` for many lines, before the notifications they deliver are recorded.
+    pub(crate) fn attempts_made(&self) {
+        if let Sink::Log = self {
+            telemetry::write_held_lines();
+        }
+    }
+
     /// One delivery attempt.
     pub(crate) async fn deliver(&self, notification: &Notification) -> Attempt<()> {
         match self {
             Sink::Log => {
+                // The target is `telemetry::HELD_TARGET`: the line is written by `attempts_made`.
                 tracing::info!(
                     target: "orderflow::notification",
                     order_id = %notification.order_id,

@@ -27,8 +27,11 @@ pub(crate) async fn place_order(
     let started = Instant::now();
     let result = place(receiver, request).await;
     match &result {
-        Ok(_) => metrics::histogram!(names::PLACE_ORDER_SECONDS, "stage" => STAGE)
-            .record(started.elapsed().as_secs_f64()),
+        Ok(_) => names::observe(
+            names::PLACE_ORDER_SECONDS,
+            [("stage", STAGE)],
+            started.elapsed().as_secs_f64(),
+        ),
         Err(status) => metrics::counter!(
             names::ORDERS_REFUSED,
             "stage" => STAGE,
@@ -98,8 +101,11 @@ async fn place(
         span.record("order.id", accepted.order_id.as_str());
         tracing::debug!(order_id = %accepted.order_id, "idempotent retry answered with the first order");
     } else {
-        metrics::counter!(names::EVENTS_PROCESSED, "stage" => STAGE, "outcome" => "accepted")
-            .increment(1);
+        names::count(
+            names::EVENTS_PROCESSED,
+            [("stage", STAGE), ("outcome", "accepted")],
+            1,
+        );
         tracing::debug!(order_id = %accepted.order_id, offset = accepted.offset, "order accepted");
     }
     Ok(PlaceOrderResponse {

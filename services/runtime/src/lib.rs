@@ -107,14 +107,21 @@ pub fn record_processed(
     outcome: &'static str,
     upstream: &orderflow_proto::v1::Event,
 ) {
-    ::metrics::counter!(metrics::EVENTS_PROCESSED, "stage" => stage, "outcome" => outcome)
-        .increment(1);
+    metrics::count(
+        metrics::EVENTS_PROCESSED,
+        [("stage", stage), ("outcome", outcome)],
+        1,
+    );
     if let Some(at) = upstream
         .at
         .and_then(|at| std::time::SystemTime::try_from(at).ok())
         && let Ok(elapsed) = std::time::SystemTime::now().duration_since(at)
     {
-        ::metrics::histogram!(metrics::HOP_SECONDS, "stage" => stage).record(elapsed.as_secs_f64());
+        metrics::observe(
+            metrics::HOP_SECONDS,
+            [("stage", stage)],
+            elapsed.as_secs_f64(),
+        );
     }
 }
 

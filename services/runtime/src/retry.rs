@@ -161,6 +161,11 @@ pub trait RetryWork: Send + Sync + 'static {
         attempt: u32,
     ) -> impl Future<Output = Attempt<Self::Done>> + Send;
 
+    /// Called after a round of attempts, before their outcomes are settled: work whose attempts
+    /// leave their effect buffered (the notifier's `log` sink holds its lines) makes it final here,
+    /// so that nothing is recorded as done that a crash could still undo.
+    fn attempts_made(&self) {}
+
     /// Records the task's final outcome and appends its events, inside the settling transaction.
     fn settle(
         &self,
@@ -393,6 +398,7 @@ impl<H: RetryWork> RetryQueue<H> {
                 finished.push(done);
             }
         }
+        shared.worker.attempts_made();
         for done in finished {
             if let Some(first) = by_key.get_mut(&done.key) {
                 first.finished = Some(done);
@@ -450,8 +456,11 @@ impl<H: RetryWork> RetryQueue<H> {
         let key = new.key;
         txn.after_commit(move || {
             if attempts > 0 {
-                metrics::counter!(names::RETRIES, "stage" => shared.stage, "work" => shared.work)
-                    .increment(1);
+                names::count(
+                    names::RETRIES,
+                    [("stage", shared.stage), ("work", shared.work)],
+                    1,
+                );
             }
             shared.hold([key.as_str()]);
             shared.push(due, key);
@@ -725,8 +734,11 @@ impl<H: RetryWork> QueueState<H> {
             .attempt(key, task, attempt)
             .instrument(span.span().clone())
             .await;
-        metrics::histogram!(names::ATTEMPT_SECONDS, "stage" => self.stage, "work" => self.work)
-            .record(started.elapsed().as_secs_f64());
+        names::observe(
+            names::ATTEMPT_SECONDS,
+            [("stage", self.stage), ("work", self.work)],
+            started.elapsed().as_secs_f64(),
+        );
         let outcome = match &result {
             Attempt::Done(_) => "done",
             Attempt::Retry { error, .. } => {
@@ -739,8 +751,15 @@ impl<H: RetryWork> QueueState<H> {
             }
         };
         span.record("outcome", outcome);
-        metrics::counter!(names::ATTEMPTS, "stage" => self.stage, "work" => self.work, "outcome" => outcome)
-            .increment(1);
+        names::count(
+            names::ATTEMPTS,
+            [
+                ("stage", self.stage),
+                ("work", self.work),
+                ("outcome", outcome),
+            ],
+            1,
+        );
         Finished {
             key: key.to_owned(),
             attempt,
@@ -800,6 +819,7 @@ async fn settle_results<H: RetryWork>(
     let mut batch = Vec::new();
     while results.recv_many(&mut batch, 1024).await > 0 {
         let finished: Vec<_> = std::mem::take(&mut batch);
+        shared.worker.attempts_made();
         let keys: Vec<String> = finished.iter().map(|f| f.key.clone()).collect();
         let writer = shared.clone();
         let settled = blocking(move || {

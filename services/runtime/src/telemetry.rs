@@ -3,7 +3,9 @@
 //! # Logs
 //! `tracing` to stderr, filtered by `RUST_LOG` (default `info`), as text or as one JSON object per
 //! line (`--log-format json`). Every line written inside a span carries that span's OpenTelemetry
-//! trace and span ids, so a log line leads to its trace in Jaeger.
+//! trace and span ids, so a log line leads to its trace in Jaeger. Lines of [`HELD_TARGET`] (the
+//! notifier's `log` sink, one per notification) are held and written together by
+//! [`write_held_lines`], one `write` per batch rather than per line.
 //!
 //! # Traces
 //! OpenTelemetry through `tracing-opentelemetry`, exported with OTLP over gRPC when
@@ -24,7 +26,11 @@
 
 use std::{
     collections::HashMap,
-    sync::atomic::{AtomicBool, Ordering},
+    io::Write,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -43,7 +49,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
     EnvFilter, Layer,
     filter::filter_fn,
-    fmt::{self, FormatEvent, FormatFields, format::Writer},
+    fmt::{self, FormatEvent, FormatFields, MakeWriter, format::Writer, writer::EitherWriter},
     prelude::*,
     registry::LookupSpan,
 };
@@ -55,6 +61,61 @@ const STAGES: [&str; 4] = ["receiver", "stock", "invoice", "notifier"];
 /// Longest wait for the exporter to flush on shutdown: with no collector listening, the SDK's own
 /// flush would hang for its export timeout.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
+
+/// Target of log lines that are held until [`write_held_lines`]: those the notifier's `log` sink
+/// delivers notifications with.
+pub const HELD_TARGET: &str = "orderflow::notification";
+
+/// Lines of [`HELD_TARGET`] formatted and not yet written.
+static HELD_LINES: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+/// Writes the held lines of [`HELD_TARGET`] to stderr, in one `write` if the pipe takes it. Whoever
+/// holds lines calls it before relying on them being out: the notifier before it records the
+/// notifications they deliver.
+pub fn write_held_lines() {
+    let lines = match HELD_LINES.lock() {
+        Ok(mut held) if !held.is_empty() => std::mem::take(&mut *held),
+        _ => return,
+    };
+    let _ = std::io::stderr().lock().write_all(&lines);
+}
+
+/// The log writer: stderr, or the held lines for [`HELD_TARGET`].
+struct LogWriter;
+
+impl<'a> MakeWriter<'a> for LogWriter {
+    type Writer = EitherWriter<std::io::Stderr, HeldLine>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        EitherWriter::A(std::io::stderr())
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        if meta.target() == HELD_TARGET {
+            EitherWriter::B(HeldLine)
+        } else {
+            self.make_writer()
+        }
+    }
+}
+
+/// One formatted line of [`HELD_TARGET`], added to the held lines.
+struct HeldLine;
+
+impl Write for HeldLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match HELD_LINES.lock() {
+            Ok(mut held) => held.extend_from_slice(buf),
+            // Poisoned by a panic elsewhere: write the line itself rather than lose it.
+            Err(_) => std::io::stderr().write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -114,12 +175,12 @@ pub fn init(config: &TelemetryConfig) -> Telemetry {
     let logs = match config.log_format {
         LogFormat::Text => fmt::layer()
             .event_format(WithTraceIds(fmt::format()))
-            .with_writer(std::io::stderr)
+            .with_writer(LogWriter)
             // Colours only for a person at a terminal, not in files and log collectors.
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .boxed(),
         LogFormat::Json => json_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(LogWriter)
             .with_opentelemetry_ids(true)
             .with_current_span(true)
             .with_span_list(false)
@@ -147,6 +208,7 @@ impl Telemetry {
     /// Flushes buffered spans, waiting at most a few seconds (an absent collector must not hold the
     /// process up).
     pub async fn shutdown(self) {
+        write_held_lines();
         let provider = self.provider;
         let exporting = self.exporting;
         let flush =
