@@ -16,15 +16,15 @@
 //! captured under the order's idempotency key, retried until it answers, and the dead letter records
 //! the result. A declined payment captured nothing and is resolved at once.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use orderflow_proto::v1::{
     DeadLetter, DeadLetterState, Event, Invoice, InvoiceCreated, Payment, PaymentFailed,
     PaymentFailureReason, event::Kind,
 };
 use orderflow_runtime::{
-    Attempt, Outcome, RetryPolicy, RetryQueue, RetryWork, StoreError, Txn, dead_letters, follow_up,
-    now_timestamp, record_processed, telemetry,
+    Attempt, Failure, Outcome, RetryPolicy, RetryQueue, RetryWork, StoreError, Txn, dead_letters,
+    follow_up, now_timestamp, record_processed, telemetry,
 };
 use prost::Message;
 use redb::ReadableTable;
@@ -150,120 +150,378 @@ impl<G: PaymentGateway> RetryWork for Payments<G> {
         task: PaymentTask,
         outcome: Outcome<Captured>,
     ) -> Result<(), StoreError> {
-        let reserved = task.reserved.unwrap_or_default();
-        let mut invoice = task.invoice.unwrap_or_default();
+        let settled = Settled {
+            key,
+            reserved: task.reserved.unwrap_or_default(),
+            invoice: task.invoice.unwrap_or_default(),
+            attempts: outcome.attempts,
+            context: outcome.trace_context,
+        };
         match outcome.result {
-            Ok(captured) => {
-                let span = telemetry::order_span(
-                    STAGE,
-                    "create invoice",
-                    key,
-                    &reserved.customer_id,
-                    &outcome.trace_context,
-                );
-                let number = {
-                    let mut counter = txn.redb().open_table(COUNTER)?;
-                    let number = counter.get(NEXT_NUMBER)?.map_or(1, |v| v.value());
-                    counter.insert(NEXT_NUMBER, number + 1)?;
-                    number
-                };
-                let now = now_timestamp();
-                invoice.number = number;
-                invoice.created_at = Some(now);
-                invoice.payment = Some(Payment {
-                    capture_id: captured.capture_id,
-                    attempts: outcome.attempts,
-                    captured_at: Some(now),
-                    idempotency_key: idempotency_key(key),
-                });
-                txn.redb().open_table(BY_ORDER)?.insert(key, number)?;
-                txn.redb()
-                    .open_table(INVOICES)?
-                    .insert(number, invoice.encode_to_vec().as_slice())?;
-                span.record("outcome", "invoiced");
-                span.record("invoice.number", number);
-                record_processed(STAGE, "invoiced", &reserved);
-                txn.append(&follow_up(
-                    &reserved,
-                    span.context(),
-                    Kind::InvoiceCreated(InvoiceCreated {
-                        invoice: Some(invoice),
-                    }),
-                ));
-            }
-            Err(failure) => {
-                let span = telemetry::order_span(
-                    STAGE,
-                    "payment failed",
-                    key,
-                    &reserved.customer_id,
-                    &outcome.trace_context,
-                );
-                let (reason, why) = if failure.exhausted {
-                    (PaymentFailureReason::RetriesExhausted, "retries exhausted")
-                } else {
-                    (PaymentFailureReason::Declined, "declined")
-                };
-                span.record("outcome", "payment failed");
-                span.record(
-                    "otel.status_description",
-                    format!("payment {why}: {}", failure.error).as_str(),
-                );
-                let now = now_timestamp();
-                let letter = dead_letters::add(
-                    txn,
-                    DeadLetter {
-                        id: 0,
-                        order_id: key.to_owned(),
-                        customer_id: reserved.customer_id.clone(),
-                        stage: STAGE.into(),
-                        reason: why.into(),
-                        attempts: outcome.attempts,
-                        last_error: failure.error.clone(),
-                        dead_lettered_at: Some(now),
-                        state: DeadLetterState::Dead.into(),
-                        replays: 0,
-                        resolved_at: (!failure.exhausted).then_some(now),
-                        resolution: if failure.exhausted {
-                            "refund pending".into()
-                        } else {
-                            "nothing was captured".into()
-                        },
-                    },
-                )?;
-                if failure.exhausted {
-                    self.refunds.enqueue(
-                        txn,
-                        key,
-                        &reserved.customer_id,
-                        &RefundTask {
-                            dead_letter_id: letter.id,
-                        },
-                        span.context(),
-                    )?;
-                }
-                txn.redb()
-                    .open_table(FAILED_BY_ORDER)?
-                    .insert(key, letter.id)?;
-                tracing::warn!(parent: span.span(), order_id = %key, attempts = outcome.attempts, error = %failure.error, reason = why, "payment failed");
-                record_processed(STAGE, "payment failed", &reserved);
-                let lines = match &reserved.kind {
-                    Some(Kind::StockReserved(r)) => r.lines.clone(),
-                    _ => Vec::new(),
-                };
-                txn.append(&follow_up(
-                    &reserved,
-                    span.context(),
-                    Kind::PaymentFailed(PaymentFailed {
-                        reason: reason.into(),
-                        attempts: outcome.attempts,
-                        last_error: failure.error,
-                        amount: invoice.total,
-                        lines,
-                    }),
-                ));
-            }
+            Ok(captured) => settled.invoiced(txn, captured),
+            Err(failure) => settled.failed(txn, failure, &self.refunds),
         }
+    }
+}
+
+/// A payment whose outcome is final, being recorded.
+struct Settled<'a> {
+    /// The order.
+    key: &'a str,
+    /// The `StockReserved` event the payment was for.
+    reserved: Event,
+    /// Priced, not yet numbered.
+    invoice: Invoice,
+    attempts: u32,
+    /// Context of the last attempt's span: the settling span is its child.
+    context: HashMap<String, String>,
+}
+
+impl Settled<'_> {
+    /// Numbers the invoice of a captured payment, stores it and announces `InvoiceCreated`.
+    fn invoiced(mut self, txn: &mut Txn, captured: Captured) -> Result<(), StoreError> {
+        let span = telemetry::order_span(
+            STAGE,
+            "create invoice",
+            self.key,
+            &self.reserved.customer_id,
+            &self.context,
+        );
+        let number = next_number(txn)?;
+        let now = now_timestamp();
+        self.invoice.number = number;
+        self.invoice.created_at = Some(now);
+        self.invoice.payment = Some(Payment {
+            capture_id: captured.capture_id,
+            attempts: self.attempts,
+            captured_at: Some(now),
+            idempotency_key: idempotency_key(self.key),
+        });
+        txn.redb().open_table(BY_ORDER)?.insert(self.key, number)?;
+        txn.redb()
+            .open_table(INVOICES)?
+            .insert(number, self.invoice.encode_to_vec().as_slice())?;
+        span.record("outcome", "invoiced");
+        span.record("invoice.number", number);
+        record_processed(STAGE, "invoiced", &self.reserved);
+        txn.append(&follow_up(
+            &self.reserved,
+            span.context(),
+            Kind::InvoiceCreated(InvoiceCreated {
+                invoice: Some(self.invoice),
+            }),
+        ));
         Ok(())
+    }
+
+    /// Makes a declined or exhausted payment a dead letter, schedules the refund of an exhausted
+    /// one (an attempt whose answer was lost may have captured), and announces `PaymentFailed` with
+    /// the lines for the stock stage to give back.
+    fn failed(
+        self,
+        txn: &mut Txn,
+        failure: Failure,
+        refunds: &RetryQueue<impl RetryWork<Task = RefundTask>>,
+    ) -> Result<(), StoreError> {
+        let span = telemetry::order_span(
+            STAGE,
+            "payment failed",
+            self.key,
+            &self.reserved.customer_id,
+            &self.context,
+        );
+        let (reason, why) = if failure.exhausted {
+            (PaymentFailureReason::RetriesExhausted, "retries exhausted")
+        } else {
+            (PaymentFailureReason::Declined, "declined")
+        };
+        span.record("outcome", "payment failed");
+        span.record(
+            "otel.status_description",
+            format!("payment {why}: {}", failure.error).as_str(),
+        );
+        let letter = self.dead_letter(txn, why, &failure)?;
+        if failure.exhausted {
+            refunds.enqueue(
+                txn,
+                self.key,
+                &self.reserved.customer_id,
+                &RefundTask {
+                    dead_letter_id: letter.id,
+                },
+                span.context(),
+            )?;
+        }
+        tracing::warn!(parent: span.span(), order_id = %self.key, attempts = self.attempts, error = %failure.error, reason = why, "payment failed");
+        record_processed(STAGE, "payment failed", &self.reserved);
+        let lines = match &self.reserved.kind {
+            Some(Kind::StockReserved(r)) => r.lines.clone(),
+            _ => Vec::new(),
+        };
+        txn.append(&follow_up(
+            &self.reserved,
+            span.context(),
+            Kind::PaymentFailed(PaymentFailed {
+                reason: reason.into(),
+                attempts: self.attempts,
+                last_error: failure.error,
+                amount: self.invoice.total,
+                lines,
+            }),
+        ));
+        Ok(())
+    }
+
+    /// The failed payment's dead letter, found by its order: resolved at once when declined
+    /// (nothing was captured), pending its refund when exhausted.
+    fn dead_letter(
+        &self,
+        txn: &mut Txn,
+        why: &str,
+        failure: &Failure,
+    ) -> Result<DeadLetter, StoreError> {
+        let now = now_timestamp();
+        let letter = dead_letters::add(
+            txn,
+            DeadLetter {
+                id: 0,
+                order_id: self.key.to_owned(),
+                customer_id: self.reserved.customer_id.clone(),
+                stage: STAGE.into(),
+                reason: why.into(),
+                attempts: self.attempts,
+                last_error: failure.error.clone(),
+                dead_lettered_at: Some(now),
+                state: DeadLetterState::Dead.into(),
+                replays: 0,
+                resolved_at: (!failure.exhausted).then_some(now),
+                resolution: if failure.exhausted {
+                    "refund pending".into()
+                } else {
+                    "nothing was captured".into()
+                },
+            },
+        )?;
+        txn.redb()
+            .open_table(FAILED_BY_ORDER)?
+            .insert(self.key, letter.id)?;
+        Ok(letter)
+    }
+}
+
+/// Takes the next invoice number: only paid orders take one, so the series has no gap.
+fn next_number(txn: &mut Txn) -> Result<u64, StoreError> {
+    let mut counter = txn.redb().open_table(COUNTER)?;
+    let number = counter.get(NEXT_NUMBER)?.map_or(1, |v| v.value());
+    counter.insert(NEXT_NUMBER, number + 1)?;
+    Ok(number)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use orderflow_proto::v1::{Money, ReservedLine, StockReserved};
+    use orderflow_runtime::{Store, decode_record};
+    use redb::TableDefinition;
+
+    use super::*;
+    use crate::gateway::{Faults, SimulatedGateway};
+
+    /// The refund queue's table.
+    const REFUNDS_PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("refund.pending");
+
+    /// The payment queue's side over a new store with the stage's tables; the directory goes with
+    /// the first value.
+    fn payments() -> (tempfile::TempDir, Store, Payments<SimulatedGateway>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("invoice.redb")).unwrap();
+        let (gateway, _ledger) = SimulatedGateway::open(
+            &dir.path().join("gateway.redb"),
+            Faults {
+                latency: Duration::ZERO,
+                transient_failure_rate: 0.0,
+                decline_rate: 0.0,
+            },
+        )
+        .unwrap();
+        let gateway = Arc::new(gateway);
+        let refunds = RetryQueue::new(
+            STAGE,
+            "refund",
+            store.clone(),
+            Arc::new(Refunds {
+                gateway: gateway.clone(),
+            }),
+            REFUND_POLICY,
+        );
+        store
+            .write(|txn| {
+                crate::tables::create(txn)?;
+                refunds.create_table(txn)
+            })
+            .unwrap();
+        (dir, store, Payments { gateway, refunds })
+    }
+
+    /// The task of `order`: two units of one SKU at 4.99 EUR, priced at 11.88 with tax.
+    fn task(order: &str) -> PaymentTask {
+        let lines = vec![ReservedLine {
+            sku: "SKU-1".into(),
+            name: "widget".into(),
+            quantity: 2,
+            unit_price: Some(Money::new(499, "EUR")),
+        }];
+        PaymentTask {
+            reserved: Some(Event {
+                order_id: order.into(),
+                customer_id: "alice".into(),
+                placed_at: Some(now_timestamp()),
+                kind: Some(Kind::StockReserved(StockReserved { lines })),
+                ..Default::default()
+            }),
+            invoice: Some(Invoice {
+                order_id: order.into(),
+                customer_id: "alice".into(),
+                total: Some(Money::new(1188, "EUR")),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn settle(
+        store: &Store,
+        payments: &Payments<SimulatedGateway>,
+        order: &str,
+        result: Result<Captured, Failure>,
+    ) {
+        let outcome = Outcome {
+            result,
+            attempts: 3,
+            trace_context: HashMap::new(),
+        };
+        store
+            .write(|txn| payments.settle(txn, order, task(order), outcome))
+            .unwrap();
+    }
+
+    fn captured(id: &str) -> Result<Captured, Failure> {
+        Ok(Captured {
+            capture_id: id.into(),
+        })
+    }
+
+    fn failed(exhausted: bool) -> Result<Captured, Failure> {
+        Err(Failure {
+            error: "card expired".into(),
+            exhausted,
+        })
+    }
+
+    /// Every event in the store's outbox, in order.
+    fn announced(store: &Store) -> Vec<Event> {
+        store.outbox().events(0, 100).unwrap()
+    }
+
+    fn invoice(store: &Store, order: &str) -> Option<Invoice> {
+        store
+            .read(|read| {
+                let Some(number) = read.open_table(BY_ORDER)?.get(order)?.map(|v| v.value()) else {
+                    return Ok(None);
+                };
+                let bytes = read.open_table(INVOICES)?.get(number)?.unwrap();
+                Ok::<_, StoreError>(Some(decode_record("invoice", number, bytes.value())?))
+            })
+            .unwrap()
+    }
+
+    fn refund_pending(store: &Store, order: &str) -> bool {
+        store
+            .read(|read| {
+                Ok::<_, StoreError>(read.open_table(REFUNDS_PENDING)?.get(order)?.is_some())
+            })
+            .unwrap()
+    }
+
+    fn dead_letter(store: &Store, order: &str) -> DeadLetter {
+        store
+            .write(|txn| {
+                let id = txn
+                    .redb()
+                    .open_table(FAILED_BY_ORDER)?
+                    .get(order)?
+                    .unwrap()
+                    .value();
+                dead_letters::get(txn, id)
+            })
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_captured_payments_take_a_number_and_the_series_has_no_gap() {
+        let (_dir, store, payments) = payments();
+        settle(&store, &payments, "o-1", captured("cap-1"));
+        settle(&store, &payments, "o-2", failed(false));
+        settle(&store, &payments, "o-3", failed(true));
+        settle(&store, &payments, "o-4", captured("cap-4"));
+        let first = invoice(&store, "o-1").unwrap();
+        assert_eq!(first.number, 1);
+        assert!(first.created_at.is_some());
+        let payment = first.payment.clone().unwrap();
+        assert_eq!(payment.capture_id, "cap-1");
+        assert_eq!(payment.attempts, 3);
+        assert_eq!(payment.idempotency_key, "orderflow-payment-o-1");
+        assert_eq!(invoice(&store, "o-4").unwrap().number, 2);
+        assert_eq!(invoice(&store, "o-2"), None);
+        assert_eq!(invoice(&store, "o-3"), None);
+        let events = announced(&store);
+        assert_eq!(events.len(), 4);
+        let Some(Kind::InvoiceCreated(created)) = &events[0].kind else {
+            panic!("not an InvoiceCreated: {:?}", events[0]);
+        };
+        assert_eq!(created.invoice.as_ref(), Some(&first));
+        assert_eq!(events[0].order_id, "o-1");
+    }
+
+    #[tokio::test]
+    async fn a_declined_payment_is_a_resolved_dead_letter_and_gives_its_lines_back() {
+        let (_dir, store, payments) = payments();
+        settle(&store, &payments, "o-1", failed(false));
+        let letter = dead_letter(&store, "o-1");
+        assert_eq!(letter.reason, "declined");
+        assert_eq!(letter.stage, "invoice");
+        assert_eq!(letter.attempts, 3);
+        assert_eq!(letter.last_error, "card expired");
+        assert_eq!(letter.resolution, "nothing was captured");
+        assert!(letter.resolved_at.is_some());
+        // Nothing was captured: nothing to refund.
+        assert!(!refund_pending(&store, "o-1"));
+        let events = announced(&store);
+        let Some(Kind::PaymentFailed(failed)) = &events[0].kind else {
+            panic!("not a PaymentFailed: {:?}", events[0]);
+        };
+        assert_eq!(failed.reason(), PaymentFailureReason::Declined);
+        assert_eq!(failed.attempts, 3);
+        assert_eq!(failed.last_error, "card expired");
+        assert_eq!(failed.amount, Some(Money::new(1188, "EUR")));
+        assert_eq!(failed.lines.len(), 1);
+        assert_eq!(failed.lines[0].quantity, 2);
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_payment_schedules_the_refund_its_dead_letter_waits_for() {
+        let (_dir, store, payments) = payments();
+        settle(&store, &payments, "o-1", failed(true));
+        let letter = dead_letter(&store, "o-1");
+        assert_eq!(letter.reason, "retries exhausted");
+        assert_eq!(letter.resolution, "refund pending");
+        assert_eq!(letter.resolved_at, None);
+        assert!(refund_pending(&store, "o-1"));
+        let events = announced(&store);
+        let Some(Kind::PaymentFailed(failed)) = &events[0].kind else {
+            panic!("not a PaymentFailed: {:?}", events[0]);
+        };
+        assert_eq!(failed.reason(), PaymentFailureReason::RetriesExhausted);
     }
 }

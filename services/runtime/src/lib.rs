@@ -112,17 +112,16 @@ pub fn record_processed(
         [("stage", stage), ("outcome", outcome)],
         1,
     );
-    if let Some(at) = upstream
-        .at
-        .and_then(|at| std::time::SystemTime::try_from(at).ok())
-        && let Ok(elapsed) = std::time::SystemTime::now().duration_since(at)
-    {
-        metrics::observe(
-            metrics::HOP_SECONDS,
-            [("stage", stage)],
-            elapsed.as_secs_f64(),
-        );
+    if let Some(elapsed) = seconds_since(upstream.at) {
+        metrics::observe(metrics::HOP_SECONDS, [("stage", stage)], elapsed);
     }
+}
+
+/// Seconds from `at` to now; `None` without a time, or for one that lies ahead (a clock moved back).
+pub fn seconds_since(at: Option<prost_types::Timestamp>) -> Option<f64> {
+    let at = std::time::SystemTime::try_from(at?).ok()?;
+    let elapsed = std::time::SystemTime::now().duration_since(at).ok()?;
+    Some(elapsed.as_secs_f64())
 }
 
 /// Milliseconds since the Unix epoch, now.

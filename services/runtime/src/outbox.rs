@@ -40,14 +40,14 @@ use std::{
     },
 };
 
-use orderflow_proto::stored::StoredLogEntry;
+use orderflow_proto::{stored::StoredLogEntry, v1::Event};
 use redb::{
     Durability, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
 };
 use tokio::sync::watch;
 
-use crate::store::{META, Store, StoreError};
+use crate::store::{META, Store, StoreError, decode_record};
 
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const CONSUMERS: TableDefinition<&str, u64> = TableDefinition::new("consumers");
@@ -249,6 +249,15 @@ impl Outbox {
             }
             Ok(entries)
         })
+    }
+
+    /// Up to `max` events from `from` on, decoded: what the stage has announced, for tools and
+    /// tests that read it (the `EventLog` serves entries as stored, see [`Outbox::read_log`]).
+    pub fn events(&self, from: u64, max: usize) -> Result<Vec<Event>, StoreError> {
+        self.read_log(from, max, usize::MAX)?
+            .into_iter()
+            .map(|entry| decode_record("outbox", entry.offset, &entry.event))
+            .collect()
     }
 
     /// Records that `consumer` has processed every entry below `offset`. Positions never move back.
