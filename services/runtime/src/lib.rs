@@ -31,7 +31,8 @@
 //!
 //! Public modules, used by name (`telemetry::inject`, `metrics::EVENTS_PROCESSED`, …):
 //! - [`telemetry`]: logging, tracing and trace-context propagation.
-//! - [`metrics`]: the names of every metric the stages export.
+//! - [`metrics`]: the names of every metric the stages export, and [`metrics::count`] /
+//!   [`metrics::observe`] for what is updated per event (handles looked up once per thread).
 //! - [`status`]: the RPC edge: gRPC statuses for store errors and field violations, and
 //!   [`Store::call`], which runs store work for an RPC handler.
 //! - [`paging`]: page sizes and tokens, pages filled by rows and bytes, numeric-keyed pages.

@@ -3,7 +3,9 @@
 //!
 //! One recorder per process: a process running several stages (`orderflow up`) serves them all on
 //! one port, told apart by the `stage` label that every metric carries. The names are listed here
-//! and in README so dashboards have one place to look.
+//! and in README so dashboards have one place to look. Whatever is updated per event goes through
+//! [`count`] and [`observe`], which keep each thread's handles instead of asking the recorder for
+//! one every time.
 
 use std::{cell::RefCell, net::SocketAddr, sync::OnceLock, time::Duration};
 
