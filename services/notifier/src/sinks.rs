@@ -121,9 +121,9 @@ impl Sink {
     pub(crate) async fn deliver(&self, notification: &Notification) -> Attempt<()> {
         match self {
             Sink::Log => {
-                // The target is `telemetry::HELD_TARGET`: the line is written by `attempts_made`.
+                // Held by the logger until `attempts_made`.
                 tracing::info!(
-                    target: "orderflow::notification",
+                    target: telemetry::HELD_TARGET,
                     order_id = %notification.order_id,
                     customer_id = %notification.customer_id,
                     kind = notification.kind().as_str_name(),
