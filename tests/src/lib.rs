@@ -34,6 +34,9 @@ use tokio::{
     process::{Child, Command},
 };
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 /// The four stages, upstream first.
 pub const STAGES: [&str; 4] = ["receiver", "stock", "invoice", "notifier"];
@@ -208,10 +211,7 @@ fn unassigned_ports() -> std::ops::Range<u16> {
 /// The last lines of a stage's log, for an error message.
 fn log_tail(path: &Path) -> String {
     match std::fs::read_to_string(path) {
-        Ok(log) => {
-            let lines: Vec<&str> = log.lines().collect();
-            lines[lines.len().saturating_sub(20)..].join("\n")
-        }
+        Ok(log) => tail(&log),
         Err(e) => format!("(cannot read {}: {e})", path.display()),
     }
 }
@@ -423,6 +423,41 @@ impl Stage {
         Ok(Metrics(text))
     }
 
+    /// What the stage says of one health service name (`""`: the whole server); UNKNOWN when it
+    /// does not answer.
+    pub async fn health_of(&self, service: &str) -> ServingStatus {
+        HealthClient::new(self.channel().await)
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .map_or(ServingStatus::Unknown, |r| r.into_inner().status())
+    }
+
+    /// What the stage says of its health as a whole.
+    pub async fn health(&self) -> ServingStatus {
+        self.health_of("").await
+    }
+
+    /// Waits until the stage's health as a whole is `want`; panics with the tail of its log if it
+    /// is not within `within`.
+    pub async fn wait_for_health(&self, want: ServingStatus, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let now = self.health().await;
+            if now == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} is {now:?}, not {want:?}, after {within:?}; its log:\n{}",
+                self.name,
+                tail(&self.logs())
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child
@@ -531,6 +566,17 @@ impl Stage {
         )
     }
 
+    /// How far `consumer` has acknowledged the stage's outbox (0 if it never did).
+    pub async fn acked(&self, consumer: &str) -> anyhow::Result<u64> {
+        let mut client = self.event_log().await;
+        let head = client.head(HeadRequest::default()).await?.into_inner();
+        Ok(head
+            .consumers
+            .iter()
+            .find(|c| c.consumer == consumer)
+            .map_or(0, |c| c.acked_offset))
+    }
+
     /// `next_offset` of the stage's outbox.
     pub async fn head(&self) -> anyhow::Result<u64> {
         let mut client = self.event_log().await;
@@ -540,6 +586,12 @@ impl Stage {
             .into_inner()
             .next_offset)
     }
+}
+
+/// The last 30 lines of `log`.
+pub fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 /// Options for a test pipeline.

@@ -47,6 +47,7 @@ fn ack(consumer: &str, offset: u64) -> AckRequest {
         consumer: consumer.into(),
         offset,
         partition: 0,
+        incarnation: 0,
     }
 }
 

@@ -472,6 +472,7 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
                 consumer: "stock".into(),
                 offset: 0,
                 partition: 1,
+                incarnation: 0,
             })
             .await
             .map(|_| ())

@@ -15,9 +15,7 @@ use std::{collections::HashSet, path::PathBuf, process::Command, time::Duration}
 
 use orderflow_e2e::{Pipeline, PipelineOptions, Stage, catalog, line, place_all};
 use tonic::Code;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 
 /// Units of A in stock: far more than any test orders.
@@ -81,42 +79,6 @@ impl Drop for Volume {
             .arg(self.dir.path())
             .status();
     }
-}
-
-async fn health(stage: &Stage) -> ServingStatus {
-    health_of(stage, "").await
-}
-
-/// What `stage` says of one health service name (`""`: the whole server).
-async fn health_of(stage: &Stage, service: &str) -> ServingStatus {
-    HealthClient::new(stage.channel().await)
-        .check(HealthCheckRequest {
-            service: service.to_owned(),
-        })
-        .await
-        .map_or(ServingStatus::Unknown, |r| r.into_inner().status())
-}
-
-async fn wait_for_health(stage: &Stage, want: ServingStatus, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let now = health(stage).await;
-        if now == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} is {now:?}, not {want:?}, after {within:?}; its log:\n{}",
-            stage.name,
-            tail(&stage.logs())
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 /// What a round of orders came to.
@@ -228,7 +190,7 @@ async fn everything_accounted_for(pipeline: &Pipeline, accepted: &[String]) {
     }
     for stage in &pipeline.stages {
         assert_eq!(
-            health(stage).await,
+            stage.health().await,
             ServingStatus::Serving,
             "{}",
             stage.name
@@ -267,7 +229,7 @@ async fn fill_and_recover(stage: &'static str, size: &str, stalled: Option<&'sta
         let placed = place_round(&pipeline, round).await;
         accepted.extend(placed.accepted);
         refused.extend(placed.refused);
-        if health(pipeline.stage(stage)).await == ServingStatus::NotServing {
+        if pipeline.stage(stage).health().await == ServingStatus::NotServing {
             full = true;
             break;
         }
@@ -275,7 +237,7 @@ async fn fill_and_recover(stage: &'static str, size: &str, stalled: Option<&'sta
     assert!(full, "{stage} never filled its {size} volume");
     // Unready, not dead: the liveness name (Kubernetes' liveness probe) stays SERVING.
     assert_eq!(
-        health_of(pipeline.stage(stage), "liveness").await,
+        pipeline.stage(stage).health_of("liveness").await,
         ServingStatus::Serving
     );
     eprintln!("{stage}: full after {} accepted orders", accepted.len());
@@ -317,12 +279,10 @@ async fn fill_and_recover(stage: &'static str, size: &str, stalled: Option<&'sta
     if let Some(stalled) = stalled {
         pipeline.stage(stalled).resume();
     }
-    wait_for_health(
-        pipeline.stage(stage),
-        ServingStatus::Serving,
-        Duration::from_secs(30),
-    )
-    .await;
+    pipeline
+        .stage(stage)
+        .wait_for_health(ServingStatus::Serving, Duration::from_secs(30))
+        .await;
     // Orders are welcome again.
     let placed = place_round(&pipeline, 2000).await;
     assert!(placed.refused.is_empty(), "{:?}", placed.refused);
@@ -399,7 +359,7 @@ async fn the_free_space_floor_refuses_orders_before_the_volume_fills() {
     assert!(retry_after.is_some());
     // The volume never filled: the receiver is healthy and everything it accepted drains.
     assert_eq!(
-        health(pipeline.stage("receiver")).await,
+        pipeline.stage("receiver").health().await,
         ServingStatus::Serving
     );
     let metrics = pipeline.stage("receiver").scrape().await.unwrap();

@@ -271,6 +271,8 @@ async fn watch(
             from_first: false,
             // The pipeline's one partition: `--partitions` takes only 1 until scale-out.
             partition: 0,
+            // The demo keeps nothing of its own: it takes no part in fencing.
+            owner: None,
         })
         .await
     else {
@@ -295,6 +297,7 @@ async fn watch(
                     consumer: DEMO_CONSUMER.into(),
                     offset,
                     partition: 0,
+                    incarnation: 0,
                 })
                 .await;
         }

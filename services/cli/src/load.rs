@@ -498,6 +498,7 @@ async fn follow_notifier(mut log: LogClient, state: Arc<State>) -> anyhow::Resul
             from_first: false,
             // The pipeline's one partition: `--partitions` takes only 1 until scale-out.
             partition: 0,
+            owner: None,
         })
         .await
         .map_err(|s| crate::client::refused("EventLog/Subscribe to the notifier (--notifier)", s))?

@@ -18,6 +18,10 @@
 //! acknowledgement ([`Outbox::note_sent`]). A consumer the log is not kept for (`--retain-for`) can
 //! neither subscribe under its name nor acknowledge.
 //!
+//! A stage reading as a consumer into a store of its own names itself an owner in `Subscribe`: the
+//! log refuses a store that cannot resume from it, and lets one process at a time read as one
+//! consumer ([`crate::fencing`]).
+//!
 //! Every request names a partition of the log. This service serves the partition its store holds;
 //! one the pipeline does not have is `INVALID_ARGUMENT`, another one it has is
 //! `FAILED_PRECONDITION` (its owner serves it).
@@ -36,6 +40,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     auth::LinkGuard,
+    fencing::{self, Owners},
     outbox::Outbox,
     partition::Partition,
     status::{FieldViolations, check_name},
@@ -60,6 +65,7 @@ pub struct EventLogService {
     /// Cancelled when the stage drains: every producer ends its stream.
     streams: CancellationToken,
     guard: LinkGuard,
+    owners: Owners,
 }
 
 impl EventLogService {
@@ -68,6 +74,7 @@ impl EventLogService {
             outbox,
             streams,
             guard,
+            owners: Owners::default(),
         }
     }
 
@@ -121,10 +128,26 @@ impl EventLog for EventLogService {
             n => n.min(MAX_MAX_BATCH),
         } as usize;
         let consumer = (!request.consumer.is_empty()).then_some(request.consumer);
+        let mut violations = FieldViolations::new();
         if let Some(consumer) = &consumer {
-            let mut violations = FieldViolations::new();
             check_consumer_field(consumer, &mut violations);
-            violations.check()?;
+        }
+        if let Some(owner) = &request.owner {
+            if consumer.is_none() {
+                violations.add("owner", "an owner reads as a consumer: name it in consumer");
+            }
+            if owner.incarnation == 0 {
+                violations.add(
+                    "owner.incarnation",
+                    "must not be 0: draw a random one at every start",
+                );
+            }
+        }
+        violations.check()?;
+        // The store's checks come first: a stale process never holds a consumer, and hears why
+        // rather than that the entries it asks for are gone.
+        if let (Some(owner), Some(consumer)) = (&request.owner, &consumer) {
+            fencing::check_store(&self.outbox, consumer, owner)?;
         }
         let from_first = request.from_first;
         // Refuse an impossible start or a stranger's name now rather than as the stream's first item.
@@ -145,6 +168,10 @@ impl EventLog for EventLogService {
         })
         .await??;
         let stop_at = request.stop_at_head.then_some(head);
+        let claim = match (&request.owner, &consumer) {
+            (Some(owner), Some(consumer)) => Some(self.owners.claim(consumer, owner.incarnation)?),
+            _ => None,
+        };
 
         let (tx, rx) = mpsc::channel(SUBSCRIBE_CHANNEL_DEPTH);
         tokio::spawn(produce(
@@ -155,6 +182,7 @@ impl EventLog for EventLogService {
                 consumer,
                 stop_at,
                 from_first,
+                _claim: claim,
             },
             tx,
             self.streams.clone(),
@@ -168,11 +196,15 @@ impl EventLog for EventLogService {
             consumer,
             offset,
             partition,
+            incarnation,
         } = request.into_inner();
         let mut violations = FieldViolations::new();
         check_consumer_field(&consumer, &mut violations);
         violations.check()?;
         self.check_partition(partition)?;
+        if incarnation != 0 {
+            self.owners.check(&consumer, incarnation)?;
+        }
         let head = self.outbox.next_offset();
         if offset > head {
             return Err(Status::out_of_range(format!(
@@ -202,6 +234,7 @@ impl EventLog for EventLogService {
                 .collect(),
             partition: self.outbox.partition().index,
             partitions: self.outbox.partition().count,
+            log_id: self.outbox.log_id(),
         }))
     }
 }
@@ -216,6 +249,8 @@ struct Feed {
     stop_at: Option<u64>,
     /// Follow retention: when it deletes the next entry, go on from the first one kept.
     from_first: bool,
+    /// For an owner: its hold on the consumer, for as long as this stream lives.
+    _claim: Option<fencing::Claim>,
 }
 
 /// Feeds one subscriber from `feed.from` on, one batch at a time, as fast as it takes them.

@@ -15,6 +15,7 @@
 //!   store is created.
 //! - `disk`: the data volume's [`FreeSpace`] against `--min-free-space` ([`MinFreeSpace`]).
 //! - `eventlog`: [`EventLogService`] — `Subscribe`/`Ack`/`Head` over the outbox.
+//! - `fencing`: which process may apply a log as a consumer, from which store ([`Refusal`]).
 //! - `retention`: deleting what every consumer has acknowledged, and the outbox's metrics.
 //! - `subscription`: [`Subscription`] — a downstream stage's loop over its upstream's log, applying
 //!   each batch through the stage's [`Apply`]; [`Admission`] for backpressure.
@@ -44,6 +45,7 @@ mod config;
 pub mod dead_letters;
 mod disk;
 mod eventlog;
+mod fencing;
 mod group_commit;
 mod health;
 pub mod metrics;
@@ -66,6 +68,7 @@ pub use config::{
 };
 pub use disk::{FreeSpace, MinFreeSpace};
 pub use eventlog::EventLogService;
+pub use fencing::Refusal;
 pub use group_commit::{GroupCommit, WriterName};
 pub use outbox::Outbox;
 pub use paging::{NumericPage, PageFill};

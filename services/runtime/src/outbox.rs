@@ -8,7 +8,10 @@
 //! | `outbox`    | `u64` offset         | encoded [`Event`]       | the stage's output log, dense offsets      |
 //! | `consumers` | `&str` consumer name | `u64` acked offset      | downstream positions, for retention        |
 //!
-//! plus `outbox.first` in the store's `meta` table (the first offset retention kept).
+//! plus, in the store's `meta` table, `outbox.first` (the first offset retention kept) and
+//! `outbox.log_id`: a random id drawn when the store is created (or first opened by a version that
+//! knew ids), which `Head` reports so that a consumer can tell this log from one that replaced it at
+//! the same address.
 //!
 //! Appends happen inside a store transaction ([`Txn::append`](crate::Txn::append)): an event is in
 //! the outbox exactly when the state change that produced it is in the stage's tables. Everything
@@ -53,6 +56,8 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const CONSUMERS: TableDefinition<&str, u64> = TableDefinition::new("consumers");
 /// The `meta` key holding the first offset retention kept.
 const FIRST_OFFSET_KEY: &str = "outbox.first";
+/// The `meta` key holding the log's id.
+pub(crate) const LOG_ID_KEY: &str = "outbox.log_id";
 
 /// The outbox of one store: cheap to clone. Blocking: call it from `spawn_blocking`, except where a
 /// method says it is cheap.
@@ -67,6 +72,8 @@ pub(crate) struct LogState {
     head: watch::Sender<u64>,
     /// Lowest offset any registered consumer has acknowledged; `u64::MAX` while none has.
     acked_floor: AtomicU64,
+    /// The log's id (never 0).
+    log_id: AtomicU64,
     /// Every consumer the log is kept for, with how far it has acknowledged and how far its
     /// subscriptions have been sent the log without a gap.
     consumers: Mutex<BTreeMap<String, Reach>>,
@@ -83,6 +90,7 @@ struct Reach {
 pub(crate) struct Loaded {
     pub(crate) first: u64,
     pub(crate) next: u64,
+    log_id: u64,
     acked_floor: u64,
     consumers: BTreeMap<String, Reach>,
 }
@@ -99,9 +107,22 @@ pub(crate) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Draws the log's id if it has none yet: a new store, or one made before logs had ids.
+pub(crate) fn claim_id(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(META)?;
+    if meta.get(LOG_ID_KEY)?.is_none() {
+        meta.insert(LOG_ID_KEY, rand::random::<u64>().max(1))?;
+    }
+    Ok(())
+}
+
 /// Reads what [`LogState`] keeps from a database just opened.
 pub(crate) fn load(read: &ReadTransaction) -> Result<Loaded, StoreError> {
     let (first, next) = log_bounds(read)?;
+    let log_id = read
+        .open_table(META)?
+        .get(LOG_ID_KEY)?
+        .map_or(0, |v| v.value());
     let table = read.open_table(CONSUMERS)?;
     let acked_floor = acked_floor(&table)?;
     let mut consumers = BTreeMap::new();
@@ -113,6 +134,7 @@ pub(crate) fn load(read: &ReadTransaction) -> Result<Loaded, StoreError> {
     Ok(Loaded {
         first,
         next,
+        log_id,
         acked_floor,
         consumers,
     })
@@ -135,6 +157,7 @@ impl LogState {
         LogState {
             head: watch::Sender::new(loaded.next),
             acked_floor: AtomicU64::new(loaded.acked_floor),
+            log_id: AtomicU64::new(loaded.log_id),
             consumers: Mutex::new(loaded.consumers),
         }
     }
@@ -158,6 +181,7 @@ impl LogState {
         }
         self.acked_floor
             .store(loaded.acked_floor, Ordering::Relaxed);
+        self.log_id.store(loaded.log_id, Ordering::Relaxed);
         self.publish(loaded.next);
     }
 
@@ -198,6 +222,16 @@ impl Outbox {
     /// The offset the next appended entry gets. Cheap.
     pub fn next_offset(&self) -> u64 {
         self.state().next_offset()
+    }
+
+    /// The log's id, drawn when its store was created. Cheap.
+    pub fn log_id(&self) -> u64 {
+        self.state().log_id.load(Ordering::Relaxed)
+    }
+
+    /// How far `consumer` has acknowledged, if the log is kept for it. Cheap.
+    pub fn acked(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.consumers()?.get(consumer).map(|reach| reach.acked))
     }
 
     /// `(first_offset, next_offset)` as committed.

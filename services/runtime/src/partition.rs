@@ -8,7 +8,7 @@
 //! it, and refuses to open as any other: a stage started with another P, or for a partition the
 //! store does not hold, would otherwise consume, renumber or retain the wrong entries.
 
-use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
+use redb::{ReadableTable, WriteTransaction};
 
 use crate::store::{META, StoreError};
 
@@ -70,9 +70,16 @@ pub(crate) fn claim(
     }
 }
 
-/// Whether the `meta` table holds nothing yet: a store just created (or never written).
+/// Whether the `meta` table holds nothing yet but, perhaps, the log's id: a store just created
+/// (or never written).
 pub(crate) fn meta_is_empty(txn: &WriteTransaction) -> Result<bool, StoreError> {
-    Ok(txn.open_table(META)?.is_empty()?)
+    let meta = txn.open_table(META)?;
+    for row in meta.iter()? {
+        if row?.0.value() != crate::outbox::LOG_ID_KEY {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -395,8 +395,9 @@ impl StageServer {
 }
 
 /// Keeps health and metrics in step with the store: NOT_SERVING (for the whole server, the stage's
-/// service and its log) while it cannot commit, SERVING again once it recovers, until `shutdown`
-/// (after which the drain owns health).
+/// service and its log) while it cannot commit or an upstream log refuses it
+/// ([`Refusal`](crate::Refusal)), SERVING again once both are over, until `shutdown` (after which
+/// the drain owns health).
 async fn report_store_condition(
     stage: &'static str,
     store: Store,
@@ -405,35 +406,46 @@ async fn report_store_condition(
     shutdown: CancellationToken,
 ) {
     let mut condition = store.condition();
+    let mut refusals = store.refusals();
     // The recorder is installed on first use: make sure it exists before the first value is set.
     let _ = crate::metrics::handle();
     let healthy = |value: f64| {
         metrics::gauge!(crate::metrics::STORE_HEALTHY, "stage" => stage).set(value);
     };
     healthy(1.0);
+    // Health starts SERVING; a refusal may already be recorded by the time this task runs.
+    let mut serving = true;
     loop {
-        tokio::select! {
-            changed = condition.changed() => if changed.is_err() { return },
-            () = shutdown.cancelled() => return,
-        }
-        let now = condition.borrow_and_update().clone();
-        let status = match &now {
-            Condition::Healthy => {
-                healthy(1.0);
-                ServingStatus::Serving
-            }
-            Condition::Failing(fault) => {
-                healthy(0.0);
-                metrics::counter!(crate::metrics::STORE_FAULTS, "stage" => stage, "kind" => fault.kind.as_str())
-                    .increment(1);
-                ServingStatus::NotServing
-            }
-        };
+        let now = matches!(*condition.borrow(), Condition::Healthy)
+            && refusals.borrow_and_update().is_empty();
         if shutdown.is_cancelled() {
             return;
         }
-        for name in ["", services[0], services[1]] {
-            health.set_service_status(name, status).await;
+        if now != serving {
+            serving = now;
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for name in ["", services[0], services[1]] {
+                health.set_service_status(name, status).await;
+            }
+        }
+        tokio::select! {
+            changed = condition.changed() => {
+                if changed.is_err() { return }
+                match &*condition.borrow_and_update() {
+                    Condition::Healthy => healthy(1.0),
+                    Condition::Failing(fault) => {
+                        healthy(0.0);
+                        metrics::counter!(crate::metrics::STORE_FAULTS, "stage" => stage, "kind" => fault.kind.as_str())
+                            .increment(1);
+                    }
+                }
+            }
+            changed = refusals.changed() => if changed.is_err() { return },
+            () = shutdown.cancelled() => return,
         }
     }
 }

@@ -43,6 +43,7 @@
 //! exits, for its supervisor to restart it.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, RwLock},
     time::Duration,
@@ -61,8 +62,9 @@ use crate::{
     partition::{self, Partition},
 };
 
-/// Upstream offsets consumed (`upstream.<name>`), the outbox's first offset and the partition the
-/// store holds (`partition.index`, `partition.count`).
+/// Upstream offsets consumed (`upstream.<name>`) and the ids of the logs consumed
+/// (`upstream.<name>.log_id`), the outbox's first offset and id, and the partition the store holds
+/// (`partition.index`, `partition.count`).
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Written and deleted again to prove that the store can commit after a fault.
 const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
@@ -252,6 +254,8 @@ struct Inner {
     db: RwLock<Option<Arc<Database>>>,
     /// Whether the store can commit; watched for health.
     condition: watch::Sender<Condition>,
+    /// The upstream logs that refuse this store, with why; watched for health.
+    refusals: watch::Sender<BTreeMap<String, String>>,
     /// Held by the single writer from `begin_write` until the new head is published.
     write_lock: Mutex<()>,
     /// Durable commits since the store was opened.
@@ -300,6 +304,7 @@ impl Store {
                 partition,
                 db: RwLock::new(Some(Arc::new(db))),
                 condition: watch::Sender::new(Condition::Healthy),
+                refusals: watch::Sender::new(BTreeMap::new()),
                 write_lock: Mutex::new(()),
                 commits: std::sync::atomic::AtomicU64::new(0),
                 log: LogState::new(loaded),
@@ -323,6 +328,27 @@ impl Store {
     /// Whether the store can commit now, and a receiver that sees every change.
     pub fn condition(&self) -> watch::Receiver<Condition> {
         self.inner.condition.subscribe()
+    }
+
+    /// Records that the log this store consumes as `upstream` refuses it (a
+    /// [`Refusal`](crate::Refusal)), and why: the stage answers NOT_SERVING until every refusal is
+    /// lifted.
+    pub fn refuse(&self, upstream: &str, why: String) {
+        self.inner.refusals.send_if_modified(|refusals| {
+            refusals.insert(upstream.to_owned(), why.clone()).as_ref() != Some(&why)
+        });
+    }
+
+    /// The log this store consumes as `upstream` takes it again.
+    pub fn lift_refusal(&self, upstream: &str) {
+        self.inner
+            .refusals
+            .send_if_modified(|refusals| refusals.remove(upstream).is_some());
+    }
+
+    /// The upstream logs refusing this store (name → why), and a receiver that sees every change.
+    pub fn refusals(&self) -> watch::Receiver<BTreeMap<String, String>> {
+        self.inner.refusals.subscribe()
     }
 
     /// The fault the store is failing with, if it is.
@@ -568,6 +594,26 @@ impl Store {
             .map_or(0, |v| v.value()))
     }
 
+    /// The id of the log this store consumes as `upstream` (its `Head` `log_id`), if recorded.
+    pub fn upstream_log_id(&self, upstream: &str) -> Result<Option<u64>, StoreError> {
+        let read = self.observe(self.db()?.begin_read().map_err(StoreError::from))?;
+        let meta = read.open_table(META)?;
+        Ok(meta
+            .get(upstream_log_key(upstream).as_str())?
+            .map(|v| v.value()))
+    }
+
+    /// Records that `upstream` is the log with id `log_id`: from now on this store consumes no
+    /// other one there.
+    pub fn record_upstream_log_id(&self, upstream: &str, log_id: u64) -> Result<(), StoreError> {
+        self.write(|txn| {
+            txn.redb()
+                .open_table(META)?
+                .insert(upstream_log_key(upstream).as_str(), log_id)?;
+            Ok(())
+        })
+    }
+
     /// What the outbox keeps in memory, for [`crate::Outbox`].
     pub(crate) fn log_state(&self) -> &LogState {
         &self.inner.log
@@ -683,6 +729,7 @@ fn open_database(
     outbox::create_tables(&txn)?;
     // Refused: the transaction is dropped, and the store stays exactly as it was.
     partition::claim(&txn, partition, empty)?;
+    outbox::claim_id(&txn)?;
     txn.commit()?;
     let loaded = outbox::load(&db.begin_read()?)?;
     Ok((db, loaded))
@@ -690,6 +737,10 @@ fn open_database(
 
 fn upstream_key(upstream: &str) -> String {
     format!("upstream.{upstream}")
+}
+
+fn upstream_log_key(upstream: &str) -> String {
+    format!("upstream.{upstream}.log_id")
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ use std::{
 use futures::FutureExt;
 use orderflow_proto::{
     stored::{StoredLogEntry, event_log_client::EventLogClient},
-    v1::{AckRequest, HeadRequest, SubscribeRequest},
+    v1::{AckRequest, HeadRequest, Owner, SubscribeRequest},
 };
 use rand::Rng;
 use tokio::sync::watch;
@@ -46,6 +46,7 @@ use tonic::{
 use crate::{
     auth::LinkAuth,
     config::Link,
+    fencing::Refusal,
     metrics as names,
     store::{Commit, Store, StoreError, Txn, blocking, task_failed},
 };
@@ -137,7 +138,9 @@ enum SubscriptionError {
     #[error("cannot connect: {}", crate::error_chain(.0))]
     Connect(#[from] tonic::transport::Error),
     #[error("upstream answered {}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
+    #[error("{message}")]
+    Refused { refusal: Refusal, message: String },
     #[error("upstream ended the stream")]
     Ended,
     #[error("expected offset {expected}, upstream sent {got}")]
@@ -172,6 +175,18 @@ enum BatchError {
 impl From<StoreError> for BatchError {
     fn from(e: StoreError) -> Self {
         BatchError::Store(e)
+    }
+}
+
+impl From<tonic::Status> for SubscriptionError {
+    fn from(status: tonic::Status) -> Self {
+        match Refusal::of(&status) {
+            Some(refusal) => SubscriptionError::Refused {
+                refusal,
+                message: status.message().to_owned(),
+            },
+            None => SubscriptionError::Status(status),
+        }
     }
 }
 
@@ -231,6 +246,8 @@ pub struct Subscription<A> {
     applier: Arc<A>,
     commit: Commit,
     admission: Option<Admission>,
+    /// Who this process is to the upstream log ([`crate::fencing`]): random, new at every start.
+    incarnation: u64,
 }
 
 impl<A: Apply> Subscription<A> {
@@ -252,6 +269,7 @@ impl<A: Apply> Subscription<A> {
             applier,
             commit: Commit::Durable,
             admission: None,
+            incarnation: rand::random::<u64>().max(1),
         }
     }
 
@@ -286,14 +304,43 @@ impl<A: Apply> Subscription<A> {
             // upstream it may delete what they hold.
             (self.commit == Commit::Lazy).then(|| (self.store.clone(), self.upstream_name.clone())),
             self.store.partition().index,
+            self.incarnation,
             acked_rx,
             shutdown.clone(),
         ));
         let mut backoff = Backoff::new();
+        let mut last_refusal = None;
         while !shutdown.is_cancelled() {
             let result = self.run_once(&acked_tx, &mut backoff, &shutdown).await;
+            if !matches!(result, Err(SubscriptionError::Refused { .. })) {
+                last_refusal = None;
+            }
             match result {
                 Ok(()) => break,
+                Err(SubscriptionError::Refused { refusal, message }) => {
+                    // Loud once per reason; the health check says it for as long as it lasts.
+                    if last_refusal != Some(refusal) {
+                        tracing::error!(
+                            upstream = %self.upstream.uri(),
+                            reason = refusal.as_str(),
+                            error = %message,
+                            "upstream refuses this stage's store; not serving"
+                        );
+                        last_refusal = Some(refusal);
+                    }
+                    self.store.refuse(&self.upstream_name, message);
+                    if refusal == Refusal::Fenced {
+                        // Never read again: another process applies this log now.
+                        shutdown.cancelled().await;
+                        break;
+                    }
+                    // The other process stops, an operator restores a volume: the next attempt
+                    // finds out.
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff.next_pause()) => {}
+                        () = shutdown.cancelled() => break,
+                    }
+                }
                 Err(e) => {
                     let pause = backoff.next_pause();
                     if e.is_truncated() {
@@ -362,6 +409,9 @@ impl<A: Apply> Subscription<A> {
                 ours: partition.count,
             });
         }
+        let upstream_name = self.upstream_name.clone();
+        let store = self.store.clone();
+        let recorded_log_id = blocking(move || store.upstream_log_id(&upstream_name)).await??;
         let upstream_acked = head
             .consumers
             .iter()
@@ -381,9 +431,21 @@ impl<A: Apply> Subscription<A> {
                 stop_at_head: false,
                 from_first: false,
                 partition: partition.index,
+                owner: Some(Owner {
+                    incarnation: self.incarnation,
+                    consumed_offset: next,
+                    log_id: recorded_log_id.unwrap_or(0),
+                }),
             })
             .await?
             .into_inner();
+        // The log took this store: from now on it consumes no other one there.
+        if recorded_log_id.is_none() && head.log_id != 0 {
+            let (store, upstream_name) = (self.store.clone(), self.upstream_name.clone());
+            let log_id = head.log_id;
+            blocking(move || store.record_upstream_log_id(&upstream_name, log_id)).await??;
+        }
+        self.store.lift_refusal(&self.upstream_name);
         tracing::info!(upstream = %self.upstream.uri(), from_offset = next, "subscribed upstream");
         // The batch whose transaction runs on a blocking thread while the next one is read,
         // decoded and prepared here: at most one, and they commit in offset order.
@@ -640,6 +702,7 @@ async fn acknowledge(
     consumer: String,
     flush: Option<(Store, String)>,
     partition: u32,
+    incarnation: u64,
     mut committed: watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
@@ -663,6 +726,7 @@ async fn acknowledge(
                     consumer: consumer.clone(),
                     offset: durable,
                     partition,
+                    incarnation,
                 };
                 match client.ack(request).await {
                     Ok(_) => {
