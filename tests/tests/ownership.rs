@@ -146,6 +146,14 @@ async fn a_stage_whose_store_was_lost_does_not_start_empty() {
             .logs()
             .contains("acknowledged partition 0 up to offset 5")
     );
+    let metrics = stock.scrape().await.unwrap();
+    assert_eq!(
+        metrics.value(
+            "orderflow_upstream_refused",
+            &[("stage", "stock"), ("upstream", "receiver")]
+        ),
+        Some(1.0)
+    );
     // Another order is accepted and waits: the empty store applies nothing, old or new.
     let second = place(&pipeline, 1).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -161,6 +169,14 @@ async fn a_stage_whose_store_was_lost_does_not_start_empty() {
         .await;
     pipeline.wait_for_terminal(&second, WITHIN).await.unwrap();
     assert_eq!(available(pipeline.stage("stock")).await, STOCK - 6);
+    let metrics = pipeline.stage("stock").scrape().await.unwrap();
+    assert_eq!(
+        metrics.value(
+            "orderflow_upstream_refused",
+            &[("stage", "stock"), ("upstream", "receiver")]
+        ),
+        Some(0.0)
+    );
     let invoices = pipeline.invoices().await.unwrap();
     assert_eq!(invoices.len(), 6, "every order invoiced once");
 }

@@ -128,7 +128,7 @@ fn promtool_accepts_the_shipped_config_and_rules() {
     }
     let rules = deploy().join("alerts.yml");
     let checked = promtool(&["check", "rules", rules.to_str().unwrap()]);
-    assert!(checked.contains("7 rules found"), "{checked}");
+    assert!(checked.contains("8 rules found"), "{checked}");
     let config = deploy().join("prometheus.yml");
     promtool(&["check", "config", config.to_str().unwrap()]);
 }
@@ -375,7 +375,7 @@ async fn prometheus_scrapes_the_stages_runs_every_rule_and_fires_on_dead_letters
             .iter()
             .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
             .collect();
-        if rules.len() == 7 && rules.iter().all(|r| r["health"] == "ok") {
+        if rules.len() == 8 && rules.iter().all(|r| r["health"] == "ok") {
             break rules;
         }
         assert!(

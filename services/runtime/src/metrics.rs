@@ -29,6 +29,9 @@ pub const GROUP_COMMIT_ENTRIES: &str = "orderflow_group_commit_entries";
 pub const HOP_SECONDS: &str = "orderflow_hop_seconds";
 /// Upstream head minus this stage's committed offset, per `upstream` (gauge).
 pub const CONSUMER_LAG: &str = "orderflow_consumer_lag";
+/// 1 while the upstream log refuses this stage's store (`STORE_BEHIND`, `LOG_REPLACED`, `HELD`,
+/// `FENCED`), else 0, per `upstream` (gauge).
+pub const UPSTREAM_REFUSED: &str = "orderflow_upstream_refused";
 /// Outbox entries kept (gauge).
 pub const OUTBOX_ENTRIES: &str = "orderflow_outbox_entries";
 /// Offset the next outbox entry gets (gauge).

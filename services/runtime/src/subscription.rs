@@ -308,12 +308,21 @@ impl<A: Apply> Subscription<A> {
             acked_rx,
             shutdown.clone(),
         ));
+        // The recorder is installed on first use: make sure it exists before the first value is set.
+        let _ = names::handle();
+        let refused = metrics::gauge!(
+            names::UPSTREAM_REFUSED,
+            "stage" => self.consumer.clone(),
+            "upstream" => self.upstream_name.clone()
+        );
+        refused.set(0.0);
         let mut backoff = Backoff::new();
         let mut last_refusal = None;
         while !shutdown.is_cancelled() {
             let result = self.run_once(&acked_tx, &mut backoff, &shutdown).await;
             if !matches!(result, Err(SubscriptionError::Refused { .. })) {
                 last_refusal = None;
+                refused.set(0.0);
             }
             match result {
                 Ok(()) => break,
@@ -329,6 +338,7 @@ impl<A: Apply> Subscription<A> {
                         last_refusal = Some(refusal);
                     }
                     self.store.refuse(&self.upstream_name, message);
+                    refused.set(1.0);
                     if refusal == Refusal::Fenced {
                         // Never read again: another process applies this log now.
                         shutdown.cancelled().await;
