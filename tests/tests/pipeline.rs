@@ -8,8 +8,8 @@ use std::time::Duration;
 use orderflow_e2e::{Pipeline, PipelineOptions, catalog, line, place_streamed};
 use orderflow_proto::v1::{
     AckRequest, GetInvoiceRequest, GetOrderRequest, GetStockRequest, HeadRequest,
-    ListNotificationsRequest, Money, NotificationKind, OrderLine, OrderStatus, PlaceOrderRequest,
-    SetStockRequest, SubscribeRequest, event_log_client::EventLogClient,
+    ListNotificationsRequest, Money, NotificationKind, OrderLine, OrderStatus, Owner,
+    PlaceOrderRequest, SetStockRequest, SubscribeRequest, event_log_client::EventLogClient,
 };
 use tonic::Code;
 use tonic_health::pb::{
@@ -488,6 +488,40 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
             );
         }
     }
+
+    // An owner must name its consumer and a real incarnation: INVALID_ARGUMENT naming both, and
+    // nothing claimed (stock, which holds the log as "stock", keeps reading it).
+    let bad_owner = log
+        .subscribe(SubscribeRequest {
+            owner: Some(Owner {
+                incarnation: 0,
+                consumed_offset: 0,
+                log_id: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(bad_owner.code(), Code::InvalidArgument, "{bad_owner:?}");
+    let fields: Vec<String> = bad_owner
+        .get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["owner", "owner.incarnation"]);
+    let before = pipeline.stock_levels().await.unwrap()["A"].available;
+    let placed = place(&pipeline, "carol", vec![line("A", 1)]).await;
+    pipeline
+        .wait_for_terminal(&[placed], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        pipeline.stock_levels().await.unwrap()["A"].available,
+        before - 1
+    );
 }
 
 /// A client that keeps a stream open (here a health watch) must not keep a stage from exiting:
