@@ -327,14 +327,7 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
             .await
             .expect_err(case.what);
         assert_eq!(status.code(), Code::InvalidArgument, "{}", case.what);
-        let fields: Vec<_> = status
-            .get_details_bad_request()
-            .unwrap_or_else(|| panic!("{}: no BadRequest details", case.what))
-            .field_violations
-            .into_iter()
-            .map(|v| v.field)
-            .collect();
-        assert_eq!(fields, case.fields, "{}", case.what);
+        assert_eq!(violated_fields(&status), case.fields, "{}", case.what);
     }
     // Nothing was appended by any of them.
     assert_eq!(pipeline.stage("receiver").head().await.unwrap(), 0);
@@ -413,15 +406,8 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(bad_stock.code(), Code::InvalidArgument);
-    let fields: Vec<_> = bad_stock
-        .get_details_bad_request()
-        .unwrap()
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
     assert_eq!(
-        fields,
+        violated_fields(&bad_stock),
         vec!["unit_price.amount_minor", "unit_price.currency"]
     );
     let missing_name = pipeline
@@ -504,14 +490,7 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
         .map(|_| ())
         .unwrap_err();
     assert_eq!(bad_owner.code(), Code::InvalidArgument, "{bad_owner:?}");
-    let fields: Vec<String> = bad_owner
-        .get_details_bad_request()
-        .unwrap()
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
-    assert_eq!(fields, ["owner", "owner.incarnation"]);
+    assert_eq!(violated_fields(&bad_owner), ["owner", "owner.incarnation"]);
     let before = pipeline.stock_levels().await.unwrap()["A"].available;
     let placed = place(&pipeline, "carol", vec![line("A", 1)]).await;
     pipeline
@@ -675,4 +654,15 @@ async fn sigterm_ends_a_place_orders_stream_after_answering_what_it_read() {
     );
     assert!(exited.await.unwrap().unwrap(), "receiver did not exit 0");
     drop(requests);
+}
+
+/// The fields an `INVALID_ARGUMENT` names in its `BadRequest` details, in order.
+fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .unwrap_or_else(|| panic!("no BadRequest details: {status:?}"))
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
 }
