@@ -9,7 +9,9 @@
 //! only as fast as the peer's flow-control window opens, so a slow reader slows its own producer: the
 //! backlog stays on disk and memory per subscriber is bounded by `depth` batches of at most
 //! [`MAX_BATCH_BYTES`]. When the producer has caught up it waits on the store's head watch for the
-//! next commit (live tail), or ends the stream if the subscriber asked to stop at the head. A failed
+//! next commit (live tail), or ends the stream if the subscriber asked to stop at the head. A
+//! subscriber that keeps up is served the newest entries from the outbox's in-memory tail
+//! ([`Outbox::read_recent`]), without a read on a blocking thread per batch. A failed
 //! send means the subscriber left, and the producer stops.
 //!
 //! `Ack` can make retention delete entries, so it is guarded twice: the caller must carry the link
@@ -268,13 +270,23 @@ async fn produce(
         }
         let head = *head_rx.borrow_and_update();
         if next < head {
-            let reader = outbox.clone();
             let max_batch = match feed.stop_at {
                 Some(stop) => feed.max_batch.min((stop - next) as usize),
                 None => feed.max_batch,
             };
-            let read = move || reader.read_log(next, max_batch, MAX_BATCH_BYTES);
-            let batch = match blocking(read).await {
+            // A subscriber that keeps up is served the newest entries from memory; one behind
+            // them reads the store on a blocking thread.
+            // Up to the published head: the tail may already hold a commit not yet published.
+            let published = usize::try_from(head - next).unwrap_or(usize::MAX);
+            let recent = outbox.read_recent(next, max_batch.min(published), MAX_BATCH_BYTES);
+            let read = match recent {
+                Some(entries) => Ok(Ok(entries)),
+                None => {
+                    let reader = outbox.clone();
+                    blocking(move || reader.read_log(next, max_batch, MAX_BATCH_BYTES)).await
+                }
+            };
+            let batch = match read {
                 Ok(Ok(entries)) => entries,
                 Ok(Err(crate::store::StoreError::Truncated { first, .. })) if feed.from_first => {
                     // Not contiguous with what was sent: a consumer's reach restarts from here.

@@ -30,13 +30,18 @@
 //! 4. **Only what was sent can be acknowledged**, and only by a consumer the log is kept for, so no
 //!    caller can make retention delete what a consumer has not received.
 //!
+//! The newest committed entries (up to 2,048, about 1 MiB) are also kept in memory, so that a
+//! subscriber keeping up is served without a read transaction ([`Outbox::read_recent`]): filled
+//! after each commit and before the new head is published, cut by retention, emptied when the
+//! database is opened again.
+//!
 //! `next_offset` is recomputed on open from the last key of `outbox` (or `outbox.first` when
 //! retention emptied the log), so no in-memory state needs to survive a crash.
 //!
 //! [`Event`]: orderflow_proto::v1::Event
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     sync::{
         Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
@@ -77,6 +82,86 @@ pub(crate) struct LogState {
     /// Every consumer the log is kept for, with how far it has acknowledged and how far its
     /// subscriptions have been sent the log without a gap.
     consumers: Mutex<BTreeMap<String, Reach>>,
+    /// The newest committed entries, as stored: a subscriber that keeps up is served from here
+    /// without a read transaction on a blocking thread.
+    recent: Mutex<Recent>,
+}
+
+/// The log's newest committed entries, contiguous in offset order, at most [`RECENT_MAX_ENTRIES`]
+/// and about [`RECENT_MAX_BYTES`]. Filled by the writer after each commit that appended, before the
+/// new head is published; cut by retention and emptied when the database is opened again, so it
+/// never holds an entry the outbox table does not.
+#[derive(Default)]
+struct Recent {
+    entries: VecDeque<StoredLogEntry>,
+    bytes: usize,
+}
+
+/// Entries the tail of the log keeps in memory at most: at 20,000 events/s, a tenth of a second.
+const RECENT_MAX_ENTRIES: usize = 2048;
+/// Encoded bytes the tail of the log keeps in memory, about (the newest entry is always kept).
+const RECENT_MAX_BYTES: usize = 1 << 20;
+
+impl Recent {
+    /// Adds what one commit appended (offsets dense, following the tail), then drops the oldest
+    /// entries beyond the bounds.
+    fn extend(&mut self, appended: Vec<(u64, Vec<u8>)>) {
+        for (offset, event) in appended {
+            if self
+                .entries
+                .back()
+                .is_some_and(|last| last.offset + 1 != offset)
+            {
+                // Not contiguous (cannot happen while writers are serial): start again from here.
+                self.clear();
+            }
+            self.bytes += event.len();
+            self.entries.push_back(StoredLogEntry { offset, event });
+        }
+        while self.entries.len() > RECENT_MAX_ENTRIES
+            || (self.bytes > RECENT_MAX_BYTES && self.entries.len() > 1)
+        {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(entry) = self.entries.pop_front() {
+            self.bytes -= entry.event.len();
+        }
+    }
+
+    /// Drops the entries below `first`: retention deleted them.
+    fn cut(&mut self, first: u64) {
+        while self.entries.front().is_some_and(|e| e.offset < first) {
+            self.pop_front();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// Entries from `from` as [`Outbox::read_log`] gives them, if the tail holds `from` and
+    /// entries after it.
+    fn read(&self, from: u64, max: usize, max_bytes: usize) -> Option<Vec<StoredLogEntry>> {
+        let first = self.entries.front()?.offset;
+        let skip = usize::try_from(from.checked_sub(first)?).ok()?;
+        if skip >= self.entries.len() || max == 0 {
+            return None;
+        }
+        let mut entries = Vec::with_capacity(max.min(self.entries.len() - skip));
+        let mut size = 0usize;
+        for entry in self.entries.range(skip..).take(max) {
+            size = size.saturating_add(entry.event.len());
+            if size > max_bytes && !entries.is_empty() {
+                break;
+            }
+            entries.push(entry.clone());
+        }
+        Some(entries)
+    }
 }
 
 /// One consumer's position: acknowledged (durable) and sent (in memory; starts at acknowledged).
@@ -159,6 +244,15 @@ impl LogState {
             acked_floor: AtomicU64::new(loaded.acked_floor),
             log_id: AtomicU64::new(loaded.log_id),
             consumers: Mutex::new(loaded.consumers),
+            recent: Mutex::new(Recent::default()),
+        }
+    }
+
+    /// Keeps what a commit appended for the subscribers to be served from memory. Called by the
+    /// writer after the commit and before [`LogState::publish`].
+    pub(crate) fn remember(&self, appended: Vec<(u64, Vec<u8>)>) {
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.extend(appended);
         }
     }
 
@@ -182,6 +276,10 @@ impl LogState {
         self.acked_floor
             .store(loaded.acked_floor, Ordering::Relaxed);
         self.log_id.store(loaded.log_id, Ordering::Relaxed);
+        // What the database holds now is the truth: nothing is served from before it was opened.
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.clear();
+        }
         self.publish(loaded.next);
     }
 
@@ -283,6 +381,17 @@ impl Outbox {
             }
             Ok(entries)
         })
+    }
+
+    /// [`Outbox::read_log`] from memory, when `from` is among the newest committed entries (a
+    /// subscriber keeping up); `None` otherwise, and then `read_log` answers. Cheap.
+    pub fn read_recent(
+        &self,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Option<Vec<StoredLogEntry>> {
+        self.state().recent.lock().ok()?.read(from, max, max_bytes)
     }
 
     /// Up to `max` events from `from` on, decoded: what the stage has announced, for tools and
@@ -436,20 +545,27 @@ impl Outbox {
     /// Deletes entries below `cutoff`, at most `max_entries` of them in this call, and moves
     /// `first_offset` accordingly. Returns how many were deleted.
     pub fn trim(&self, cutoff: u64, max_entries: u64) -> Result<u64, StoreError> {
-        self.store.write_with(Durability::None, |txn| {
+        let first = self.store.write_with(Durability::None, |txn| {
             let mut meta = txn.redb().open_table(META)?;
             let first = meta.get(FIRST_OFFSET_KEY)?.map_or(0, |v| v.value());
             let cutoff = cutoff
                 .min(txn.next_offset())
                 .min(first.saturating_add(max_entries));
             if cutoff <= first {
-                return Ok(0);
+                return Ok((first, first));
             }
             let mut outbox = txn.redb().open_table(OUTBOX)?;
             outbox.retain_in(first..cutoff, |_, _| false)?;
             meta.insert(FIRST_OFFSET_KEY, cutoff)?;
-            Ok::<_, StoreError>(cutoff - first)
-        })
+            Ok::<_, StoreError>((first, cutoff))
+        });
+        let (first, cutoff) = first?;
+        if cutoff > first
+            && let Ok(mut recent) = self.state().recent.lock()
+        {
+            recent.cut(cutoff);
+        }
+        Ok(cutoff - first)
     }
 }
 
@@ -479,4 +595,92 @@ fn log_bounds(read: &ReadTransaction) -> Result<(u64, u64), StoreError> {
     let outbox = read.open_table(OUTBOX)?;
     let next = outbox.last()?.map_or(first, |(k, _)| k.value() + 1);
     Ok((first, next.max(first)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use orderflow_proto::v1::Event;
+
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("log.redb")).unwrap();
+        (dir, store)
+    }
+
+    fn append(store: &Store, n: usize, size: usize) {
+        store
+            .write(|txn| {
+                for _ in 0..n {
+                    txn.append(&Event {
+                        order_id: "o".repeat(size),
+                        ..Default::default()
+                    });
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn the_tail_serves_what_the_store_holds() {
+        let (_dir, store) = store();
+        let outbox = store.outbox();
+        assert_eq!(outbox.read_recent(0, 10, usize::MAX), None);
+        append(&store, 3, 10);
+        append(&store, 4, 10);
+        for from in 0..7 {
+            for max in [1, 2, 10] {
+                let recent = outbox.read_recent(from, max, usize::MAX);
+                assert_eq!(
+                    recent,
+                    Some(outbox.read_log(from, max, usize::MAX).unwrap())
+                );
+            }
+        }
+        // The byte bound as `read_log` has it: at least one entry, then no more than fits.
+        let one = outbox.read_recent(0, 10, 1).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(
+            outbox.read_recent(2, 10, 1),
+            Some(outbox.read_log(2, 10, 1).unwrap())
+        );
+        // At the head and beyond it, the store answers.
+        assert_eq!(outbox.read_recent(7, 10, usize::MAX), None);
+        assert_eq!(outbox.read_recent(8, 10, usize::MAX), None);
+    }
+
+    #[test]
+    fn the_tail_keeps_only_the_newest_entries_and_nothing_retention_deleted() {
+        let (_dir, store) = store();
+        let outbox = store.outbox();
+        append(&store, RECENT_MAX_ENTRIES + 10, 1);
+        assert_eq!(outbox.read_recent(9, 1, usize::MAX), None);
+        let oldest = outbox.read_recent(10, 1, usize::MAX).unwrap();
+        assert_eq!(oldest[0].offset, 10);
+
+        assert_eq!(outbox.trim(20, u64::MAX).unwrap(), 20);
+        assert_eq!(outbox.read_recent(19, 1, usize::MAX), None);
+        assert!(matches!(
+            outbox.read_log(19, 1, usize::MAX),
+            Err(StoreError::Truncated { first: 20, .. })
+        ));
+        assert_eq!(
+            outbox.read_recent(20, 5, usize::MAX),
+            Some(outbox.read_log(20, 5, usize::MAX).unwrap())
+        );
+
+        // Large entries: about RECENT_MAX_BYTES are kept, and always the newest one.
+        // Five of a quarter each (plus a few bytes of encoding): the newest three are kept.
+        append(&store, 5, RECENT_MAX_BYTES / 4);
+        let next = outbox.next_offset();
+        assert!(outbox.read_recent(next - 4, 1, usize::MAX).is_none());
+        assert!(outbox.read_recent(next - 3, 1, usize::MAX).is_some());
+        append(&store, 1, RECENT_MAX_BYTES * 2);
+        assert!(outbox.read_recent(next, 1, usize::MAX).is_some());
+        assert!(outbox.read_recent(next - 1, 1, usize::MAX).is_none());
+    }
 }

@@ -568,6 +568,7 @@ impl Store {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if !pending.is_empty() {
+            self.inner.log.remember(pending);
             self.inner.log.publish(next);
         }
         for hook in after_commit {
