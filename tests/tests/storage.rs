@@ -142,7 +142,19 @@ async fn everything_accounted_for(pipeline: &Pipeline, accepted: &[String]) {
         .await
         .unwrap();
     let notified: HashSet<&str> = notifications.iter().map(|n| n.order_id.as_str()).collect();
-    assert_eq!(notifications.len(), accepted.len(), "notified once each");
+    let accepted_ids: HashSet<&str> = accepted.iter().map(String::as_str).collect();
+    let mut twice: Vec<&str> = notifications
+        .iter()
+        .map(|n| n.order_id.as_str())
+        .filter(|id| notifications.iter().filter(|n| n.order_id == *id).count() > 1)
+        .collect();
+    twice.dedup();
+    assert_eq!(
+        notifications.len(),
+        accepted.len(),
+        "notified once each; notified twice: {twice:?}; notified but not accepted: {:?}",
+        notified.difference(&accepted_ids).collect::<Vec<_>>()
+    );
     assert_eq!(
         notified,
         accepted.iter().map(String::as_str).collect::<HashSet<_>>()
