@@ -274,9 +274,9 @@ async fn produce(
                 Some(stop) => feed.max_batch.min((stop - next) as usize),
                 None => feed.max_batch,
             };
-            // A subscriber that keeps up is served the newest entries from memory; one behind
+            // A subscriber that keeps up is served the newest entries from memory, up to the
+            // published head (the tail may already hold a commit not yet published); one behind
             // them reads the store on a blocking thread.
-            // Up to the published head: the tail may already hold a commit not yet published.
             let published = usize::try_from(head - next).unwrap_or(usize::MAX);
             let recent = outbox.read_recent(next, max_batch.min(published), MAX_BATCH_BYTES);
             let read = match recent {

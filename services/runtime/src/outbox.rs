@@ -545,7 +545,7 @@ impl Outbox {
     /// Deletes entries below `cutoff`, at most `max_entries` of them in this call, and moves
     /// `first_offset` accordingly. Returns how many were deleted.
     pub fn trim(&self, cutoff: u64, max_entries: u64) -> Result<u64, StoreError> {
-        let first = self.store.write_with(Durability::None, |txn| {
+        let (first, cutoff) = self.store.write_with(Durability::None, |txn| {
             let mut meta = txn.redb().open_table(META)?;
             let first = meta.get(FIRST_OFFSET_KEY)?.map_or(0, |v| v.value());
             let cutoff = cutoff
@@ -558,11 +558,8 @@ impl Outbox {
             outbox.retain_in(first..cutoff, |_, _| false)?;
             meta.insert(FIRST_OFFSET_KEY, cutoff)?;
             Ok::<_, StoreError>((first, cutoff))
-        });
-        let (first, cutoff) = first?;
-        if cutoff > first
-            && let Ok(mut recent) = self.state().recent.lock()
-        {
+        })?;
+        if let Ok(mut recent) = self.state().recent.lock() {
             recent.cut(cutoff);
         }
         Ok(cutoff - first)
