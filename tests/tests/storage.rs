@@ -13,7 +13,9 @@
 
 use std::{collections::HashSet, path::PathBuf, process::Command, time::Duration};
 
-use orderflow_e2e::{Pipeline, PipelineOptions, Stage, catalog, line, place_all};
+use futures::{StreamExt, stream};
+use orderflow_e2e::{Pipeline, PipelineOptions, Stage, catalog, line};
+use orderflow_proto::v1::PlaceOrderRequest;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
@@ -85,30 +87,53 @@ impl Drop for Volume {
 #[derive(Default)]
 struct Placed {
     accepted: Vec<String>,
-    refused: Vec<tonic::Status>,
+    /// Each refusal with the request it refused, to be retried with the same idempotency key.
+    refused: Vec<(tonic::Status, PlaceOrderRequest)>,
 }
 
+impl Placed {
+    fn statuses(&self) -> impl Iterator<Item = &tonic::Status> {
+        self.refused.iter().map(|(status, _)| status)
+    }
+}
+
+/// Places a round of `ROUND` orders of one unit of A, each with its own idempotency key, as a
+/// careful client does.
 async fn place_round(pipeline: &Pipeline, round: usize) -> Placed {
-    let orders = (0..ROUND).map(|_| vec![line("A", 1)]).collect();
+    let requests = (0..ROUND).map(|i| PlaceOrderRequest {
+        customer_id: format!("round-{round}"),
+        lines: vec![line("A", 1)],
+        idempotency_key: format!("order-{i}"),
+    });
+    let client = pipeline.receiver().await;
+    let answers: Vec<_> = stream::iter(requests)
+        .map(|request| {
+            let mut client = client.clone();
+            async move {
+                let answer = client.place_order(request.clone()).await;
+                (answer.map(|r| r.into_inner().order_id), request)
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
     let mut placed = Placed::default();
-    for p in place_all(
-        pipeline.receiver().await,
-        &format!("round-{round}"),
-        orders,
-        32,
-    )
-    .await
-    {
-        match p.result {
+    for (answer, request) in answers {
+        match answer {
             Ok(id) => placed.accepted.push(id),
-            Err(status) => placed.refused.push(status),
+            Err(status) => placed.refused.push((status, request)),
         }
     }
     placed
 }
 
-/// POST /v1/orders at the receiver's HTTP door: status and `Retry-After`.
-async fn http_place(pipeline: &Pipeline) -> (u16, Option<String>) {
+/// The `google.rpc.ErrorInfo` reason of a refusal.
+fn reason(status: &tonic::Status) -> Option<String> {
+    status.get_details_error_info().map(|info| info.reason)
+}
+
+/// POST /v1/orders at the receiver's HTTP door: status, `Retry-After` and the error's reason.
+async fn http_place(pipeline: &Pipeline) -> (u16, Option<String>, Option<String>) {
     let door = pipeline.stage("receiver").http_url().unwrap().to_owned();
     let response = reqwest::Client::new()
         .post(format!("{door}/v1/orders"))
@@ -121,7 +146,10 @@ async fn http_place(pipeline: &Pipeline) -> (u16, Option<String>) {
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    (response.status().as_u16(), retry_after)
+    let code = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap();
+    let reason = body["error"]["reason"].as_str().map(str::to_owned);
+    (code, retry_after, reason)
 }
 
 /// Every accepted order reaches its end exactly once, the stock and the invoice numbers add up,
@@ -270,21 +298,35 @@ async fn fill_and_recover(stage: &'static str, size: &str, stalled: Option<&'sta
     );
 
     if stage == "receiver" {
-        // Callers are told precisely: retry, nothing of theirs was stored.
+        // Callers are told precisely: retry; and whether anything of theirs may have been stored.
         let placed = place_round(&pipeline, 1000).await;
         accepted.extend(placed.accepted);
-        refused.extend(placed.refused);
-        assert!(!refused.is_empty());
-        for status in &refused {
+        assert!(!placed.refused.is_empty());
+        for (status, _) in &placed.refused {
             assert_eq!(status.code(), Code::Unavailable, "{status:?}");
             assert!(status.message().contains("data volume full"), "{status:?}");
             assert!(status.get_details_retry_info().is_some(), "{status:?}");
+            // The store was refusing writes already: none of these reached it.
+            assert_eq!(reason(status).as_deref(), Some("NOT_STORED"), "{status:?}");
         }
-        let (code, retry_after) = http_place(&pipeline).await;
+        refused.extend(placed.refused);
+        for status in refused.iter().map(|(status, _)| status) {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert!(
+                matches!(
+                    reason(status).as_deref(),
+                    Some("NOT_STORED" | "MAYBE_STORED")
+                ),
+                "{status:?}"
+            );
+        }
+        let (code, retry_after, reason) = http_place(&pipeline).await;
         assert_eq!(code, 503);
         assert!(retry_after.is_some());
+        assert_eq!(reason.as_deref(), Some("NOT_STORED"));
     } else {
-        assert!(refused.is_empty(), "the receiver refused: {refused:?}");
+        let statuses: Vec<_> = refused.iter().map(|(status, _)| status).collect();
+        assert!(statuses.is_empty(), "the receiver refused: {statuses:?}");
     }
 
     volume.resize("256m");
@@ -295,9 +337,35 @@ async fn fill_and_recover(stage: &'static str, size: &str, stalled: Option<&'sta
         .stage(stage)
         .wait_for_health(ServingStatus::Serving, Duration::from_secs(30))
         .await;
+    // Every refused order retried with its idempotency key: one the receiver said it had not
+    // stored is new now; one whose commit failed is either new or answered as the stored one.
+    let mut client = pipeline.receiver().await;
+    let mut maybe_stored = (0, 0);
+    for (status, request) in refused {
+        let retried = client.place_order(request).await.unwrap().into_inner();
+        if reason(&status).as_deref() == Some("NOT_STORED") {
+            assert!(
+                !retried.replayed,
+                "{} was stored: {status:?}",
+                retried.order_id
+            );
+        } else {
+            maybe_stored.0 += 1;
+            maybe_stored.1 += usize::from(retried.replayed);
+        }
+        accepted.push(retried.order_id);
+    }
+    eprintln!(
+        "{stage}: {} of {} orders whose commit failed had been stored",
+        maybe_stored.1, maybe_stored.0
+    );
     // Orders are welcome again.
     let placed = place_round(&pipeline, 2000).await;
-    assert!(placed.refused.is_empty(), "{:?}", placed.refused);
+    assert!(
+        placed.refused.is_empty(),
+        "{:?}",
+        placed.statuses().collect::<Vec<_>>()
+    );
     accepted.extend(placed.accepted);
     eprintln!("{stage}: {} orders accepted in all", accepted.len());
     everything_accounted_for(&pipeline, &accepted).await;
@@ -357,7 +425,7 @@ async fn the_free_space_floor_refuses_orders_before_the_volume_fills() {
         }
     }
     assert!(!refused.is_empty(), "the floor never refused an order");
-    for status in &refused {
+    for (status, _) in &refused {
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
         assert!(status.message().contains("--min-free-space"), "{status:?}");
         assert!(status.get_details_retry_info().is_some(), "{status:?}");
@@ -366,9 +434,10 @@ async fn the_free_space_floor_refuses_orders_before_the_volume_fills() {
             Some("DATA_VOLUME_LOW".to_owned())
         );
     }
-    let (code, retry_after) = http_place(&pipeline).await;
+    let (code, retry_after, reason) = http_place(&pipeline).await;
     assert_eq!(code, 507);
     assert!(retry_after.is_some());
+    assert_eq!(reason.as_deref(), Some("DATA_VOLUME_LOW"));
     // The volume never filled: the receiver is healthy and everything it accepted drains.
     assert_eq!(
         pipeline.stage("receiver").health().await,
@@ -390,7 +459,11 @@ async fn the_free_space_floor_refuses_orders_before_the_volume_fills() {
     volume.resize("256m");
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let placed = place_round(&pipeline, 1000).await;
-    assert!(placed.refused.is_empty(), "{:?}", placed.refused);
+    assert!(
+        placed.refused.is_empty(),
+        "{:?}",
+        placed.statuses().collect::<Vec<_>>()
+    );
     accepted.extend(placed.accepted);
     everything_accounted_for(&pipeline, &accepted).await;
 }

@@ -474,6 +474,10 @@ impl From<Status> for ApiError {
                 .collect();
             error.body["error"]["field_violations"] = Value::Array(violations);
         }
+        // What became of a refused order (`NOT_STORED`, `MAYBE_STORED`, `DATA_VOLUME_LOW`).
+        if let Some(info) = status.get_details_error_info() {
+            error.body["error"]["reason"] = Value::String(info.reason);
+        }
         error.retry_after = status
             .get_details_retry_info()
             .and_then(|info| info.retry_delay);

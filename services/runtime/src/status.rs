@@ -8,27 +8,55 @@ use crate::store::{self, Store, StoreError};
 /// How long a caller refused because the store cannot commit is told to wait.
 pub const STORE_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// `google.rpc.ErrorInfo` reason of an `UNAVAILABLE` for a store that was refusing writes before
+/// this request: nothing of it was stored.
+pub const NOT_STORED_REASON: &str = "NOT_STORED";
+/// `google.rpc.ErrorInfo` reason of an `UNAVAILABLE` for a commit that failed: it may still have
+/// been stored, which a retry with the same idempotency key answers.
+pub const MAYBE_STORED_REASON: &str = "MAYBE_STORED";
+
 impl From<StoreError> for Status {
     /// Offsets outside the log are the caller's doing (`OUT_OF_RANGE`), and so are acknowledgements
     /// the log cannot take (`FAILED_PRECONDITION`). A full or failing data volume is `UNAVAILABLE`
-    /// with a `google.rpc.RetryInfo`: nothing was stored, and the stage recovers by itself.
-    /// Everything else is ours, logged once here with its cause and answered `INTERNAL` without
-    /// details.
+    /// with a `google.rpc.RetryInfo`, and the stage recovers by itself. Its `google.rpc.ErrorInfo`
+    /// says what became of the request: refused before it was written (`NOT_STORED`), or its own
+    /// commit failed (`MAYBE_STORED`: as with any database, a commit that errs may have reached the
+    /// disk all the same). Everything else is ours, logged once here with its cause and answered
+    /// `INTERNAL` without details.
     fn from(e: StoreError) -> Self {
         if let Some(fault) = e.fault() {
+            let maybe_stored = matches!(e, StoreError::CommitFailed(_));
             let mut details = ErrorDetails::new();
             details.set_retry_info(Some(STORE_RETRY_AFTER));
+            details.set_error_info(
+                if maybe_stored {
+                    MAYBE_STORED_REASON
+                } else {
+                    NOT_STORED_REASON
+                },
+                "orderflow",
+                [("fault".to_owned(), fault.kind.as_str().to_owned())],
+            );
+            let outcome = if maybe_stored {
+                format!(
+                    "the commit of this request failed and may still have been stored: retry in {} s \
+                     with the same idempotency key, which answers what was stored",
+                    STORE_RETRY_AFTER.as_secs()
+                )
+            } else {
+                format!(
+                    "nothing of this request was stored, retry in {} s",
+                    STORE_RETRY_AFTER.as_secs()
+                )
+            };
             let message = match fault.kind {
                 crate::store::FaultKind::DiskFull => format!(
-                    "data volume full: this stage cannot store anything until space is freed; nothing of this request was stored, retry in {} s ({})",
-                    STORE_RETRY_AFTER.as_secs(),
+                    "data volume full: this stage cannot store anything until space is freed; {outcome} ({})",
                     fault.error
                 ),
-                crate::store::FaultKind::Io => format!(
-                    "storage unavailable: nothing of this request was stored, retry in {} s ({})",
-                    STORE_RETRY_AFTER.as_secs(),
-                    fault.error
-                ),
+                crate::store::FaultKind::Io => {
+                    format!("storage unavailable: {outcome} ({})", fault.error)
+                }
             };
             return Status::with_error_details(Code::Unavailable, message, details);
         }
@@ -232,6 +260,45 @@ mod tests {
             );
             assert_eq!(v.check().is_ok(), ok, "{value:?}");
         }
+    }
+
+    #[test]
+    fn storage_faults_say_whether_the_request_may_have_been_stored() {
+        let full = || redb::Error::Io(std::io::Error::from_raw_os_error(28));
+        let failed_commit = Status::from(StoreError::CommitFailed(full()));
+        let refused_up_front = Status::from(StoreError::Unavailable(
+            StoreError::Storage(full()).fault().unwrap(),
+        ));
+        let failed_before_commit = Status::from(StoreError::Storage(redb::Error::Io(
+            std::io::Error::other("bad sector"),
+        )));
+        for (status, reason, says) in [
+            (
+                &failed_commit,
+                MAYBE_STORED_REASON,
+                "may still have been stored",
+            ),
+            (
+                &refused_up_front,
+                NOT_STORED_REASON,
+                "nothing of this request",
+            ),
+            (
+                &failed_before_commit,
+                NOT_STORED_REASON,
+                "storage unavailable",
+            ),
+        ] {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert!(status.message().contains(says), "{status:?}");
+            assert_eq!(status.get_details_error_info().unwrap().reason, reason);
+            assert_eq!(
+                status.get_details_retry_info().unwrap().retry_delay,
+                Some(STORE_RETRY_AFTER)
+            );
+        }
+        assert!(failed_commit.message().starts_with("data volume full"));
+        assert!(failed_commit.message().contains("same idempotency key"));
     }
 
     #[test]

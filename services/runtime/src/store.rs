@@ -106,6 +106,11 @@ pub enum StoreError {
     },
     #[error("{0}; writes resume by themselves once the store can commit again")]
     Unavailable(Fault),
+    /// A commit that failed with a storage error. Whether it reached the disk is known only once
+    /// the store is opened again: a failed write or fsync may have left all of it in place, as with
+    /// any database whose commit errs.
+    #[error("the commit failed: {0}")]
+    CommitFailed(redb::Error),
     #[error("a blocking store task failed: {0}")]
     TaskFailed(String),
     #[error(
@@ -178,11 +183,10 @@ impl StoreError {
     /// The storage fault this error is, if it is one: an I/O error of the data volume, which
     /// leaves the database unusable until it is opened again.
     pub fn fault(&self) -> Option<Fault> {
-        let StoreError::Storage(e) = self else {
-            return match self {
-                StoreError::Unavailable(fault) => Some(fault.clone()),
-                _ => None,
-            };
+        let e = match self {
+            StoreError::Storage(e) | StoreError::CommitFailed(e) => e,
+            StoreError::Unavailable(fault) => return Some(fault.clone()),
+            _ => return None,
         };
         let kind = match e {
             redb::Error::Io(io) => io_kind(io),
@@ -561,7 +565,11 @@ impl Store {
         if !pending.is_empty() {
             self.observe(outbox::write_appended(&inner, &pending))?;
         }
-        self.observe(inner.commit().map_err(StoreError::from))?;
+        self.observe(
+            inner
+                .commit()
+                .map_err(|e| StoreError::CommitFailed(e.into())),
+        )?;
         if matches!(durability, Durability::Immediate) {
             self.inner
                 .commits
