@@ -16,8 +16,8 @@ use orderflow_proto::v1::{
     event::Kind,
 };
 use orderflow_runtime::{
-    Attempt, Failure, Outcome, RetryWork, StoreError, Txn, dead_letters, follow_up,
-    metrics as names, now_timestamp, record_processed, seconds_since, telemetry,
+    Appends, Attempt, Failure, Outcome, RetryWork, Settling, StoreError, Txn, dead_letters,
+    follow_up, metrics as names, now_timestamp, record_processed, seconds_since, telemetry,
 };
 use prost::Message;
 
@@ -77,6 +77,98 @@ impl RetryWork for Deliveries {
         task: DeliveryTask,
         outcome: Outcome<()>,
     ) -> Result<(), StoreError> {
+        self.settle_all(
+            txn,
+            vec![Settling {
+                key: key.to_owned(),
+                task,
+                outcome,
+            }],
+        )
+    }
+
+    /// Deliveries are recorded with the notification tables opened once for the whole batch; the
+    /// dead letters that replays resolve, and the failures, are recorded after them.
+    fn settle_all(
+        &self,
+        txn: &mut Txn,
+        settling: Vec<Settling<DeliveryTask, ()>>,
+    ) -> Result<(), StoreError> {
+        let mut resolved = Vec::new();
+        let mut failed = Vec::new();
+        {
+            let (redb, log) = txn.split();
+            let mut tables = None;
+            for Settling { key, task, outcome } in settling {
+                let Outcome {
+                    result,
+                    attempts,
+                    trace_context,
+                } = outcome;
+                let (settled, scheduled) =
+                    Settled::new(&self.sink, key, task, attempts, trace_context);
+                match result {
+                    Ok(()) => {
+                        let tables = match &mut tables {
+                            Some(tables) => tables,
+                            None => tables.insert(NotificationTables {
+                                by_order: redb.open_table(BY_ORDER)?,
+                                notifications: redb.open_table(NOTIFICATIONS)?,
+                            }),
+                        };
+                        if settled.dead_letter_id != 0 {
+                            resolved.push(settled.dead_letter_id);
+                        }
+                        settled.delivered(tables, log)?;
+                    }
+                    Err(failure) => failed.push((settled, failure, scheduled)),
+                }
+            }
+        }
+        for id in resolved {
+            dead_letters::update(txn, id, |letter| {
+                letter.set_state(DeadLetterState::Delivered);
+                letter.resolved_at = Some(now_timestamp());
+                letter.resolution = format!("delivered by replay {}", letter.replays);
+            })?;
+        }
+        for (settled, failure, scheduled) in failed {
+            settled.dead_lettered(txn, &failure, scheduled)?;
+        }
+        Ok(())
+    }
+}
+
+/// The tables a delivery is recorded in, opened once per batch.
+struct NotificationTables<'t> {
+    by_order: redb::Table<'t, &'static str, u64>,
+    notifications: redb::Table<'t, u64, &'static [u8]>,
+}
+
+/// A delivery whose outcome is final, being recorded.
+struct Settled {
+    /// The order.
+    key: String,
+    upstream: Event,
+    /// As the sink was given it, with the sink's name and the attempts made.
+    notification: Notification,
+    /// The dead letter this was a replay of; 0 for a first delivery.
+    dead_letter_id: u64,
+    attempts: u32,
+    /// Context of the last attempt's span: the settling span is its child.
+    context: HashMap<String, String>,
+}
+
+impl Settled {
+    /// `task` settled under `key` after `attempts`, the last in the span of `context`; and the
+    /// context of the span that scheduled it.
+    fn new(
+        sink: &Sink,
+        key: String,
+        task: DeliveryTask,
+        attempts: u32,
+        context: HashMap<String, String>,
+    ) -> (Settled, HashMap<String, String>) {
         let DeliveryTask {
             upstream,
             notification,
@@ -88,75 +180,46 @@ impl RetryWork for Deliveries {
             upstream: upstream.unwrap_or_default(),
             notification: notification.unwrap_or_default(),
             dead_letter_id,
-            attempts: outcome.attempts,
-            context: outcome.trace_context,
+            attempts,
+            context,
         };
-        settled.notification.sink = self.sink.name().to_owned();
-        settled.notification.attempts = outcome.attempts;
-        match outcome.result {
-            Ok(()) => settled.delivered(txn),
-            Err(failure) => settled.dead_lettered(txn, &failure, trace_context),
-        }
+        settled.notification.sink = sink.name().to_owned();
+        settled.notification.attempts = attempts;
+        (settled, trace_context)
     }
-}
 
-/// A delivery whose outcome is final, being recorded.
-struct Settled<'a> {
-    /// The order.
-    key: &'a str,
-    upstream: Event,
-    /// As the sink was given it, with the sink's name and the attempts made.
-    notification: Notification,
-    /// The dead letter this was a replay of; 0 for a first delivery.
-    dead_letter_id: u64,
-    attempts: u32,
-    /// Context of the last attempt's span: the settling span is its child.
-    context: HashMap<String, String>,
-}
-
-impl Settled<'_> {
-    /// Records the notification, resolves the dead letter it replayed (if any) and announces
-    /// `CustomerNotified`.
-    fn delivered(mut self, txn: &mut Txn) -> Result<(), StoreError> {
+    /// Records the notification under the offset of the `CustomerNotified` that announces it (found
+    /// by its order) and appends that event.
+    fn delivered(
+        mut self,
+        tables: &mut NotificationTables<'_>,
+        log: &mut Appends,
+    ) -> Result<(), StoreError> {
         let span = telemetry::order_span(
             STAGE,
             "customer notified",
-            self.key,
+            &self.key,
             &self.upstream.customer_id,
             &self.context,
         );
         span.record("outcome", "delivered");
-        self.record_notification(txn)?;
-        if self.dead_letter_id != 0 {
-            dead_letters::update(txn, self.dead_letter_id, |letter| {
-                letter.set_state(DeadLetterState::Delivered);
-                letter.resolved_at = Some(now_timestamp());
-                letter.resolution = format!("delivered by replay {}", letter.replays);
-            })?;
-        }
+        self.notification.id = log.next_offset();
+        self.notification.sent_at = Some(now_timestamp());
+        tables
+            .by_order
+            .insert(self.key.as_str(), self.notification.id)?;
+        tables.notifications.insert(
+            self.notification.id,
+            self.notification.encode_to_vec().as_slice(),
+        )?;
         self.observe_delivery();
-        txn.append(&follow_up(
+        log.append(&follow_up(
             &self.upstream,
             span.context(),
             Kind::CustomerNotified(CustomerNotified {
                 notification: Some(self.notification),
             }),
         ));
-        Ok(())
-    }
-
-    /// Stores the notification under the offset of the `CustomerNotified` that announces it, found
-    /// by its order.
-    fn record_notification(&mut self, txn: &mut Txn) -> Result<(), StoreError> {
-        self.notification.id = txn.next_offset();
-        self.notification.sent_at = Some(now_timestamp());
-        txn.redb()
-            .open_table(BY_ORDER)?
-            .insert(self.key, self.notification.id)?;
-        txn.redb().open_table(NOTIFICATIONS)?.insert(
-            self.notification.id,
-            self.notification.encode_to_vec().as_slice(),
-        )?;
         Ok(())
     }
 
@@ -184,7 +247,7 @@ impl Settled<'_> {
         let span = telemetry::order_span(
             STAGE,
             "notification dead-lettered",
-            self.key,
+            &self.key,
             &self.upstream.customer_id,
             &self.context,
         );
@@ -235,7 +298,7 @@ impl Settled<'_> {
             txn,
             DeadLetter {
                 id: 0,
-                order_id: self.key.to_owned(),
+                order_id: self.key.clone(),
                 customer_id: self.upstream.customer_id.clone(),
                 stage: STAGE.into(),
                 reason: reason.into(),
@@ -263,7 +326,7 @@ impl Settled<'_> {
             .insert(letter.id, replay.encode_to_vec().as_slice())?;
         txn.redb()
             .open_table(DEAD_LETTER_BY_ORDER)?
-            .insert(self.key, letter.id)?;
+            .insert(self.key.as_str(), letter.id)?;
         Ok(letter)
     }
 }
@@ -368,6 +431,57 @@ mod tests {
         assert_eq!(notified.notification.as_ref(), Some(&stored));
         assert_eq!(events[0].order_id, "o-1");
         assert_eq!(events[0].customer_id, "alice");
+    }
+
+    #[test]
+    fn a_batch_records_each_delivery_under_its_own_offset_and_its_failures_after() {
+        let (_dir, store) = store();
+        let settling = |order: &str, result| Settling {
+            key: order.to_owned(),
+            task: task(order, 0),
+            outcome: Outcome {
+                result,
+                attempts: 1,
+                trace_context: HashMap::new(),
+            },
+        };
+        let deliveries = Deliveries { sink: Sink::Log };
+        store
+            .write(|txn| {
+                deliveries.settle_all(
+                    txn,
+                    vec![
+                        settling("o-1", Ok(())),
+                        settling("o-2", refused(false)),
+                        settling("o-3", Ok(())),
+                    ],
+                )
+            })
+            .unwrap();
+        let events = announced(&store);
+        let order = |e: &Event| e.order_id.clone();
+        assert_eq!(
+            events.iter().map(order).collect::<Vec<_>>(),
+            ["o-1", "o-3", "o-2"]
+        );
+        for (offset, order) in [(0, "o-1"), (1, "o-3")] {
+            let Some(Kind::CustomerNotified(notified)) = &events[offset].kind else {
+                panic!("not a CustomerNotified: {:?}", events[offset]);
+            };
+            assert_eq!(notified.notification.as_ref().unwrap().id, offset as u64);
+            let id = store
+                .read(|read| {
+                    let id = read.open_table(BY_ORDER)?.get(order)?.unwrap().value();
+                    Ok::<_, StoreError>(id)
+                })
+                .unwrap();
+            assert_eq!(id, offset as u64);
+        }
+        assert!(matches!(
+            events[2].kind,
+            Some(Kind::NotificationDeadLettered(_))
+        ));
+        assert_eq!(letter(&store, 1).order_id, "o-2");
     }
 
     #[test]

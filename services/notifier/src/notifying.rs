@@ -6,14 +6,11 @@
 //! (or refused for good) at once is settled there (see `delivery`), one that must be retried waits
 //! in `delivery.pending`. Every order is notified exactly once in the store, whatever crashes.
 
-use std::collections::HashSet;
-
 use orderflow_proto::v1::{Event, Notification, NotificationKind, event::Kind};
 use orderflow_runtime::{
     Apply, Entry, FirstAttempt, FirstAttempts, NewTask, RetryQueue, Store, StoreError, Txn,
     record_processed, telemetry,
 };
-use redb::ReadableTable;
 
 use crate::{
     STAGE,
@@ -129,24 +126,28 @@ impl Apply for Notifying {
         first: &mut Self::Prepared,
     ) -> Result<(), StoreError> {
         // The orders notified (or dead-lettered) before this batch, with the two tables opened
-        // once for the batch rather than for each event; those of this batch are in `recorded`.
-        let mut known = HashSet::new();
-        {
-            let by_order = txn.redb().open_table(BY_ORDER)?;
-            let dead_letters = txn.redb().open_table(DEAD_LETTER_BY_ORDER)?;
-            for entry in entries {
-                let order_id = entry.event.order_id.as_str();
-                if by_order.get(order_id)?.is_some() || dead_letters.get(order_id)?.is_some() {
-                    known.insert(order_id);
-                }
+        // once for the batch rather than for each event.
+        let known = txn.keys_in_any(
+            &[BY_ORDER, DEAD_LETTER_BY_ORDER],
+            entries.iter().map(|entry| entry.event.order_id.as_str()),
+        )?;
+        // Each order's first delivery in the batch, submitted together; a later one for the same
+        // order is a duplicate, which `submit_all` turns away.
+        let mut deliveries = Vec::with_capacity(entries.len());
+        let mut events = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let known = known.contains(entry.event.order_id.as_str());
+            if let Some(delivery) = self.delivery_for(entry, first, known) {
+                deliveries.push(delivery);
+                events.push(&entry.event);
             }
         }
-        let mut recorded = HashSet::with_capacity(entries.len());
-        for entry in entries {
-            let order_id = entry.event.order_id.as_str();
-            let known = known.contains(order_id) || recorded.contains(order_id);
-            if self.record(txn, entry, first, known)? {
-                recorded.insert(order_id);
+        let submitted = self.deliveries.submit_all(txn, deliveries)?;
+        for (event, submitted) in events.into_iter().zip(submitted) {
+            if submitted {
+                record_processed(STAGE, "delivery scheduled", event);
+            } else {
+                tracing::warn!(order_id = %event.order_id, "order already scheduled for delivery; duplicate ignored");
             }
         }
         Ok(())
@@ -164,6 +165,24 @@ impl Notifying {
         first: &mut FirstAttempts<Deliveries>,
         known: bool,
     ) -> Result<bool, StoreError> {
+        let Some(delivery) = self.delivery_for(entry, first, known) else {
+            return Ok(false);
+        };
+        let submitted = self.deliveries.submit(txn, delivery)?;
+        if submitted {
+            record_processed(STAGE, "delivery scheduled", &entry.event);
+        }
+        Ok(submitted)
+    }
+
+    /// The delivery `entry` asks for, with its first attempt if one was made; `None` for an event
+    /// that ends nothing, or an order already notified or dead-lettered (`known`).
+    fn delivery_for(
+        &self,
+        entry: &Entry<Event>,
+        first: &mut FirstAttempts<Deliveries>,
+        known: bool,
+    ) -> Option<FirstAttempt<Deliveries>> {
         let event = &entry.event;
         let delivery = match first.take(&event.order_id) {
             Some(delivery) => delivery,
@@ -176,18 +195,14 @@ impl Notifying {
                     {
                         tracing::warn!(order_id = %event.order_id, "invoice event without invoice skipped");
                     }
-                    return Ok(false);
+                    return None;
                 }
             },
         };
         if known {
             tracing::warn!(order_id = %event.order_id, "order already notified; duplicate ignored");
-            return Ok(false);
+            return None;
         }
-        let submitted = self.deliveries.submit(txn, delivery)?;
-        if submitted {
-            record_processed(STAGE, "delivery scheduled", event);
-        }
-        Ok(submitted)
+        Some(delivery)
     }
 }

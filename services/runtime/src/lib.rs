@@ -75,7 +75,7 @@ pub use paging::{NumericPage, PageFill};
 pub use partition::{MAX_PARTITIONS, Partition};
 pub use retry::{
     Attempt, FIRST_ATTEMPTS_BUDGET, Failure, FirstAttempt, FirstAttempts, NewTask, Outcome,
-    RetryPolicy, RetryQueue, RetryWork,
+    RetryPolicy, RetryQueue, RetryWork, Settling,
 };
 pub use server::{
     MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, ServeError, StageServer, raise_open_files_limit,
@@ -83,7 +83,9 @@ pub use server::{
 };
 pub use shutdown::shutdown_on_signal;
 pub use status::FieldViolations;
-pub use store::{Commit, Condition, Fault, FaultKind, Store, StoreError, Txn, decode_record};
+pub use store::{
+    Appends, Commit, Condition, Fault, FaultKind, Store, StoreError, Txn, decode_record,
+};
 pub use subscription::{Admission, Apply, Decode, Entry, Skipped, Subscription};
 pub use tls::ServerIdentity;
 

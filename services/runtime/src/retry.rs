@@ -174,6 +174,28 @@ pub trait RetryWork: Send + Sync + 'static {
         task: Self::Task,
         outcome: Outcome<Self::Done>,
     ) -> Result<(), StoreError>;
+
+    /// Records the final outcomes of several tasks, in order, inside one transaction: by default
+    /// one [`RetryWork::settle`] each. A stage overrides it to open its tables once per batch.
+    fn settle_all(
+        &self,
+        txn: &mut Txn,
+        settling: Vec<Settling<Self::Task, Self::Done>>,
+    ) -> Result<(), StoreError> {
+        for Settling { key, task, outcome } in settling {
+            self.settle(txn, &key, task, outcome)?;
+        }
+        Ok(())
+    }
+}
+
+/// A task whose outcome is final, for [`RetryWork::settle_all`].
+#[derive(Debug)]
+pub struct Settling<T, D> {
+    /// The task's key (an order id).
+    pub key: String,
+    pub task: T,
+    pub outcome: Outcome<D>,
 }
 
 /// How hard and how fast to retry.
@@ -412,60 +434,87 @@ impl<H: RetryWork> RetryQueue<H> {
     /// not attempted is scheduled due now. Returns `false` (and changes nothing) when a task with this
     /// key is already pending.
     pub fn submit(&self, txn: &mut Txn, first: FirstAttempt<H>) -> Result<bool, StoreError> {
+        Ok(self.submit_all(txn, vec![first])?.contains(&true))
+    }
+
+    /// [`RetryQueue::submit`] for a batch, in order, with the pending table opened once to look
+    /// the keys up and once to schedule what waits, and every settled task handed to
+    /// [`RetryWork::settle_all`] together. Answers per task whether it was taken: `false` for a key
+    /// already pending, or taken earlier in the same batch.
+    pub fn submit_all(
+        &self,
+        txn: &mut Txn,
+        batch: Vec<FirstAttempt<H>>,
+    ) -> Result<Vec<bool>, StoreError> {
         let shared = &self.shared;
-        let FirstAttempt { new, finished } = first;
-        if txn
-            .redb()
-            .open_table(shared.definition())?
-            .get(new.key.as_str())?
-            .is_some()
+        let mut taken = Vec::with_capacity(batch.len());
+        let mut settling = Vec::new();
+        let mut scheduled = Vec::new();
         {
-            return Ok(false);
-        }
-        let (attempts, due, last_error) = match finished {
-            None => (0, now_unix_ms(), String::new()),
-            Some(done) => match shared.conclude(done.attempt, done.result) {
-                Concluded::Settle(result) => {
-                    shared.settle(
-                        txn,
-                        &new.key,
-                        new.task,
-                        Outcome {
-                            result,
-                            attempts: done.attempt,
-                            trace_context: done.trace_context,
-                        },
-                    )?;
-                    return Ok(true);
+            let table = txn.redb().open_table(shared.definition())?;
+            let mut keys = HashSet::with_capacity(batch.len());
+            for FirstAttempt { new, finished } in batch {
+                if table.get(new.key.as_str())?.is_some() || !keys.insert(new.key.clone()) {
+                    taken.push(false);
+                    continue;
                 }
-                Concluded::Retry { due, error } => (done.attempt, due, error),
-            },
-        };
-        let row = PendingRow {
-            task: new.task.encode_to_vec(),
-            attempts,
-            due_unix_ms: due,
-            last_error,
-            trace_context: new.trace_context,
-            customer_id: new.customer_id,
-        };
-        txn.redb()
-            .open_table(shared.definition())?
-            .insert(new.key.as_str(), row.encode_to_vec().as_slice())?;
+                taken.push(true);
+                let (attempts, due, last_error) = match finished {
+                    None => (0, now_unix_ms(), String::new()),
+                    Some(done) => match shared.conclude(done.attempt, done.result) {
+                        Concluded::Settle(result) => {
+                            settling.push(Settling {
+                                key: new.key,
+                                task: new.task,
+                                outcome: Outcome {
+                                    result,
+                                    attempts: done.attempt,
+                                    trace_context: done.trace_context,
+                                },
+                            });
+                            continue;
+                        }
+                        Concluded::Retry { due, error } => (done.attempt, due, error),
+                    },
+                };
+                let row = PendingRow {
+                    task: new.task.encode_to_vec(),
+                    attempts,
+                    due_unix_ms: due,
+                    last_error,
+                    trace_context: new.trace_context,
+                    customer_id: new.customer_id,
+                };
+                scheduled.push((new.key, attempts, due, row.encode_to_vec()));
+            }
+        }
+        shared.settle_all(txn, settling)?;
+        if scheduled.is_empty() {
+            return Ok(taken);
+        }
+        {
+            let mut table = txn.redb().open_table(shared.definition())?;
+            for (key, _, _, row) in &scheduled {
+                table.insert(key.as_str(), row.as_slice())?;
+            }
+        }
         let shared = shared.clone();
-        let key = new.key;
         txn.after_commit(move || {
-            if attempts > 0 {
+            let retries = scheduled.iter().filter(|(_, attempts, ..)| *attempts > 0);
+            let retries = retries.count() as u64;
+            if retries > 0 {
                 names::count(
                     names::RETRIES,
                     [("stage", shared.stage), ("work", shared.work)],
-                    1,
+                    retries,
                 );
             }
-            shared.hold([key.as_str()]);
-            shared.push(due, key);
+            shared.hold(scheduled.iter().map(|(key, ..)| key.as_str()));
+            for (key, _, due, _) in scheduled {
+                shared.push(due, key);
+            }
         });
-        Ok(true)
+        Ok(taken)
     }
 
     /// Runs attempts and settles them until `shutdown`; then waits for the attempts under way and
@@ -789,19 +838,24 @@ impl<H: RetryWork> QueueState<H> {
         }
     }
 
-    /// Hands a task's final outcome to the stage, counting a failure as a dead letter.
-    fn settle(
+    /// Hands tasks' final outcomes to the stage, counting each failure as a dead letter.
+    fn settle_all(
         &self,
         txn: &mut Txn,
-        key: &str,
-        task: H::Task,
-        outcome: Outcome<H::Done>,
+        settling: Vec<Settling<H::Task, H::Done>>,
     ) -> Result<(), StoreError> {
-        if outcome.result.is_err() {
-            metrics::counter!(names::DEAD_LETTERS, "stage" => self.stage, "work" => self.work)
-                .increment(1);
+        if settling.is_empty() {
+            return Ok(());
         }
-        self.worker.settle(txn, key, task, outcome)
+        let failed = settling
+            .iter()
+            .filter(|s| s.outcome.result.is_err())
+            .count();
+        if failed > 0 {
+            metrics::counter!(names::DEAD_LETTERS, "stage" => self.stage, "work" => self.work)
+                .increment(failed as u64);
+        }
+        self.worker.settle_all(txn, settling)
     }
 
     fn finish_running(&self, key: &str) {
@@ -848,55 +902,52 @@ fn settle_batch<H: RetryWork>(
     finished: Vec<Finished<H::Done>>,
 ) -> Result<(), StoreError> {
     let mut settled = Vec::new();
+    let mut settling = Vec::new();
     let mut retries = Vec::new();
     let keys: Vec<String> = finished.iter().map(|f| f.key.clone()).collect();
-    for Finished {
-        key,
-        attempt,
-        result,
-        trace_context,
-    } in finished
     {
-        let row = {
-            let table = txn.redb().open_table(shared.definition())?;
+        let mut table = txn.redb().open_table(shared.definition())?;
+        for Finished {
+            key,
+            attempt,
+            result,
+            trace_context,
+        } in finished
+        {
             let bytes = table.get(key.as_str())?.map(|v| v.value().to_vec());
-            match bytes {
+            let row = match bytes {
                 Some(bytes) => decode_record::<PendingRow>("pending work", &key, &bytes)?,
                 None => continue,
-            }
-        };
-        let result = match shared.conclude(attempt, result) {
-            Concluded::Settle(result) => result,
-            Concluded::Retry { due, error } => {
-                let updated = PendingRow {
+            };
+            let result = match shared.conclude(attempt, result) {
+                Concluded::Settle(result) => result,
+                Concluded::Retry { due, error } => {
+                    let updated = PendingRow {
+                        attempts: attempt,
+                        due_unix_ms: due,
+                        last_error: error,
+                        ..row
+                    };
+                    table.insert(key.as_str(), updated.encode_to_vec().as_slice())?;
+                    retries.push((due, key));
+                    continue;
+                }
+            };
+            table.remove(key.as_str())?;
+            let task = decode_record::<H::Task>("pending work", &key, &row.task)?;
+            settled.push(key.clone());
+            settling.push(Settling {
+                key,
+                task,
+                outcome: Outcome {
+                    result,
                     attempts: attempt,
-                    due_unix_ms: due,
-                    last_error: error,
-                    ..row
-                };
-                txn.redb()
-                    .open_table(shared.definition())?
-                    .insert(key.as_str(), updated.encode_to_vec().as_slice())?;
-                retries.push((due, key));
-                continue;
-            }
-        };
-        txn.redb()
-            .open_table(shared.definition())?
-            .remove(key.as_str())?;
-        let task = decode_record::<H::Task>("pending work", &key, &row.task)?;
-        shared.settle(
-            txn,
-            &key,
-            task,
-            Outcome {
-                result,
-                attempts: attempt,
-                trace_context,
-            },
-        )?;
-        settled.push(key);
+                    trace_context,
+                },
+            });
+        }
     }
+    shared.settle_all(txn, settling)?;
     let after = shared.clone();
     txn.after_commit(move || {
         // Release before scheduling again, or the schedule would take a retry for a duplicate.
@@ -1105,21 +1156,9 @@ mod tests {
             settled(&store, 3).await,
             vec!["a done 1", "b done 1", "bad failed 1"]
         );
-        let pending = store
-            .read(|read| {
-                let table = read.open_table(queue.shared.definition())?;
-                let mut keys = Vec::new();
-                for row in table.iter()? {
-                    let (key, bytes) = row?;
-                    let row = PendingRow::decode(bytes.value()).unwrap();
-                    keys.push((key.value().to_owned(), row.attempts));
-                }
-                Ok::<_, StoreError>(keys)
-            })
-            .unwrap();
         assert_eq!(
-            pending,
-            vec![("late".to_owned(), 0), ("never".to_owned(), 1)]
+            pending_keys(&store, &queue),
+            [("late".to_owned(), 0), ("never".to_owned(), 1)]
         );
         assert_eq!(queue.admission().pending(), 2);
         // The runner takes what waits from there: "never" has three attempts left.
@@ -1137,6 +1176,58 @@ mod tests {
         );
         shutdown.cancel();
         runner.await.unwrap();
+    }
+
+    /// The keys pending in `queue`'s table, with the attempts each has had.
+    fn pending_keys(store: &Store, queue: &RetryQueue<Flaky>) -> Vec<(String, u32)> {
+        store
+            .read(|read| {
+                let table = read.open_table(queue.shared.definition())?;
+                let mut keys = Vec::new();
+                for row in table.iter()? {
+                    let (key, bytes) = row?;
+                    let row = PendingRow::decode(bytes.value()).unwrap();
+                    keys.push((key.value().to_owned(), row.attempts));
+                }
+                Ok::<_, StoreError>(keys)
+            })
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_is_submitted_at_once_and_each_key_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("q.redb")).unwrap();
+        let queue = RetryQueue::new("test", "call", store.clone(), Flaky::new(0), policy());
+        store
+            .write(|txn| queue.submit(txn, FirstAttempt::not_attempted(new_task("p"))))
+            .unwrap();
+        let mut first = queue
+            .attempt_first(["a", "bad", "never"].map(new_task).into())
+            .await;
+        let batch = vec![
+            first.take("a").unwrap(),
+            // Pending from an earlier transaction.
+            FirstAttempt::not_attempted(new_task("p")),
+            first.take("bad").unwrap(),
+            // Taken earlier in this batch.
+            FirstAttempt::not_attempted(new_task("a")),
+            first.take("never").unwrap(),
+            FirstAttempt::not_attempted(new_task("late")),
+        ];
+        let taken = store.write(|txn| queue.submit_all(txn, batch)).unwrap();
+        assert_eq!(taken, [true, false, true, false, true, true]);
+        // The decided ones settled in that transaction, in order; the others wait.
+        assert_eq!(settled(&store, 2).await, vec!["a done 1", "bad failed 1"]);
+        assert_eq!(
+            pending_keys(&store, &queue),
+            [
+                ("late".to_owned(), 0),
+                ("never".to_owned(), 1),
+                ("p".to_owned(), 0)
+            ]
+        );
+        assert_eq!(queue.admission().pending(), 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

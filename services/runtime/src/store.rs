@@ -43,7 +43,7 @@
 //! exits, for its supervisor to restart it.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, RwLock},
     time::Duration,
@@ -551,15 +551,16 @@ impl Store {
             .map_err(|e| StoreError::Storage(redb::Error::from(e)))?;
         let mut txn = Txn {
             inner,
-            next: self.inner.log.next_offset(),
-            pending: Vec::new(),
+            log: Appends {
+                next: self.inner.log.next_offset(),
+                pending: Vec::new(),
+            },
             after_commit: Vec::new(),
         };
         let value = f(&mut txn)?;
         let Txn {
             inner,
-            next,
-            pending,
+            log: Appends { next, pending },
             after_commit,
         } = txn;
         if !pending.is_empty() {
@@ -640,15 +641,41 @@ impl Store {
 /// its consumed upstream offsets, committed together by [`Store::write`].
 pub struct Txn {
     inner: WriteTransaction,
+    log: Appends,
+    after_commit: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+/// The outbox entries a transaction appends, with the offset the next one gets.
+pub struct Appends {
     next: u64,
     pending: Vec<(u64, Vec<u8>)>,
-    after_commit: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl Appends {
+    /// Appends `event` to the outbox and returns its offset (valid once the transaction commits).
+    pub fn append(&mut self, event: &Event) -> u64 {
+        let offset = self.next;
+        self.pending.push((offset, event.encode_to_vec()));
+        self.next += 1;
+        offset
+    }
+
+    /// The offset the next [`Appends::append`] will return.
+    pub fn next_offset(&self) -> u64 {
+        self.next
+    }
 }
 
 impl Txn {
     /// The underlying redb transaction, for the stage's own tables.
     pub fn redb(&self) -> &WriteTransaction {
         &self.inner
+    }
+
+    /// The redb transaction and the outbox appends apart: tables opened once for a whole batch
+    /// stay open while it appends.
+    pub fn split(&mut self) -> (&WriteTransaction, &mut Appends) {
+        (&self.inner, &mut self.log)
     }
 
     /// Whether any of `tables` has a row for `key`: how a stage recognises an order it has
@@ -666,17 +693,37 @@ impl Txn {
         Ok(false)
     }
 
+    /// Which of `keys` have a row in any of `tables`, each table opened once: the batch form of
+    /// [`Txn::has_key_in_any`].
+    pub fn keys_in_any<'k, V: redb::Value + 'static>(
+        &self,
+        tables: &[TableDefinition<'_, &'static str, V>],
+        keys: impl IntoIterator<Item = &'k str>,
+    ) -> Result<HashSet<&'k str>, StoreError> {
+        let opened = tables
+            .iter()
+            .map(|table| self.inner.open_table(*table))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut found = HashSet::new();
+        for key in keys {
+            for table in &opened {
+                if table.get(key)?.is_some() {
+                    found.insert(key);
+                    break;
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Appends `event` to the outbox and returns its offset (valid once the transaction commits).
     pub fn append(&mut self, event: &Event) -> u64 {
-        let offset = self.next;
-        self.pending.push((offset, event.encode_to_vec()));
-        self.next += 1;
-        offset
+        self.log.append(event)
     }
 
     /// The offset the next [`Txn::append`] will return.
     pub fn next_offset(&self) -> u64 {
-        self.next
+        self.log.next_offset()
     }
 
     /// Runs `hook` once this transaction has committed (never if it fails): the place to tell
