@@ -7,18 +7,17 @@
 //! survives any crash. `OrderRejected` is passed on for the notifier. The tables are listed in
 //! `tables`.
 
-use orderflow_proto::v1::{Event, Invoice, StockReserved, event::Kind};
-use orderflow_runtime::{
-    Apply, Entry, FirstAttempt, FirstAttempts, NewTask, RetryQueue, Store, StoreError, Txn,
-    follow_up, record_processed, telemetry,
-};
-
 use crate::{
     STAGE,
     gateway::SimulatedGateway,
     payments::{PaymentTask, Payments},
     pricing::price,
     tables::{self, BY_ORDER, FAILED_BY_ORDER},
+};
+use orderflow_proto::v1::{Event, Invoice, OrderRejected, StockReserved, event::Kind};
+use orderflow_runtime::{
+    Apply, Entry, FirstAttempt, FirstAttempts, NewTask, RetryQueue, Store, StoreError, Txn,
+    follow_up, record_processed, telemetry,
 };
 
 /// The stage's payment queue.
@@ -120,24 +119,71 @@ impl Apply for Pricing {
                     record_processed(STAGE, "payment scheduled", event);
                 }
             }
-            Some(Kind::OrderRejected(rejected)) => {
-                let span = telemetry::order_span(
-                    STAGE,
-                    "pass rejection on",
-                    &event.order_id,
-                    &event.customer_id,
-                    &event.trace_context,
-                );
-                span.record("outcome", "rejected");
-                record_processed(STAGE, "rejection passed on", event);
-                txn.append(&follow_up(
-                    event,
-                    span.context(),
-                    Kind::OrderRejected(rejected.clone()),
-                ));
-            }
+            Some(Kind::OrderRejected(rejected)) => pass_on(txn, event, rejected),
             _ => {}
         }
         Ok(())
     }
+
+    /// [`Apply::apply`] for a batch, with the settled orders looked up and the payments submitted
+    /// once for all of it.
+    fn apply_batch(
+        &self,
+        txn: &mut Txn,
+        entries: &[Entry<Event>],
+        first: &mut Self::Prepared,
+    ) -> Result<(), StoreError> {
+        let reserved = entries
+            .iter()
+            .filter(|entry| matches!(entry.event.kind, Some(Kind::StockReserved(_))));
+        let settled = txn.keys_in_any(
+            &[BY_ORDER, FAILED_BY_ORDER],
+            reserved.map(|entry| entry.event.order_id.as_str()),
+        )?;
+        let mut payments = Vec::with_capacity(entries.len());
+        let mut reservations = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let event = &entry.event;
+            match &event.kind {
+                Some(Kind::StockReserved(reserved)) => {
+                    if settled.contains(event.order_id.as_str()) {
+                        tracing::warn!(order_id = %event.order_id, "duplicate reservation ignored");
+                        continue;
+                    }
+                    payments.push(first.take(&event.order_id).unwrap_or_else(|| {
+                        FirstAttempt::not_attempted(self.payment(event, reserved))
+                    }));
+                    reservations.push(event);
+                }
+                Some(Kind::OrderRejected(rejected)) => pass_on(txn, event, rejected),
+                _ => {}
+            }
+        }
+        // A duplicate within the batch is turned away by `submit_all`.
+        let submitted = self.payments.submit_all(txn, payments)?;
+        for (event, submitted) in reservations.into_iter().zip(submitted) {
+            if submitted {
+                record_processed(STAGE, "payment scheduled", event);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Passes a rejection on for the notifier.
+fn pass_on(txn: &mut Txn, event: &Event, rejected: &OrderRejected) {
+    let span = telemetry::order_span(
+        STAGE,
+        "pass rejection on",
+        &event.order_id,
+        &event.customer_id,
+        &event.trace_context,
+    );
+    span.record("outcome", "rejected");
+    record_processed(STAGE, "rejection passed on", event);
+    txn.append(&follow_up(
+        event,
+        span.context(),
+        Kind::OrderRejected(rejected.clone()),
+    ));
 }
