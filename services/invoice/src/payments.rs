@@ -23,8 +23,8 @@ use orderflow_proto::v1::{
     PaymentFailureReason, event::Kind,
 };
 use orderflow_runtime::{
-    Attempt, Failure, Outcome, RetryPolicy, RetryQueue, RetryWork, StoreError, Txn, dead_letters,
-    follow_up, now_timestamp, record_processed, telemetry,
+    Appends, Attempt, Failure, Outcome, RetryPolicy, RetryQueue, RetryWork, Settling, StoreError,
+    Txn, dead_letters, follow_up, now_timestamp, record_processed, telemetry,
 };
 use prost::Message;
 use redb::ReadableTable;
@@ -150,24 +150,83 @@ impl<G: PaymentGateway> RetryWork for Payments<G> {
         task: PaymentTask,
         outcome: Outcome<Captured>,
     ) -> Result<(), StoreError> {
-        let settled = Settled {
-            key,
-            reserved: task.reserved.unwrap_or_default(),
-            invoice: task.invoice.unwrap_or_default(),
-            attempts: outcome.attempts,
-            context: outcome.trace_context,
-        };
-        match outcome.result {
-            Ok(captured) => settled.invoiced(txn, captured),
-            Err(failure) => settled.failed(txn, failure, &self.refunds),
+        self.settle_all(
+            txn,
+            vec![Settling {
+                key: key.to_owned(),
+                task,
+                outcome,
+            }],
+        )
+    }
+
+    /// Captured payments are invoiced with the counter and the invoice tables opened once for the
+    /// whole batch, numbered in order; the failures are recorded after them.
+    fn settle_all(
+        &self,
+        txn: &mut Txn,
+        settling: Vec<Settling<PaymentTask, Captured>>,
+    ) -> Result<(), StoreError> {
+        let mut failed = Vec::new();
+        {
+            let (redb, log) = txn.split();
+            let mut tables = None;
+            for Settling { key, task, outcome } in settling {
+                let settled = Settled {
+                    key,
+                    reserved: task.reserved.unwrap_or_default(),
+                    invoice: task.invoice.unwrap_or_default(),
+                    attempts: outcome.attempts,
+                    context: outcome.trace_context,
+                };
+                match outcome.result {
+                    Ok(captured) => {
+                        let tables = match &mut tables {
+                            Some(tables) => tables,
+                            None => tables.insert(InvoiceTables::open(redb)?),
+                        };
+                        settled.invoiced(tables, log, captured)?;
+                    }
+                    Err(failure) => failed.push((settled, failure)),
+                }
+            }
         }
+        for (settled, failure) in failed {
+            settled.failed(txn, failure, &self.refunds)?;
+        }
+        Ok(())
+    }
+}
+
+/// The tables an invoice is recorded in, opened once per batch.
+struct InvoiceTables<'t> {
+    counter: redb::Table<'t, &'static str, u64>,
+    by_order: redb::Table<'t, &'static str, u64>,
+    invoices: redb::Table<'t, u64, &'static [u8]>,
+}
+
+impl<'t> InvoiceTables<'t> {
+    fn open(redb: &'t redb::WriteTransaction) -> Result<Self, StoreError> {
+        Ok(InvoiceTables {
+            counter: redb.open_table(COUNTER)?,
+            by_order: redb.open_table(BY_ORDER)?,
+            invoices: redb.open_table(INVOICES)?,
+        })
+    }
+
+    /// Takes the next invoice number: only paid orders take one, and the counter moves in the
+    /// transaction that stores the invoice, so the series has no gap.
+    fn next_number(&mut self) -> Result<u64, StoreError> {
+        let number = self.counter.get(NEXT_NUMBER)?.map_or(1, |v| v.value());
+        self.counter.insert(NEXT_NUMBER, number + 1)?;
+        Ok(number)
     }
 }
 
 /// A payment whose outcome is final, being recorded.
-struct Settled<'a> {
+struct Settled {
     /// The order.
-    key: &'a str,
+    key: String,
     /// The `StockReserved` event the payment was for.
     reserved: Event,
     /// Priced, not yet numbered.
@@ -177,17 +236,22 @@ struct Settled<'a> {
     context: HashMap<String, String>,
 }
 
-impl Settled<'_> {
+impl Settled {
     /// Numbers the invoice of a captured payment, stores it and announces `InvoiceCreated`.
-    fn invoiced(mut self, txn: &mut Txn, captured: Captured) -> Result<(), StoreError> {
+    fn invoiced(
+        mut self,
+        tables: &mut InvoiceTables<'_>,
+        log: &mut Appends,
+        captured: Captured,
+    ) -> Result<(), StoreError> {
         let span = telemetry::order_span(
             STAGE,
             "create invoice",
-            self.key,
+            &self.key,
             &self.reserved.customer_id,
             &self.context,
         );
-        let number = next_number(txn)?;
+        let number = tables.next_number()?;
         let now = now_timestamp();
         self.invoice.number = number;
         self.invoice.created_at = Some(now);
@@ -195,16 +259,16 @@ impl Settled<'_> {
             capture_id: captured.capture_id,
             attempts: self.attempts,
             captured_at: Some(now),
-            idempotency_key: idempotency_key(self.key),
+            idempotency_key: idempotency_key(&self.key),
         });
-        txn.redb().open_table(BY_ORDER)?.insert(self.key, number)?;
-        txn.redb()
-            .open_table(INVOICES)?
+        tables.by_order.insert(self.key.as_str(), number)?;
+        tables
+            .invoices
             .insert(number, self.invoice.encode_to_vec().as_slice())?;
         span.record("outcome", "invoiced");
         span.record("invoice.number", number);
         record_processed(STAGE, "invoiced", &self.reserved);
-        txn.append(&follow_up(
+        log.append(&follow_up(
             &self.reserved,
             span.context(),
             Kind::InvoiceCreated(InvoiceCreated {
@@ -226,7 +290,7 @@ impl Settled<'_> {
         let span = telemetry::order_span(
             STAGE,
             "payment failed",
-            self.key,
+            &self.key,
             &self.reserved.customer_id,
             &self.context,
         );
@@ -244,7 +308,7 @@ impl Settled<'_> {
         if failure.exhausted {
             refunds.enqueue(
                 txn,
-                self.key,
+                &self.key,
                 &self.reserved.customer_id,
                 &RefundTask {
                     dead_letter_id: letter.id,
@@ -285,7 +349,7 @@ impl Settled<'_> {
             txn,
             DeadLetter {
                 id: 0,
-                order_id: self.key.to_owned(),
+                order_id: self.key.clone(),
                 customer_id: self.reserved.customer_id.clone(),
                 stage: STAGE.into(),
                 reason: why.into(),
@@ -304,17 +368,9 @@ impl Settled<'_> {
         )?;
         txn.redb()
             .open_table(FAILED_BY_ORDER)?
-            .insert(self.key, letter.id)?;
+            .insert(self.key.as_str(), letter.id)?;
         Ok(letter)
     }
-}
-
-/// Takes the next invoice number: only paid orders take one, so the series has no gap.
-fn next_number(txn: &mut Txn) -> Result<u64, StoreError> {
-    let mut counter = txn.redb().open_table(COUNTER)?;
-    let number = counter.get(NEXT_NUMBER)?.map_or(1, |v| v.value());
-    counter.insert(NEXT_NUMBER, number + 1)?;
-    Ok(number)
 }
 
 #[cfg(test)]
@@ -456,6 +512,46 @@ mod tests {
             })
             .unwrap()
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_batch_numbers_its_invoices_in_order_and_records_its_failures_after() {
+        let (_dir, store, payments) = payments();
+        settle(&store, &payments, "o-0", captured("cap-0"));
+        let settling = |order: &str, result| Settling {
+            key: order.to_owned(),
+            task: task(order),
+            outcome: Outcome {
+                result,
+                attempts: 1,
+                trace_context: HashMap::new(),
+            },
+        };
+        store
+            .write(|txn| {
+                payments.settle_all(
+                    txn,
+                    vec![
+                        settling("o-1", captured("cap-1")),
+                        settling("o-2", failed(false)),
+                        settling("o-3", captured("cap-3")),
+                    ],
+                )
+            })
+            .unwrap();
+        let numbers: Vec<_> = ["o-0", "o-1", "o-3"]
+            .map(|order| invoice(&store, order).unwrap().number)
+            .into();
+        assert_eq!(numbers, [1, 2, 3]);
+        assert!(invoice(&store, "o-2").is_none());
+        assert_eq!(dead_letter(&store, "o-2").order_id, "o-2");
+        let events = announced(&store);
+        let orders: Vec<_> = events.iter().map(|e| e.order_id.as_str()).collect();
+        assert_eq!(orders, ["o-0", "o-1", "o-3", "o-2"]);
+        assert!(matches!(events[3].kind, Some(Kind::PaymentFailed(_))));
+        // The next batch goes on from there.
+        settle(&store, &payments, "o-4", captured("cap-4"));
+        assert_eq!(invoice(&store, "o-4").unwrap().number, 4);
     }
 
     #[tokio::test]
