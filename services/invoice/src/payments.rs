@@ -150,14 +150,7 @@ impl<G: PaymentGateway> RetryWork for Payments<G> {
         task: PaymentTask,
         outcome: Outcome<Captured>,
     ) -> Result<(), StoreError> {
-        self.settle_all(
-            txn,
-            vec![Settling {
-                key: key.to_owned(),
-                task,
-                outcome,
-            }],
-        )
+        self.settle_all(txn, Settling::one(key, task, outcome))
     }
 
     /// Captured payments are invoiced with the counter and the invoice tables opened once for the

@@ -77,14 +77,7 @@ impl RetryWork for Deliveries {
         task: DeliveryTask,
         outcome: Outcome<()>,
     ) -> Result<(), StoreError> {
-        self.settle_all(
-            txn,
-            vec![Settling {
-                key: key.to_owned(),
-                task,
-                outcome,
-            }],
-        )
+        self.settle_all(txn, Settling::one(key, task, outcome))
     }
 
     /// Deliveries are recorded with the notification tables opened once for the whole batch; the

@@ -198,6 +198,17 @@ pub struct Settling<T, D> {
     pub outcome: Outcome<D>,
 }
 
+impl<T, D> Settling<T, D> {
+    /// A batch of one, for a stage whose [`RetryWork::settle`] is its `settle_all`.
+    pub fn one(key: &str, task: T, outcome: Outcome<D>) -> Vec<Self> {
+        vec![Settling {
+            key: key.to_owned(),
+            task,
+            outcome,
+        }]
+    }
+}
+
 /// How hard and how fast to retry.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
