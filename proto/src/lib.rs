@@ -9,12 +9,14 @@
 //! - [`FILE_DESCRIPTOR_SET`]: what the reflection service registers (both packages).
 //! - [`money`]: display of [`v1::Money`] in major units, for humans.
 //! - [`codec`]: prost encoding with `INVALID_ARGUMENT` for malformed messages.
+//! - [`views`]: partial views of messages, for stages that read only some of their fields.
 //! - [`stored`]: the `EventLog` server as stages run it, streaming outbox entries as stored
 //!   (wire-identical to the generated `EventBatch`).
 
 pub mod codec;
 pub mod money;
 pub mod stored;
+pub mod views;
 
 /// Generated code for the `orderflow.v1` package.
 pub mod v1 {

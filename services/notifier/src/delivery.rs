@@ -208,7 +208,7 @@ impl Settled {
         self.observe_delivery();
         log.append(&follow_up(
             &self.upstream,
-            span.context(),
+            span.into_context(),
             Kind::CustomerNotified(CustomerNotified {
                 notification: Some(self.notification),
             }),

@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`Config`]: flags and env vars, including the sink and the retry policy.
+//! - `ending`: what the notifier reads of an invoice-stage event.
 //! - `render`: the customer-facing text of confirmations, rejections and payment failures.
 //! - `notifying`: the `Apply` for invoice events (schedule a delivery).
 //! - `delivery`: delivery attempts and settling them (record, or dead-letter).
@@ -16,6 +17,7 @@
 
 mod dead_letters;
 mod delivery;
+mod ending;
 mod list_notifications;
 mod notifying;
 mod render;

@@ -6,15 +6,19 @@
 //! (or refused for good) at once is settled there (see `delivery`), one that must be retried waits
 //! in `delivery.pending`. Every order is notified exactly once in the store, whatever crashes.
 
-use orderflow_proto::v1::{Event, Notification, NotificationKind, event::Kind};
+use orderflow_proto::{
+    v1::{Notification, NotificationKind},
+    views::InvoiceCreatedView,
+};
 use orderflow_runtime::{
     Apply, Entry, FirstAttempt, FirstAttempts, NewTask, RetryQueue, Store, StoreError, Txn,
-    record_processed, telemetry,
+    record_processed_since, telemetry,
 };
 
 use crate::{
     STAGE,
     delivery::{Deliveries, DeliveryTask, idempotency_key},
+    ending::{Ending, How},
     render,
     tables::{self, BY_ORDER, DEAD_LETTER_BY_ORDER},
 };
@@ -40,27 +44,27 @@ impl Notifying {
     /// The delivery that tells the customer how `event` ended their order, in the order's "notify
     /// customer" span; `None` for events that end nothing, and for a malformed one (which
     /// [`Apply::apply`] reports, once).
-    fn delivery(&self, event: &Event) -> Option<NewTask<DeliveryTask>> {
-        let (kind, message, invoice_number) = match &event.kind {
-            Some(Kind::InvoiceCreated(created)) => {
-                let invoice = created.invoice.as_ref()?;
+    fn delivery(&self, event: &Ending) -> Option<NewTask<DeliveryTask>> {
+        let (kind, message, invoice_number) = match &event.how {
+            Some(How::Invoiced(InvoiceCreatedView { invoice })) => {
+                let invoice = invoice.as_ref()?;
                 (
                     NotificationKind::Confirmed,
                     render::confirmation(&event.order_id, invoice),
                     invoice.number,
                 )
             }
-            Some(Kind::OrderRejected(rejected)) => (
+            Some(How::Rejected(rejected)) => (
                 NotificationKind::Rejected,
                 render::rejection(&event.order_id, &rejected.lines),
                 0,
             ),
-            Some(Kind::PaymentFailed(failed)) => (
+            Some(How::PaymentFailed(failed)) => (
                 NotificationKind::PaymentFailed,
                 render::payment_failure(&event.order_id, failed),
                 0,
             ),
-            _ => return None,
+            None => return None,
         };
         let span = telemetry::order_span(
             STAGE,
@@ -82,12 +86,12 @@ impl Notifying {
             invoice_number,
             idempotency_key: idempotency_key(&event.order_id),
         };
-        let context = span.context();
+        let context = span.into_context();
         Some(NewTask {
             key: event.order_id.clone(),
             customer_id: event.customer_id.clone(),
             task: DeliveryTask {
-                upstream: Some(event.clone()),
+                upstream: Some(event.header()),
                 notification: Some(notification),
                 dead_letter_id: 0,
                 trace_context: context.clone(),
@@ -98,10 +102,10 @@ impl Notifying {
 }
 
 impl Apply for Notifying {
-    type Event = Event;
+    type Event = Ending;
     type Prepared = FirstAttempts<Deliveries>;
 
-    async fn prepare(&self, entries: &[Entry<Event>]) -> Self::Prepared {
+    async fn prepare(&self, entries: &[Entry<Ending>]) -> Self::Prepared {
         let deliveries = entries
             .iter()
             .filter_map(|entry| self.delivery(&entry.event))
@@ -112,7 +116,7 @@ impl Apply for Notifying {
     fn apply(
         &self,
         txn: &mut Txn,
-        entry: &Entry<Event>,
+        entry: &Entry<Ending>,
         first: &mut Self::Prepared,
     ) -> Result<(), StoreError> {
         let known = txn.has_key_in_any(&[BY_ORDER, DEAD_LETTER_BY_ORDER], &entry.event.order_id)?;
@@ -122,7 +126,7 @@ impl Apply for Notifying {
     fn apply_batch(
         &self,
         txn: &mut Txn,
-        entries: &[Entry<Event>],
+        entries: &[Entry<Ending>],
         first: &mut Self::Prepared,
     ) -> Result<(), StoreError> {
         // The orders notified (or dead-lettered) before this batch, with the two tables opened
@@ -145,7 +149,7 @@ impl Apply for Notifying {
         let submitted = self.deliveries.submit_all(txn, deliveries)?;
         for (event, submitted) in events.into_iter().zip(submitted) {
             if submitted {
-                record_processed(STAGE, "delivery scheduled", event);
+                record_processed_since(STAGE, "delivery scheduled", event.at);
             } else {
                 tracing::warn!(order_id = %event.order_id, "order already scheduled for delivery; duplicate ignored");
             }
@@ -161,7 +165,7 @@ impl Notifying {
     fn record(
         &self,
         txn: &mut Txn,
-        entry: &Entry<Event>,
+        entry: &Entry<Ending>,
         first: &mut FirstAttempts<Deliveries>,
         known: bool,
     ) -> Result<bool, StoreError> {
@@ -170,7 +174,7 @@ impl Notifying {
         };
         let submitted = self.deliveries.submit(txn, delivery)?;
         if submitted {
-            record_processed(STAGE, "delivery scheduled", &entry.event);
+            record_processed_since(STAGE, "delivery scheduled", entry.event.at);
         }
         Ok(submitted)
     }
@@ -179,7 +183,7 @@ impl Notifying {
     /// that ends nothing, or an order already notified or dead-lettered (`known`).
     fn delivery_for(
         &self,
-        entry: &Entry<Event>,
+        entry: &Entry<Ending>,
         first: &mut FirstAttempts<Deliveries>,
         known: bool,
     ) -> Option<FirstAttempt<Deliveries>> {
@@ -190,9 +194,7 @@ impl Notifying {
             None => match self.delivery(event) {
                 Some(delivery) => FirstAttempt::not_attempted(delivery),
                 None => {
-                    if let Some(Kind::InvoiceCreated(created)) = &event.kind
-                        && created.invoice.is_none()
-                    {
+                    if let Some(How::Invoiced(InvoiceCreatedView { invoice: None })) = &event.how {
                         tracing::warn!(order_id = %event.order_id, "invoice event without invoice skipped");
                     }
                     return None;

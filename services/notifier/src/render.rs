@@ -1,11 +1,12 @@
 //! The words the customer reads.
 
-use orderflow_proto::v1::{
-    Invoice, LineRejection, PaymentFailed, PaymentFailureReason, RejectionReason,
+use orderflow_proto::{
+    v1::{LineRejection, PaymentFailureReason, RejectionReason},
+    views::{InvoiceView, PaymentFailedView},
 };
 
 /// "Your order … is confirmed: invoice #12, total 54.90 EUR (incl. 9.15 EUR tax)."
-pub(crate) fn confirmation(order_id: &str, invoice: &Invoice) -> String {
+pub(crate) fn confirmation(order_id: &str, invoice: &InvoiceView) -> String {
     let money = |m: &Option<orderflow_proto::v1::Money>| {
         m.as_ref()
             .map_or_else(|| "?".to_owned(), ToString::to_string)
@@ -28,7 +29,7 @@ pub(crate) fn rejection(order_id: &str, lines: &[LineRejection]) -> String {
 }
 
 /// "We could not take payment for your order …: the card was declined. …"
-pub(crate) fn payment_failure(order_id: &str, failed: &PaymentFailed) -> String {
+pub(crate) fn payment_failure(order_id: &str, failed: &PaymentFailedView) -> String {
     match failed.reason() {
         PaymentFailureReason::Declined => format!(
             "We could not take payment for your order {order_id}: your payment was declined. The items were released and nothing was charged."
@@ -65,11 +66,11 @@ mod tests {
 
     #[test]
     fn messages_read_well() {
-        let invoice = Invoice {
+        let invoice = InvoiceView {
             number: 12,
             total: Some(Money::new(5490, "EUR")),
             tax: Some(Money::new(915, "EUR")),
-            ..Default::default()
+            payment: None,
         };
         assert_eq!(
             confirmation("o1", &invoice),
@@ -95,7 +96,7 @@ mod tests {
                 reason: RejectionReason::UnknownSku.into(),
             },
         ];
-        let declined = PaymentFailed {
+        let declined = PaymentFailedView {
             reason: PaymentFailureReason::Declined.into(),
             ..Default::default()
         };

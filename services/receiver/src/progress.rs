@@ -25,8 +25,11 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use orderflow_proto::v1::{
-    InvoiceSummary, LineRejection, Money, Order, OrderStatus, OrderTransition, PaymentFailureReason,
+use orderflow_proto::{
+    v1::{
+        InvoiceSummary, LineRejection, Order, OrderStatus, OrderTransition, PaymentFailureReason,
+    },
+    views::{InvoiceCreatedView, PaymentFailedView},
 };
 use orderflow_runtime::{Apply, Entry, Skipped, StoreError, Txn, decode_record};
 use prost::Message;
@@ -99,44 +102,6 @@ pub(crate) enum StepKind {
 pub(crate) struct Rejected {
     #[prost(message, repeated, tag = "1")]
     pub lines: Vec<LineRejection>,
-}
-
-/// `InvoiceCreated`: the invoice's number, amounts and payment attempts (not its lines).
-#[derive(Clone, PartialEq, prost::Message)]
-pub(crate) struct InvoiceCreatedView {
-    #[prost(message, optional, tag = "1")]
-    pub invoice: Option<InvoiceView>,
-}
-
-/// `Invoice`, without lines, parties or dates.
-#[derive(Clone, PartialEq, prost::Message)]
-pub(crate) struct InvoiceView {
-    #[prost(uint64, tag = "1")]
-    pub number: u64,
-    #[prost(message, optional, tag = "7")]
-    pub tax: Option<Money>,
-    #[prost(message, optional, tag = "8")]
-    pub total: Option<Money>,
-    #[prost(message, optional, tag = "10")]
-    pub payment: Option<PaymentView>,
-}
-
-/// `Payment`: how many attempts it took.
-#[derive(Clone, PartialEq, prost::Message)]
-pub(crate) struct PaymentView {
-    #[prost(uint32, tag = "2")]
-    pub attempts: u32,
-}
-
-/// `PaymentFailed`: why, after how many attempts (not the lines or the amount).
-#[derive(Clone, PartialEq, prost::Message)]
-pub(crate) struct PaymentFailedView {
-    #[prost(enumeration = "PaymentFailureReason", tag = "1")]
-    pub reason: i32,
-    #[prost(uint32, tag = "2")]
-    pub attempts: u32,
-    #[prost(string, tag = "3")]
-    pub last_error: String,
 }
 
 /// `NotificationDeadLettered`: the dead letter's reason and last error (not the notification).
@@ -440,8 +405,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use orderflow_proto::v1::{
-        CustomerNotified, DeadLetter, Event, Invoice, InvoiceCreated, NotificationDeadLettered,
-        StockReserved, event::Kind,
+        CustomerNotified, DeadLetter, Event, Invoice, InvoiceCreated, Money,
+        NotificationDeadLettered, StockReserved, event::Kind,
     };
     use orderflow_runtime::{Decode, Store};
 

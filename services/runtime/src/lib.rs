@@ -113,12 +113,22 @@ pub fn record_processed(
     outcome: &'static str,
     upstream: &orderflow_proto::v1::Event,
 ) {
+    record_processed_since(stage, outcome, upstream.at);
+}
+
+/// [`record_processed`] for a stage that reads only part of its upstream events: `at` is when the
+/// upstream event was committed.
+pub fn record_processed_since(
+    stage: &'static str,
+    outcome: &'static str,
+    at: Option<prost_types::Timestamp>,
+) {
     metrics::count(
         metrics::EVENTS_PROCESSED,
         [("stage", stage), ("outcome", outcome)],
         1,
     );
-    if let Some(elapsed) = seconds_since(upstream.at) {
+    if let Some(elapsed) = seconds_since(at) {
         metrics::observe(metrics::HOP_SECONDS, [("stage", stage)], elapsed);
     }
 }

@@ -824,7 +824,7 @@ impl<H: RetryWork> QueueState<H> {
             key: key.to_owned(),
             attempt,
             result,
-            trace_context: span.context(),
+            trace_context: span.into_context(),
         }
     }
 

@@ -394,6 +394,15 @@ impl OrderSpan {
         }
     }
 
+    /// [`OrderSpan::context`] for the span's last use: an unsampled order's context is passed on
+    /// as it came, without a copy. The span ends here.
+    pub fn into_context(self) -> HashMap<String, String> {
+        match self.passed_on {
+            Some(parent) => parent,
+            None => inject(&self.span),
+        }
+    }
+
     pub fn span(&self) -> &tracing::Span {
         &self.span
     }
