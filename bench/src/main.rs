@@ -741,6 +741,7 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
 
     eprintln!("6/6 catch-up of {backlog} events");
     let started = Instant::now();
+    let receiver_cpu_before = pipeline.receiver.cpu();
     pipeline.start_notifier().await?;
     loop {
         let (_, acked_now) = log_position(&invoice_url, "notifier").await?;
@@ -753,13 +754,33 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = started.elapsed().as_secs_f64();
+    // CPU per event of the catch-up: the notifier's since it started, and the receiver's, whose
+    // progress view follows the notifier's log (nothing else loads it meanwhile). Steadier than
+    // the rate on a shared machine.
+    let per_event =
+        |cpu: Option<Duration>| cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / backlog.max(1) as f64);
+    let catch_up_cpu = json!({
+        "notifier": per_event(pipeline.notifier.as_ref().and_then(Proc::cpu)),
+        "receiver": per_event(
+            pipeline
+                .receiver
+                .cpu()
+                .zip(receiver_cpu_before)
+                .map(|(after, before)| after.saturating_sub(before))
+        ),
+    });
     let notifier_rss = pipeline.notifier.as_ref().and_then(Proc::peak_rss_mib);
     let mut rss = rss;
     rss["notifier_mib"] = json!(notifier_rss);
     results.insert("backlog_rss", rss);
     results.insert(
         "catch_up",
-        json!({"events": backlog, "seconds": took, "events_per_second": backlog as f64 / took}),
+        json!({
+            "events": backlog,
+            "seconds": took,
+            "events_per_second": backlog as f64 / took,
+            "cpu_us_per_event": catch_up_cpu,
+        }),
     );
     pipeline.stop().await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -907,6 +928,14 @@ fn table(report: &Value, baseline: f64) -> String {
         ratio(get(r, &["catch_up", "events_per_second"])),
         "≥ 100000".into(),
     ]);
+    for stage in ["notifier", "receiver"] {
+        rows.push([
+            format!("  {stage} CPU per event, catch-up"),
+            us(get(r, &["catch_up", "cpu_us_per_event", stage])),
+            String::new(),
+            String::new(),
+        ]);
+    }
     let mut out = format!(
         "\n{:<36} {:>14} {:>10} {:>10}\n",
         "figure", "value", "÷ echo", "target"
