@@ -30,7 +30,7 @@
 //! 4. **Only what was sent can be acknowledged**, and only by a consumer the log is kept for, so no
 //!    caller can make retention delete what a consumer has not received.
 //!
-//! The newest committed entries (up to 2,048, about 1 MiB) are also kept in memory, so that a
+//! The newest committed entries (up to 8,192, about 4 MiB) are also kept in memory, so that a
 //! subscriber keeping up is served without a read transaction ([`Outbox::read_recent`]): filled
 //! after each commit and before the new head is published, cut by retention, emptied when the
 //! database is opened again.
@@ -97,10 +97,12 @@ struct Recent {
     bytes: usize,
 }
 
-/// Entries the tail of the log keeps in memory at most: at 20,000 events/s, a tenth of a second.
-const RECENT_MAX_ENTRIES: usize = 2048;
+/// Entries the tail of the log keeps in memory at most: 16 commits of 512, a tenth of a second of
+/// a notifier catching up at 80,000 events/s. With 2,048 a subscriber on a busy machine fell
+/// behind it and read the store (BENCHMARKS.md, "2026-12-03, night").
+const RECENT_MAX_ENTRIES: usize = 8192;
 /// Encoded bytes the tail of the log keeps in memory, about (the newest entry is always kept).
-const RECENT_MAX_BYTES: usize = 1 << 20;
+const RECENT_MAX_BYTES: usize = 4 << 20;
 
 impl Recent {
     /// Adds what one commit appended (offsets dense, following the tail), then drops the oldest
