@@ -47,15 +47,16 @@ pub(crate) enum How {
 }
 
 impl Ending {
-    /// The event without how the order ended: what the notifier's own events follow up on
-    /// (order, customer, times, trace context), kept with a delivery until it is settled.
+    /// The event without how the order ended or its trace context: what the notifier's own
+    /// events follow up on (order, customer, times), kept with a delivery until it is settled.
+    /// The delivery carries its trace context itself: that of the span that scheduled it.
     pub(crate) fn header(&self) -> Event {
         Event {
             order_id: self.order_id.clone(),
             customer_id: self.customer_id.clone(),
             at: self.at,
             placed_at: self.placed_at,
-            trace_context: self.trace_context.clone(),
+            trace_context: HashMap::new(),
             kind: None,
         }
     }
@@ -113,11 +114,13 @@ mod tests {
                 invoice: Some(InvoiceView { number: 12, .. })
             }))
         ));
-        // The header is the event without its kind, whatever the kind was.
+        // The header is the event without its kind, whatever the kind was, and without its
+        // trace context, which the delivery carries itself.
         assert_eq!(
             ending.header(),
             Event {
                 kind: None,
+                trace_context: HashMap::new(),
                 ..invoiced
             }
         );
