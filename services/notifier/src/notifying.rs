@@ -42,8 +42,8 @@ pub(crate) struct Notifying {
 
 impl Notifying {
     /// The delivery that tells the customer how `event` ended their order, in the order's "notify
-    /// customer" span; `None` for events that end nothing, and for a malformed one (which
-    /// [`Apply::apply`] reports, once).
+    /// customer" span; `None` for events that end nothing, and for an `InvoiceCreated` without
+    /// its invoice (which [`Notifying::delivery_for`] reports).
     fn delivery(&self, event: &Ending) -> Option<NewTask<DeliveryTask>> {
         let (kind, message, invoice_number) = match &event.how {
             Some(How::Invoiced(InvoiceCreatedView { invoice })) => {
