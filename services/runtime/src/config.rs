@@ -338,6 +338,15 @@ impl ServerArgs {
     /// supports): it would consume its upstream's log as a second copy of the stage.
     pub fn check_replica(&self) -> Result<(), String> {
         let replica = self.replica_index();
+        if self.replicas > self.partitions {
+            return Err(format!(
+                "{n} replicas (--replicas / ORDERFLOW_REPLICAS) of {p} partitions \
+                 (--partitions / ORDERFLOW_PARTITIONS): a replica owns whole partitions, so a stage \
+                 runs at most {p}",
+                n = self.replicas,
+                p = self.partitions
+            ));
+        }
         if replica < self.replicas {
             return Ok(());
         }
@@ -362,13 +371,18 @@ impl ServerArgs {
         self.replica_slot.unwrap_or(self.replica.0)
     }
 
-    /// The partition this replica's store holds: replica I of N owns the partitions p with
-    /// p mod N = I, and with one replica and one partition that is partition 0 of 1.
-    pub fn partition(&self) -> crate::partition::Partition {
-        crate::partition::Partition {
-            index: self.replica_index(),
-            count: self.partitions,
-        }
+    /// The partitions this replica owns, ascending: replica I of N owns the partitions p with
+    /// p mod N = I. With one replica and one partition that is partition 0 of 1; a replica beyond
+    /// the partition count owns none (and [`ServerArgs::check_replica`] refuses it).
+    pub fn owned_partitions(&self) -> Vec<crate::partition::Partition> {
+        let replicas = self.replicas.max(1) as usize;
+        (self.replica_index()..self.partitions)
+            .step_by(replicas)
+            .map(|index| crate::partition::Partition {
+                index,
+                count: self.partitions,
+            })
+            .collect()
     }
 
     pub fn retention(&self) -> Retention {
@@ -664,7 +678,7 @@ mod tests {
         let first = parse(&["--replica-slot", "1"]).unwrap();
         assert_eq!(first.server.replica_index(), 0);
         assert!(first.server.check_replica().is_ok());
-        assert_eq!(first.server.partition(), crate::Partition::ONLY);
+        assert_eq!(first.server.owned_partitions(), [crate::Partition::ONLY]);
         let second = parse(&["--replica-slot", "2"]).unwrap();
         let refused = second.server.check_replica().unwrap_err();
         assert!(
@@ -682,7 +696,7 @@ mod tests {
     #[test]
     fn one_partition_until_scale_out() {
         let config = parse(&[]).unwrap();
-        assert_eq!(config.server.partition(), crate::Partition::ONLY);
+        assert_eq!(config.server.owned_partitions(), [crate::Partition::ONLY]);
         assert!(parse(&["--partitions", "1"]).is_ok());
         for (given, why) in [
             ("0", "at least 1 partition"),
@@ -693,5 +707,41 @@ mod tests {
             let refused = parse(&["--partitions", given]).unwrap_err().to_string();
             assert!(refused.contains(why), "{given}: {refused}");
         }
+    }
+
+    /// Replica I of N owns the partitions p with p mod N = I; a stage runs at most P replicas.
+    #[test]
+    fn a_replica_owns_every_nth_partition() {
+        let layout = |replica: u32, replicas: u32, partitions: u32| {
+            let mut args = ServerArgs::new("127.0.0.1:0".parse().unwrap(), "data");
+            (args.replica, args.replicas, args.partitions) =
+                (Replica(replica), replicas, partitions);
+            args
+        };
+        let owned = |args: &ServerArgs| -> Vec<u32> {
+            args.owned_partitions().iter().map(|p| p.index).collect()
+        };
+        // Three replicas of four partitions, as the scale-out test runs stock.
+        assert_eq!(owned(&layout(0, 3, 4)), [0, 3]);
+        assert_eq!(owned(&layout(1, 3, 4)), [1]);
+        assert_eq!(owned(&layout(2, 3, 4)), [2]);
+        assert_eq!(owned(&layout(0, 1, 4)), [0, 1, 2, 3]);
+        assert_eq!(owned(&layout(1, 2, 4)), [1, 3]);
+        assert!(
+            layout(0, 3, 4)
+                .owned_partitions()
+                .iter()
+                .all(|p| p.count == 4)
+        );
+        for replica in 0..3 {
+            assert!(layout(replica, 3, 4).check_replica().is_ok());
+        }
+        let beyond = layout(3, 3, 4).check_replica().unwrap_err();
+        assert!(beyond.contains("replica 3"), "{beyond}");
+        let too_many = layout(0, 5, 4).check_replica().unwrap_err();
+        assert!(
+            too_many.contains("5 replicas") && too_many.contains("at most 4"),
+            "{too_many}"
+        );
     }
 }

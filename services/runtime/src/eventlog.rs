@@ -24,11 +24,12 @@
 //! log refuses a store that cannot resume from it, and lets one process at a time read as one
 //! consumer ([`crate::fencing`]).
 //!
-//! Every request names a partition of the log. This service serves the partition its store holds;
-//! one the pipeline does not have is `INVALID_ARGUMENT`, another one it has is
-//! `FAILED_PRECONDITION` (its owner serves it).
+//! Every request names a partition of the log. This service serves the partitions this replica
+//! owns, each from its own store; one the pipeline does not have is `INVALID_ARGUMENT`, another one
+//! it has is `FAILED_PRECONDITION` (its owner serves it). Fencing is per partition: one process at
+//! a time reads partition p as a consumer.
 
-use std::pin::Pin;
+use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
 use orderflow_proto::{
@@ -44,7 +45,6 @@ use crate::{
     auth::LinkGuard,
     fencing::{self, Owners},
     outbox::Outbox,
-    partition::Partition,
     status::{FieldViolations, check_name},
     store::blocking,
 };
@@ -60,33 +60,62 @@ pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Batches buffered between a subscriber's producer task and its HTTP/2 stream.
 pub const SUBSCRIBE_CHANNEL_DEPTH: usize = 2;
-/// The EventLog service over one stage's outbox.
+/// The EventLog service over the outboxes of the partitions a replica owns.
 #[derive(Clone)]
 pub struct EventLogService {
-    outbox: Outbox,
+    /// Ascending by partition index, all of one partition count; never empty.
+    served: Arc<[Served]>,
     /// Cancelled when the stage drains: every producer ends its stream.
     streams: CancellationToken,
     guard: LinkGuard,
+}
+
+/// One partition of the log this service serves: its outbox and who reads it as which consumer.
+struct Served {
+    outbox: Outbox,
     owners: Owners,
 }
 
 impl EventLogService {
+    /// Serves `outbox`, the one partition a replica owns.
     pub fn new(outbox: Outbox, streams: CancellationToken, guard: LinkGuard) -> Self {
+        Self::partitions(vec![outbox], streams, guard)
+    }
+
+    /// Serves each of `outboxes`, the partitions a replica owns (one store each, all made for the
+    /// same partition count).
+    pub fn partitions(
+        mut outboxes: Vec<Outbox>,
+        streams: CancellationToken,
+        guard: LinkGuard,
+    ) -> Self {
+        outboxes.sort_by_key(|outbox| outbox.partition().index);
         EventLogService {
-            outbox,
+            served: outboxes
+                .into_iter()
+                .map(|outbox| Served {
+                    outbox,
+                    owners: Owners::default(),
+                })
+                .collect(),
             streams,
             guard,
-            owners: Owners::default(),
         }
     }
 
-    /// Refuses a request for any partition but the one this service serves.
-    fn check_partition(&self, requested: u32) -> Result<(), Status> {
-        let held = self.outbox.partition();
-        let Partition { index, count } = held;
-        if requested == index {
-            return Ok(());
+    /// The partition `requested` if this service serves it; else why not.
+    fn served(&self, requested: u32) -> Result<&Served, Status> {
+        if let Some(served) = self
+            .served
+            .iter()
+            .find(|served| served.outbox.partition().index == requested)
+        {
+            return Ok(served);
         }
+        let count = self
+            .served
+            .first()
+            .map_or(1, |served| served.outbox.partition().count);
         if requested >= count {
             let mut violations = FieldViolations::new();
             let numbered = match count {
@@ -97,10 +126,17 @@ impl EventLogService {
                 "partition",
                 format!("the pipeline {numbered} (--partitions); got {requested}"),
             );
-            return violations.check();
+            violations.check()?;
         }
+        let held: Vec<String> = self
+            .served
+            .iter()
+            .map(|served| served.outbox.partition().index.to_string())
+            .collect();
         Err(Status::failed_precondition(format!(
-            "this replica serves {held}, not partition {requested}: ask the replica that owns it"
+            "this replica serves partition {} of {count}, not partition {requested}: ask the \
+             replica that owns it",
+            held.join(", ")
         )))
     }
 }
@@ -124,7 +160,7 @@ impl EventLog for EventLogService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         self.guard.check(&request)?;
         let request = request.into_inner();
-        self.check_partition(request.partition)?;
+        let Served { outbox, owners } = self.served(request.partition)?;
         let max_batch = match request.max_batch {
             0 => DEFAULT_MAX_BATCH,
             n => n.min(MAX_MAX_BATCH),
@@ -149,35 +185,35 @@ impl EventLog for EventLogService {
         // The store's checks come first: a stale process never holds a consumer, and hears why
         // rather than that the entries it asks for are gone.
         if let (Some(owner), Some(consumer)) = (&request.owner, &consumer) {
-            fencing::check_store(&self.outbox, consumer, owner)?;
+            fencing::check_store(outbox, consumer, owner)?;
         }
         let from_first = request.from_first;
         // Refuse an impossible start or a stranger's name now rather than as the stream's first item.
-        let outbox = self.outbox.clone();
+        let reader = outbox.clone();
         let named = consumer.clone();
         let requested = request.from_offset;
         let (from, head) = blocking(move || {
             if let Some(consumer) = &named {
-                outbox.check_consumer(consumer)?;
+                reader.check_consumer(consumer)?;
             }
             let from = if from_first {
-                outbox.bounds()?.0
+                reader.bounds()?.0
             } else {
                 requested
             };
-            outbox.read_log(from, 0, 0)?;
-            Ok::<_, crate::store::StoreError>((from, outbox.next_offset()))
+            reader.read_log(from, 0, 0)?;
+            Ok::<_, crate::store::StoreError>((from, reader.next_offset()))
         })
         .await??;
         let stop_at = request.stop_at_head.then_some(head);
         let claim = match (&request.owner, &consumer) {
-            (Some(owner), Some(consumer)) => Some(self.owners.claim(consumer, owner.incarnation)?),
+            (Some(owner), Some(consumer)) => Some(owners.claim(consumer, owner.incarnation)?),
             _ => None,
         };
 
         let (tx, rx) = mpsc::channel(SUBSCRIBE_CHANNEL_DEPTH);
         tokio::spawn(produce(
-            self.outbox.clone(),
+            outbox.clone(),
             Feed {
                 from,
                 max_batch,
@@ -203,25 +239,25 @@ impl EventLog for EventLogService {
         let mut violations = FieldViolations::new();
         check_consumer_field(&consumer, &mut violations);
         violations.check()?;
-        self.check_partition(partition)?;
+        let Served { outbox, owners } = self.served(partition)?;
         if incarnation != 0 {
-            self.owners.check(&consumer, incarnation)?;
+            owners.check(&consumer, incarnation)?;
         }
-        let head = self.outbox.next_offset();
+        let head = outbox.next_offset();
         if offset > head {
             return Err(Status::out_of_range(format!(
                 "offset {offset} lies beyond the log's head {head}"
             )));
         }
-        let outbox = self.outbox.clone();
+        let outbox = outbox.clone();
         blocking(move || outbox.ack(&consumer, offset)).await??;
         Ok(Response::new(AckResponse {}))
     }
 
     async fn head(&self, request: Request<HeadRequest>) -> Result<Response<HeadResponse>, Status> {
         self.guard.check(&request)?;
-        self.check_partition(request.get_ref().partition)?;
-        let outbox = self.outbox.clone();
+        let outbox = self.served(request.get_ref().partition)?.outbox.clone();
+        let (partition, log_id) = (outbox.partition(), outbox.log_id());
         let ((first, next), consumers) =
             blocking(move || Ok::<_, Status>((outbox.bounds()?, outbox.positions()?))).await??;
         Ok(Response::new(HeadResponse {
@@ -234,9 +270,9 @@ impl EventLog for EventLogService {
                     acked_offset,
                 })
                 .collect(),
-            partition: self.outbox.partition().index,
-            partitions: self.outbox.partition().count,
-            log_id: self.outbox.log_id(),
+            partition: partition.index,
+            partitions: partition.count,
+            log_id,
         }))
     }
 }

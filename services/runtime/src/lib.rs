@@ -79,7 +79,7 @@ pub use retry::{
 };
 pub use server::{
     MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, ServeError, StageServer, raise_open_files_limit,
-    respond, run_main,
+    respond, run_main, store_path,
 };
 pub use shutdown::shutdown_on_signal;
 pub use status::FieldViolations;

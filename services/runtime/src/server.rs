@@ -12,7 +12,14 @@
 //! the caller's span when the request carries `traceparent`. Health, reflection and `EventLog` calls
 //! (the pipeline's own plumbing) are not traced.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::StreamExt;
 
 use orderflow_proto::stored::event_log_server::EventLogServer;
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -29,6 +36,7 @@ use crate::{
     config::{ServerArgs, StageCommand, ensure_data_dir},
     disk::FreeSpace,
     eventlog::EventLogService,
+    partition::Partition,
     retention::run_retention,
     store::{Condition, Store, StoreError},
     telemetry::{self, Telemetry, TelemetryConfig},
@@ -89,7 +97,8 @@ pub struct StageServer {
     local_addr: SocketAddr,
     metrics: Option<TcpListener>,
     identity: Option<ServerIdentity>,
-    store: Store,
+    /// The stores of the partitions this replica owns, ascending; never empty.
+    stores: Vec<Store>,
     free_space: Arc<FreeSpace>,
     service: Option<(Routes, &'static str)>,
     tasks: Vec<TaskStarter>,
@@ -97,9 +106,26 @@ pub struct StageServer {
 }
 
 impl StageServer {
-    /// Opens `<data-dir>/<stage>.redb`, the store of this replica's partition (recovering from any
-    /// crash), and binds `--listen`.
+    /// Opens the store of a stage that runs one partition (recovering from any crash; see
+    /// [`store_path`]) and binds `--listen`. Refuses settings with more partitions or replicas:
+    /// such a stage's service and tasks use [`StageServer::store`] alone.
     pub async fn bind(stage: &'static str, args: ServerArgs) -> Result<Self, ServeError> {
+        if args.partitions != 1 || args.replicas != 1 {
+            return Err(ServeError::Config(format!(
+                "the {stage} stage runs only with 1 partition (--partitions / \
+                 ORDERFLOW_PARTITIONS) and 1 replica (--replicas / ORDERFLOW_REPLICAS) until \
+                 scale-out"
+            )));
+        }
+        Self::bind_partitions(stage, args).await
+    }
+
+    /// Opens the store of each partition this replica owns (recovering from any crash; see
+    /// [`store_path`]) and binds `--listen`. Its `EventLog` serves every one of them.
+    pub async fn bind_partitions(
+        stage: &'static str,
+        args: ServerArgs,
+    ) -> Result<Self, ServeError> {
         let identity = ServerIdentity::load(
             args.tls_cert.as_deref(),
             args.tls_key.as_deref(),
@@ -107,18 +133,29 @@ impl StageServer {
         )
         .map_err(ServeError::Config)?;
         ensure_data_dir(&args.data_dir).map_err(ServeError::Config)?;
-        let path = args.data_dir.join(format!("{stage}.redb"));
-        let store = {
-            let (path, partition) = (path.clone(), args.partition());
-            tokio::task::spawn_blocking(move || {
-                Store::open_partition(&path, partition, crate::store::CACHE_BYTES)
+        let owned = args.owned_partitions();
+        if owned.is_empty() {
+            return Err(ServeError::Config(
+                args.check_replica().err().unwrap_or_else(|| {
+                    "this replica owns no partition (--replica, --replicas, --partitions)"
+                        .to_owned()
+                }),
+            ));
+        }
+        let mut stores = Vec::with_capacity(owned.len());
+        for partition in owned {
+            let path = store_path(&args.data_dir, stage, partition);
+            let opening = path.clone();
+            let store = tokio::task::spawn_blocking(move || {
+                Store::open_partition(&opening, partition, crate::store::CACHE_BYTES)
             })
             .await?
+            .map_err(|source| ServeError::Store {
+                path: path.display().to_string(),
+                source,
+            })?;
+            stores.push(store);
         }
-        .map_err(|source| ServeError::Store {
-            path: path.display().to_string(),
-            source,
-        })?;
         let listener = TcpListener::bind(args.listen)
             .await
             .map_err(|source| ServeError::Bind {
@@ -149,7 +186,7 @@ impl StageServer {
             local_addr,
             metrics,
             identity,
-            store,
+            stores,
             free_space,
             service: None,
             tasks: Vec::new(),
@@ -164,12 +201,15 @@ impl StageServer {
             Some(names) => names.0.clone(),
             None => consumers.iter().map(|c| (*c).to_owned()).collect(),
         };
-        self.store
-            .call(move |store| store.outbox().retain_for(&names))
-            .await
-            .map_err(|status| {
-                ServeError::config(format!("cannot register consumers: {}", status.message()))
-            })?;
+        for store in &self.stores {
+            let names = names.clone();
+            store
+                .call(move |store| store.outbox().retain_for(&names))
+                .await
+                .map_err(|status| {
+                    ServeError::config(format!("cannot register consumers: {}", status.message()))
+                })?;
+        }
         Ok(self)
     }
 
@@ -221,8 +261,16 @@ impl StageServer {
         self.local_addr
     }
 
+    /// The store of the first partition this replica owns: of a stage bound with
+    /// [`StageServer::bind`], its one store.
     pub fn store(&self) -> &Store {
-        &self.store
+        // `bind` opened at least one store.
+        &self.stores[0]
+    }
+
+    /// The stores of every partition this replica owns, ascending by partition.
+    pub fn stores(&self) -> &[Store] {
+        &self.stores
     }
 
     /// The free space of the stage's data volume against `--min-free-space`.
@@ -240,7 +288,7 @@ impl StageServer {
             local_addr,
             metrics,
             identity,
-            store,
+            stores,
             free_space,
             service,
             tasks,
@@ -285,8 +333,8 @@ impl StageServer {
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
             .add_service(
-                EventLogServer::new(EventLogService::new(
-                    store.outbox(),
+                EventLogServer::new(EventLogService::partitions(
+                    stores.iter().map(Store::outbox).collect(),
                     streams.clone(),
                     args.link_guard(),
                 ))
@@ -297,34 +345,47 @@ impl StageServer {
             .into_iter()
             .map(|start| start(shutdown.clone()))
             .collect();
-        let retention = tokio::spawn(run_retention(
-            stage,
-            store.clone(),
-            args.retention(),
-            shutdown.clone(),
-        ));
+        let retention: Vec<_> = stores
+            .iter()
+            .map(|store| {
+                tokio::spawn(run_retention(
+                    stage,
+                    store.clone(),
+                    args.retention(),
+                    shutdown.clone(),
+                ))
+            })
+            .collect();
         let metrics = tokio::spawn(crate::metrics::serve(metrics, shutdown.clone()));
         let monitor = tokio::spawn(free_space.monitor(stage, shutdown.clone()));
         let reporter = tokio::spawn(report_store_condition(
             stage,
-            store.clone(),
+            stores.clone(),
             health.clone(),
             [service, EVENT_LOG_SERVICE],
             shutdown.clone(),
         ));
-        let recovery = {
-            let (store, shutdown) = (store.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let result = store.recover(shutdown.clone()).await;
-                if let Err(e) = &result {
-                    tracing::error!(stage, error = %e, "the store cannot be opened again; stopping so that the process is restarted");
-                    shutdown.cancel();
-                }
-                result
+        let recovery: Vec<_> = stores
+            .iter()
+            .map(|store| {
+                let (store, shutdown) = (store.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    let result = store.recover(shutdown.clone()).await;
+                    if let Err(e) = &result {
+                        tracing::error!(stage, partition = %store.partition(), error = %e, "the store cannot be opened again; stopping so that the process is restarted");
+                        shutdown.cancel();
+                    }
+                    (store.partition(), result)
+                })
             })
-        };
+            .collect();
 
-        tracing::info!(stage, addr = %local_addr, data_dir = %args.data_dir.display(), partition = %store.partition(), "serving");
+        let partitions = stores
+            .iter()
+            .map(|store| store.partition().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        tracing::info!(stage, addr = %local_addr, data_dir = %args.data_dir.display(), %partitions, "serving");
         let drain = {
             let shutdown = shutdown.clone();
             let health = health.clone();
@@ -370,7 +431,10 @@ impl StageServer {
             metrics.await?;
             monitor.await?;
             reporter.await?;
-            retention.await
+            for retention in retention {
+                retention.await?;
+            }
+            Ok::<_, tokio::task::JoinError>(())
         };
         match tokio::time::timeout(args.shutdown_grace, finish).await {
             Ok(joined) => joined?,
@@ -379,45 +443,85 @@ impl StageServer {
                 "background tasks did not finish within the grace period"
             ),
         }
-        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(1), recovery).await {
-            return Err(ServeError::Store {
-                path: args
-                    .data_dir
-                    .join(format!("{stage}.redb"))
-                    .display()
-                    .to_string(),
-                source: e,
-            });
+        for recovery in recovery {
+            if let Ok(Ok((partition, Err(e)))) =
+                tokio::time::timeout(Duration::from_secs(1), recovery).await
+            {
+                return Err(ServeError::Store {
+                    path: store_path(&args.data_dir, stage, partition)
+                        .display()
+                        .to_string(),
+                    source: e,
+                });
+            }
         }
         tracing::info!(stage, "stopped");
         Ok(())
     }
 }
 
-/// Keeps health and metrics in step with the store: NOT_SERVING (for the whole server, the stage's
-/// service and its log) while it cannot commit or an upstream log refuses it
-/// ([`Refusal`](crate::Refusal)), SERVING again once both are over, until `shutdown` (after which
-/// the drain owns health).
+/// Where the store of `partition` of `stage` lives in `data_dir`: `<stage>.redb` in a pipeline of one
+/// partition (as before there were partitions), `<stage>-<p>.redb` in one of several, so that a
+/// volume holding the partitions a replica owns names each store.
+pub fn store_path(data_dir: &Path, stage: &str, partition: Partition) -> PathBuf {
+    if partition.count == 1 {
+        data_dir.join(format!("{stage}.redb"))
+    } else {
+        data_dir.join(format!("{stage}-{}.redb", partition.index))
+    }
+}
+
+/// A change to one store's condition or to the upstream logs refusing it.
+enum StoreChange {
+    Condition(Condition),
+    Refusals,
+}
+
+/// Every change to `store`'s condition and refusals from now on.
+fn store_changes(store: &Store) -> futures::stream::BoxStream<'static, StoreChange> {
+    let conditions = futures::stream::unfold(store.condition(), |mut rx| async move {
+        rx.changed().await.ok()?;
+        let condition = rx.borrow_and_update().clone();
+        Some((StoreChange::Condition(condition), rx))
+    });
+    let refusals = futures::stream::unfold(store.refusals(), |mut rx| async move {
+        rx.changed().await.ok()?;
+        rx.borrow_and_update();
+        Some((StoreChange::Refusals, rx))
+    });
+    futures::stream::select(conditions, refusals).boxed()
+}
+
+/// Keeps health and metrics in step with the stores: NOT_SERVING (for the whole server, the stage's
+/// service and its log) while any of them cannot commit or an upstream log refuses it
+/// ([`Refusal`](crate::Refusal)), SERVING again once all of that is over, until `shutdown` (after
+/// which the drain owns health).
 async fn report_store_condition(
     stage: &'static str,
-    store: Store,
+    stores: Vec<Store>,
     health: tonic_health::server::HealthReporter,
     services: [&'static str; 2],
     shutdown: CancellationToken,
 ) {
-    let mut condition = store.condition();
-    let mut refusals = store.refusals();
+    let mut changes = futures::stream::select_all(stores.iter().map(store_changes));
     // The recorder is installed on first use: make sure it exists before the first value is set.
     let _ = crate::metrics::handle();
     let healthy = |value: f64| {
         metrics::gauge!(crate::metrics::STORE_HEALTHY, "stage" => stage).set(value);
     };
+    let all_healthy = || {
+        stores
+            .iter()
+            .all(|store| matches!(*store.condition().borrow(), Condition::Healthy))
+    };
     healthy(1.0);
     // Health starts SERVING; a refusal may already be recorded by the time this task runs.
     let mut serving = true;
     loop {
-        let now = matches!(*condition.borrow(), Condition::Healthy)
-            && refusals.borrow_and_update().is_empty();
+        let now = all_healthy()
+            && stores
+                .iter()
+                .all(|store| store.refusals().borrow().is_empty());
         if shutdown.is_cancelled() {
             return;
         }
@@ -433,18 +537,17 @@ async fn report_store_condition(
             }
         }
         tokio::select! {
-            changed = condition.changed() => {
-                if changed.is_err() { return }
-                match &*condition.borrow_and_update() {
-                    Condition::Healthy => healthy(1.0),
-                    Condition::Failing(fault) => {
-                        healthy(0.0);
+            change = changes.next() => match change {
+                None => return,
+                Some(StoreChange::Condition(condition)) => {
+                    if let Condition::Failing(fault) = condition {
                         metrics::counter!(crate::metrics::STORE_FAULTS, "stage" => stage, "kind" => fault.kind.as_str())
                             .increment(1);
                     }
+                    healthy(if all_healthy() { 1.0 } else { 0.0 });
                 }
-            }
-            changed = refusals.changed() => if changed.is_err() { return },
+                Some(StoreChange::Refusals) => {}
+            },
             () = shutdown.cancelled() => return,
         }
     }
@@ -569,5 +672,129 @@ async fn serve_main(
             eprintln!("{binary}: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use orderflow_proto::v1::{
+        Event, HeadRequest, SubscribeRequest, event_log_client::EventLogClient,
+    };
+    use tonic::Code;
+
+    use super::*;
+    use crate::config::Replica;
+
+    /// Replica 1 of 2 over 4 partitions, on loopback in `dir`.
+    fn second_of_two(dir: &Path) -> ServerArgs {
+        let mut args = ServerArgs::new("127.0.0.1:0".parse().unwrap(), dir);
+        (args.replica, args.replicas, args.partitions) = (Replica(1), 2, 4);
+        args
+    }
+
+    /// A replica serves the log of every partition it owns, each from its own store, and only
+    /// those; a stage of one partition refuses such settings before it makes any store.
+    #[tokio::test]
+    async fn a_replica_serves_each_partition_it_owns_from_its_own_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let refused = StageServer::bind("stage", second_of_two(dir.path()))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            refused.contains("only with 1 partition") && refused.contains("ORDERFLOW_PARTITIONS"),
+            "{refused}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        let server = StageServer::bind_partitions("stage", second_of_two(dir.path()))
+            .await
+            .unwrap();
+        let owned: Vec<u32> = server.stores().iter().map(|s| s.partition().index).collect();
+        assert_eq!(owned, [1, 3]);
+        // Partition p's store holds p + 1 entries, each naming its partition.
+        for store in server.stores() {
+            let p = store.partition().index;
+            store
+                .write(|txn| {
+                    for n in 0..=p {
+                        txn.append(&Event {
+                            order_id: format!("p{p}-{n}"),
+                            ..Default::default()
+                        });
+                    }
+                    Ok::<_, StoreError>(())
+                })
+                .unwrap();
+        }
+        let mut files: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".redb"))
+            .collect();
+        files.sort();
+        assert_eq!(files, ["stage-1.redb", "stage-3.redb"]);
+
+        let addr = server.local_addr();
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(server.serve(shutdown.clone()));
+        let mut log = EventLogClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        for p in [1u32, 3] {
+            let head = log
+                .head(HeadRequest { partition: p })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!((head.partition, head.partitions), (p, 4));
+            assert_eq!(head.next_offset, u64::from(p) + 1);
+            let mut stream = log
+                .subscribe(SubscribeRequest {
+                    partition: p,
+                    stop_at_head: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut orders = Vec::new();
+            while let Some(batch) = stream.message().await.unwrap() {
+                orders.extend(
+                    batch
+                        .entries
+                        .into_iter()
+                        .map(|e| e.event.unwrap().order_id),
+                );
+            }
+            let expected: Vec<String> = (0..=p).map(|n| format!("p{p}-{n}")).collect();
+            assert_eq!(orders, expected);
+        }
+        // Another replica's partition, and one the pipeline does not have.
+        let elsewhere = log.head(HeadRequest { partition: 2 }).await.unwrap_err();
+        assert_eq!(elsewhere.code(), Code::FailedPrecondition);
+        assert!(
+            elsewhere.message().contains("serves partition 1, 3 of 4"),
+            "{}",
+            elsewhere.message()
+        );
+        let none = log.head(HeadRequest { partition: 4 }).await.unwrap_err();
+        assert_eq!(none.code(), Code::InvalidArgument, "{}", none.message());
+
+        shutdown.cancel();
+        serving.await.unwrap().unwrap();
+        // Each store keeps its partition: opened again as the same replica, it serves them again.
+        let again = StageServer::bind_partitions("stage", second_of_two(dir.path()))
+            .await
+            .unwrap();
+        let heads: Vec<u64> = again
+            .stores()
+            .iter()
+            .map(|s| s.outbox().next_offset())
+            .collect();
+        assert_eq!(heads, [2, 4]);
     }
 }
