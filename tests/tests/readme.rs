@@ -377,6 +377,7 @@ fn grpcurl_line(tools: &Tools, cwd: &Path, line: &str, answers: &mut Answers) {
         "Head" => {
             first["nextOffset"].is_string()
                 && first["partitions"] == 1
+                && first["replicas"] == 1
                 && first["consumers"]
                     .as_array()
                     .is_some_and(|c| c.iter().any(|c| c["consumer"] == "invoice"))

@@ -321,10 +321,25 @@ impl ServerArgs {
         tls::client_config(self.tls_ca.as_deref(), identity)
     }
 
-    /// A link to the stage at `url`: its endpoint, with this stage's TLS settings and link token.
+    /// A link to the stage whose replicas `url` names, with this stage's TLS settings and link
+    /// token. Refuses a list of more replicas than the pipeline has partitions.
     pub fn link(&self, url: &UpstreamUrl) -> Result<Link, String> {
+        if let Some(listed) = url.listed()
+            && listed > self.partitions
+        {
+            return Err(format!(
+                "{url} lists {listed} replicas, but the pipeline has {p} partition{s} \
+                 (--partitions / ORDERFLOW_PARTITIONS) and a stage runs at most {p} replica{s}",
+                p = self.partitions,
+                s = if self.partitions == 1 { "" } else { "s" },
+            ));
+        }
+        let tls = self.client_tls()?;
+        // Every replica's URL is checked when it is parsed; make sure TLS applies to them too.
+        url.endpoint(0, &tls)?;
         Ok(Link {
-            endpoint: url.endpoint(&self.client_tls()?)?,
+            url: url.clone(),
+            tls,
             auth: LinkAuth::new(self.link_token.as_ref()),
         })
     }
@@ -393,43 +408,84 @@ impl ServerArgs {
     }
 }
 
-/// A connection to another stage's `EventLog`: where, over which TLS, with which credential.
+/// A connection to another stage's `EventLog`: its replicas, over which TLS, with which
+/// credential.
 #[derive(Debug, Clone)]
 pub struct Link {
-    pub endpoint: Endpoint,
+    pub url: UpstreamUrl,
+    tls: ClientTlsConfig,
     pub auth: LinkAuth,
+}
+
+impl Link {
+    /// The endpoint of replica `replica` of the linked stage, with connect timeout and keep-alives
+    /// set and TLS applied when its URL is `https://`.
+    pub fn endpoint(&self, replica: u32) -> Result<Endpoint, String> {
+        self.url.endpoint(replica, &self.tls)
+    }
 }
 
 /// Where a downstream stage reads its input from.
 #[derive(Args, Debug, Clone)]
 pub struct UpstreamArgs {
-    /// URL of the upstream stage's gRPC server (http:// or https://); `{replica}` in it stands for
-    /// the number of the upstream's replica (0, the only one until scale-out)
+    /// URL of the upstream stage's gRPC server (http:// or https://): its replicas' URLs in replica
+    /// order separated by commas, or one URL in which `{replica}` stands for each replica's number
     #[arg(long, env = "ORDERFLOW_UPSTREAM", value_name = "URL", value_parser = UpstreamUrl::from_str)]
     pub upstream: UpstreamUrl,
 }
 
-/// A validated `http://` or `https://` URL of another stage: of its one replica, since every stage
-/// runs one until scale-out.
-///
-/// Written as operators' manifests will write it once stages have replicas: one URL, the
-/// replicas' URLs in replica order separated by commas, or one URL containing `{replica}` that
-/// each replica's number replaces (a StatefulSet's stable names: `http://stock-{replica}.stock:50052`).
+/// The replicas of another stage, as a flag names them: one URL (its one replica), the replicas'
+/// URLs in replica order separated by commas, or one URL containing `{replica}` that each
+/// replica's number replaces (a StatefulSet's stable names: `http://stock-{replica}.stock:50052`;
+/// then how many replicas there are is asked of replica 0, which every stage has). Each URL is an
+/// `http://` or `https://` URL with a host.
 #[derive(Debug, Clone)]
-pub struct UpstreamUrl(String);
+pub struct UpstreamUrl {
+    replicas: Replicas,
+    /// As given (trimmed), for messages.
+    text: String,
+}
+
+#[derive(Debug, Clone)]
+enum Replicas {
+    Listed(Vec<String>),
+    Templated(String),
+}
 
 /// What stands for a replica's number in a URL.
 const REPLICA_PLACEHOLDER: &str = "{replica}";
 
 impl UpstreamUrl {
-    /// A tonic endpoint for it, with connect timeout and keep-alives set, and `tls` applied when the
-    /// URL is `https://`.
-    pub fn endpoint(&self, tls: &ClientTlsConfig) -> Result<Endpoint, String> {
-        tls::endpoint(&self.0, tls)
+    /// The URL of replica `replica`, counted from 0; `None` beyond a list.
+    pub fn replica(&self, replica: u32) -> Option<String> {
+        match &self.replicas {
+            Replicas::Listed(urls) => urls.get(replica as usize).cloned(),
+            Replicas::Templated(url) => {
+                Some(url.replace(REPLICA_PLACEHOLDER, &replica.to_string()))
+            }
+        }
     }
 
+    /// How many replicas a list names; `None` for a `{replica}` URL, which names any number.
+    pub fn listed(&self) -> Option<u32> {
+        match &self.replicas {
+            Replicas::Listed(urls) => Some(u32::try_from(urls.len()).unwrap_or(u32::MAX)),
+            Replicas::Templated(_) => None,
+        }
+    }
+
+    /// A tonic endpoint for replica `replica`, with connect timeout and keep-alives set, and `tls`
+    /// applied when its URL is `https://`.
+    pub fn endpoint(&self, replica: u32, tls: &ClientTlsConfig) -> Result<Endpoint, String> {
+        let url = self.replica(replica).ok_or_else(|| {
+            format!("{self} names no replica {replica}: list one URL per replica, in replica order")
+        })?;
+        tls::endpoint(&url, tls)
+    }
+
+    /// The URL as given.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
     }
 }
 
@@ -438,38 +494,60 @@ impl FromStr for UpstreamUrl {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let urls: Vec<&str> = s.split(',').map(str::trim).collect();
-        let [url] = urls.as_slice() else {
-            return Err(format!(
-                "lists {} URLs, one per replica of that stage, but every stage runs 1 replica \
-                 until scale-out: give one URL",
-                urls.len()
-            ));
-        };
-        if url.matches(REPLICA_PLACEHOLDER).count() > 1 {
-            return Err(format!("{REPLICA_PLACEHOLDER} may appear once"));
+        if urls.iter().any(|url| url.is_empty()) {
+            return Err(
+                "expected a URL, or the replicas' URLs separated by commas; one is empty".into(),
+            );
         }
-        // Replica 0, the only one.
-        Self::checked(&url.replace(REPLICA_PLACEHOLDER, "0"))
+        let templated = urls
+            .iter()
+            .filter(|url| url.contains(REPLICA_PLACEHOLDER))
+            .count();
+        let replicas = match (urls.as_slice(), templated) {
+            (_, 0) => Replicas::Listed(
+                urls.iter()
+                    .map(|url| check_url(url).map(|()| (*url).to_owned()))
+                    .collect::<Result<_, _>>()?,
+            ),
+            ([url], _) => {
+                if url.matches(REPLICA_PLACEHOLDER).count() > 1 {
+                    return Err(format!("{REPLICA_PLACEHOLDER} may appear once"));
+                }
+                check_url(&url.replace(REPLICA_PLACEHOLDER, "0"))?;
+                Replicas::Templated((*url).to_owned())
+            }
+            _ => {
+                return Err(format!(
+                    "{REPLICA_PLACEHOLDER} stands for every replica's number: give one URL with \
+                     it, or list every replica's URL without it"
+                ));
+            }
+        };
+        Ok(UpstreamUrl {
+            replicas,
+            text: urls.join(","),
+        })
     }
 }
 
-impl UpstreamUrl {
-    fn checked(s: &str) -> Result<Self, String> {
-        if !(s.starts_with("http://") || s.starts_with("https://")) {
-            return Err("expected a URL starting with http:// or https://".into());
-        }
-        let endpoint =
-            Endpoint::from_shared(s.to_owned()).map_err(|e| format!("not a valid URL: {e}"))?;
-        if endpoint.uri().host().is_none_or(str::is_empty) {
-            return Err("the URL has no host".into());
-        }
-        Ok(UpstreamUrl(s.to_owned()))
+/// Checks one replica's URL: `http://` or `https://`, valid, with a host.
+fn check_url(s: &str) -> Result<(), String> {
+    if !(s.starts_with("http://") || s.starts_with("https://")) {
+        return Err(format!(
+            "expected a URL starting with http:// or https://, got {s:?}"
+        ));
     }
+    let endpoint = Endpoint::from_shared(s.to_owned())
+        .map_err(|e| format!("{s:?} is not a valid URL: {e}"))?;
+    if endpoint.uri().host().is_none_or(str::is_empty) {
+        return Err(format!("the URL {s:?} has no host"));
+    }
+    Ok(())
 }
 
 impl std::fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 
@@ -618,24 +696,48 @@ mod tests {
         for bad in ["127.0.0.1:50051", "ftp://x", "http://", "", "http://a:1,"] {
             assert!(UpstreamUrl::from_str(bad).is_err(), "{bad} accepted");
         }
-        // As manifests write the replicas of another stage: its one replica until scale-out.
-        for (given, url) in [
-            (
-                "http://stock-{replica}.stock:50052",
-                "http://stock-0.stock:50052",
-            ),
-            ("https://stock-{replica}:50052", "https://stock-0:50052"),
-            (" http://stock:50052 ", "http://stock:50052"),
-        ] {
-            assert_eq!(UpstreamUrl::from_str(given).unwrap().as_str(), url);
-        }
-        let two = UpstreamUrl::from_str("http://stock-0:1,http://stock-1:1").unwrap_err();
-        assert!(
-            two.contains("lists 2 URLs") && two.contains("1 replica"),
-            "{two}"
+        // As manifests write the replicas of another stage: a StatefulSet's stable names, or a
+        // list in replica order.
+        let templated = UpstreamUrl::from_str("http://stock-{replica}.stock:50052").unwrap();
+        assert_eq!(templated.listed(), None);
+        assert_eq!(
+            templated.replica(0).as_deref(),
+            Some("http://stock-0.stock:50052")
         );
-        let twice = UpstreamUrl::from_str("http://s-{replica}-{replica}:1").unwrap_err();
-        assert!(twice.contains("once"), "{twice}");
+        assert_eq!(
+            templated.replica(12).as_deref(),
+            Some("http://stock-12.stock:50052")
+        );
+        let listed = UpstreamUrl::from_str(" http://stock-a:1 , https://stock-b:2").unwrap();
+        assert_eq!(listed.listed(), Some(2));
+        assert_eq!(listed.replica(1).as_deref(), Some("https://stock-b:2"));
+        assert_eq!(listed.replica(2), None);
+        assert_eq!(listed.as_str(), "http://stock-a:1,https://stock-b:2");
+        let one = UpstreamUrl::from_str(" http://stock:50052 ").unwrap();
+        assert_eq!(
+            (one.listed(), one.replica(0).as_deref()),
+            (Some(1), Some("http://stock:50052"))
+        );
+        for (bad, why) in [
+            ("http://s-{replica}-{replica}:1", "once"),
+            (
+                "http://s-{replica}:1,http://t:1",
+                "every replica's URL without it",
+            ),
+            ("http://a:1,,http://b:1", "one is empty"),
+            ("http://a:1,b:2", "\"b:2\""),
+        ] {
+            let refused = UpstreamUrl::from_str(bad).unwrap_err();
+            assert!(refused.contains(why), "{bad}: {refused}");
+        }
+        // A stage runs at most one replica per partition.
+        let args = ServerArgs::new("127.0.0.1:0".parse().unwrap(), "data");
+        let refused = args.link(&listed).unwrap_err();
+        assert!(
+            refused.contains("lists 2 replicas") && refused.contains("1 partition "),
+            "{refused}"
+        );
+        assert!(args.link(&one).is_ok() && args.link(&templated).is_ok());
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub const SUBSCRIBE_CHANNEL_DEPTH: usize = 2;
 pub struct EventLogService {
     /// Ascending by partition index, all of one partition count; never empty.
     served: Arc<[Served]>,
+    /// How many replicas the stage runs, for `Head`.
+    replicas: u32,
     /// Cancelled when the stage drains: every producer ends its stream.
     streams: CancellationToken,
     guard: LinkGuard,
@@ -79,13 +81,14 @@ struct Served {
 impl EventLogService {
     /// Serves `outbox`, the one partition a replica owns.
     pub fn new(outbox: Outbox, streams: CancellationToken, guard: LinkGuard) -> Self {
-        Self::partitions(vec![outbox], streams, guard)
+        Self::partitions(vec![outbox], 1, streams, guard)
     }
 
-    /// Serves each of `outboxes`, the partitions a replica owns (one store each, all made for the
-    /// same partition count).
+    /// Serves each of `outboxes`, the partitions a replica of a stage with `replicas` replicas owns
+    /// (one store each, all made for the same partition count).
     pub fn partitions(
         mut outboxes: Vec<Outbox>,
+        replicas: u32,
         streams: CancellationToken,
         guard: LinkGuard,
     ) -> Self {
@@ -98,6 +101,7 @@ impl EventLogService {
                     owners: Owners::default(),
                 })
                 .collect(),
+            replicas,
             streams,
             guard,
         }
@@ -273,6 +277,7 @@ impl EventLog for EventLogService {
             partition: partition.index,
             partitions: partition.count,
             log_id,
+            replicas: self.replicas,
         }))
     }
 }

@@ -335,6 +335,7 @@ impl StageServer {
             .add_service(
                 EventLogServer::new(EventLogService::partitions(
                     stores.iter().map(Store::outbox).collect(),
+                    args.replicas,
                     streams.clone(),
                     args.link_guard(),
                 ))
@@ -713,7 +714,11 @@ mod tests {
         let server = StageServer::bind_partitions("stage", second_of_two(dir.path()))
             .await
             .unwrap();
-        let owned: Vec<u32> = server.stores().iter().map(|s| s.partition().index).collect();
+        let owned: Vec<u32> = server
+            .stores()
+            .iter()
+            .map(|s| s.partition().index)
+            .collect();
         assert_eq!(owned, [1, 3]);
         // Partition p's store holds p + 1 entries, each naming its partition.
         for store in server.stores() {
@@ -750,7 +755,7 @@ mod tests {
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!((head.partition, head.partitions), (p, 4));
+            assert_eq!((head.partition, head.partitions, head.replicas), (p, 4, 2));
             assert_eq!(head.next_offset, u64::from(p) + 1);
             let mut stream = log
                 .subscribe(SubscribeRequest {
@@ -763,12 +768,7 @@ mod tests {
                 .into_inner();
             let mut orders = Vec::new();
             while let Some(batch) = stream.message().await.unwrap() {
-                orders.extend(
-                    batch
-                        .entries
-                        .into_iter()
-                        .map(|e| e.event.unwrap().order_id),
-                );
+                orders.extend(batch.entries.into_iter().map(|e| e.event.unwrap().order_id));
             }
             let expected: Vec<String> = (0..=p).map(|n| format!("p{p}-{n}")).collect();
             assert_eq!(orders, expected);

@@ -137,6 +137,8 @@ pub trait Apply: Send + Sync + 'static {
 enum SubscriptionError {
     #[error("cannot connect: {}", crate::error_chain(.0))]
     Connect(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Link(String),
     #[error("upstream answered {}: {}", .0.code(), .0.message())]
     Status(tonic::Status),
     #[error("{message}")]
@@ -240,8 +242,10 @@ pub struct Subscription<A> {
     consumer: String,
     /// Key of the consumed offset in the store's meta table (e.g. "receiver").
     upstream_name: String,
-    upstream: Endpoint,
-    auth: LinkAuth,
+    /// The upstream's replicas; the one that owns this store's partition is read.
+    upstream: Link,
+    /// The endpoint of that replica, once known, for the acknowledgements.
+    owner: watch::Sender<Option<Endpoint>>,
     store: Store,
     applier: Arc<A>,
     commit: Commit,
@@ -263,8 +267,8 @@ impl<A: Apply> Subscription<A> {
         Subscription {
             consumer: consumer.into(),
             upstream_name: upstream_name.into(),
-            upstream: upstream.endpoint,
-            auth: upstream.auth,
+            upstream,
+            owner: watch::channel(None).0,
             store,
             applier,
             commit: Commit::Durable,
@@ -298,7 +302,10 @@ impl<A: Apply> Subscription<A> {
         };
         let (acked_tx, acked_rx) = watch::channel(committed);
         let acker = tokio::spawn(acknowledge(
-            EventLogClient::with_interceptor(self.upstream.connect_lazy(), self.auth.clone()),
+            AckTarget {
+                owner: self.owner.subscribe(),
+                auth: self.upstream.auth.clone(),
+            },
             self.consumer.clone(),
             // Lazy commits are durable only once a durable commit follows: make one before telling
             // upstream it may delete what they hold.
@@ -330,7 +337,7 @@ impl<A: Apply> Subscription<A> {
                     // Loud once per reason; the health check says it for as long as it lasts.
                     if last_refusal != Some(refusal) {
                         tracing::error!(
-                            upstream = %self.upstream.uri(),
+                            upstream = %self.upstream.url,
                             reason = refusal.as_str(),
                             error = %message,
                             "upstream refuses this stage's store; not serving"
@@ -356,19 +363,19 @@ impl<A: Apply> Subscription<A> {
                     if e.is_truncated() {
                         // Retrying cannot help until an operator intervenes; say so loudly.
                         tracing::error!(
-                            upstream = %self.upstream.uri(),
+                            upstream = %self.upstream.url,
                             error = %e,
                             "upstream no longer has the entries this stage needs"
                         );
                     } else if matches!(e, SubscriptionError::Partitions { .. }) {
                         tracing::error!(
-                            upstream = %self.upstream.uri(),
+                            upstream = %self.upstream.url,
                             error = %e,
                             "not consuming a log partitioned differently"
                         );
                     } else {
                         tracing::warn!(
-                            upstream = %self.upstream.uri(),
+                            upstream = %self.upstream.url,
                             error = %e,
                             retry_in_ms = pause.as_millis() as u64,
                             "upstream subscription interrupted"
@@ -382,6 +389,33 @@ impl<A: Apply> Subscription<A> {
             }
         }
         let _ = acker.await;
+    }
+
+    /// The endpoint of the upstream replica that owns this store's partition p: replica p mod N,
+    /// where N is how many replicas the link lists or, for a `{replica}` URL, how many replica 0
+    /// (which owns partition 0, so exists whatever N is) says its stage runs.
+    async fn owner_endpoint(&self) -> Result<Endpoint, SubscriptionError> {
+        let partition = self.store.partition().index;
+        let replicas = match self.upstream.url.listed() {
+            Some(listed) => listed,
+            None if partition == 0 => 1,
+            None => {
+                let first = self.upstream.endpoint(0).map_err(SubscriptionError::Link)?;
+                let mut client = EventLogClient::with_interceptor(
+                    first.connect().await?,
+                    self.upstream.auth.clone(),
+                );
+                let head = client
+                    .head(HeadRequest { partition: 0 })
+                    .await?
+                    .into_inner();
+                // A server that predates replicas answers 0: it runs exactly one.
+                head.replicas.max(1)
+            }
+        };
+        self.upstream
+            .endpoint(partition % replicas.max(1))
+            .map_err(SubscriptionError::Link)
     }
 
     async fn committed_offset(&self) -> Result<u64, StoreError> {
@@ -398,11 +432,17 @@ impl<A: Apply> Subscription<A> {
         shutdown: &CancellationToken,
     ) -> Result<(), SubscriptionError> {
         let mut next = self.committed_offset().await?;
+        let connected = async {
+            let owner = self.owner_endpoint().await?;
+            let channel = owner.connect().await?;
+            self.owner.send_replace(Some(owner));
+            Ok::<_, SubscriptionError>(channel)
+        };
         let channel = tokio::select! {
-            channel = self.upstream.connect() => channel?,
+            channel = connected => channel?,
             () = shutdown.cancelled() => return Ok(()),
         };
-        let mut client = EventLogClient::with_interceptor(channel, self.auth.clone())
+        let mut client = EventLogClient::with_interceptor(channel, self.upstream.auth.clone())
             .max_decoding_message_size(crate::eventlog::MAX_MESSAGE_BYTES);
         let partition = self.store.partition();
         let head = client
@@ -456,7 +496,7 @@ impl<A: Apply> Subscription<A> {
             blocking(move || store.record_upstream_log_id(&upstream_name, log_id)).await??;
         }
         self.store.lift_refusal(&self.upstream_name);
-        tracing::info!(upstream = %self.upstream.uri(), from_offset = next, "subscribed upstream");
+        tracing::info!(upstream = %self.upstream.url, from_offset = next, "subscribed upstream");
         // The batch whose transaction runs on a blocking thread while the next one is read,
         // decoded and prepared here: at most one, and they commit in offset order.
         let mut in_flight: Option<InFlight> = None;
@@ -701,6 +741,13 @@ fn decode_dense<E: Decode>(
 /// The client of an upstream `EventLog`, with the link credential on every call.
 type LogClient = EventLogClient<InterceptedService<Channel, LinkAuth>>;
 
+/// Where acknowledgements go: the upstream replica that owns the partition, once the subscription
+/// has found it, with the link credential.
+struct AckTarget {
+    owner: watch::Receiver<Option<Endpoint>>,
+    auth: LinkAuth,
+}
+
 /// Tells upstream how far this stage has committed, at most every [`ACK_INTERVAL`]. With `flush`
 /// (the store and the upstream's name in it, for lazy commits) it first makes a durable commit and
 /// acknowledges no further than the consumed offset that commit holds: a store opened again after a
@@ -708,7 +755,7 @@ type LogClient = EventLogClient<InterceptedService<Channel, LinkAuth>>;
 /// upstream must keep those entries to be applied again. Failures are only logged: an
 /// acknowledgement just lets upstream trim its log, and the next one catches up.
 async fn acknowledge(
-    mut client: LogClient,
+    AckTarget { mut owner, auth }: AckTarget,
     consumer: String,
     flush: Option<(Store, String)>,
     partition: u32,
@@ -718,9 +765,18 @@ async fn acknowledge(
 ) {
     let mut last_acked = None;
     let mut last_refusal = None;
+    let mut client: Option<LogClient> = None;
     loop {
+        // The replica that owns the partition, once the subscription has found it (again).
+        if owner.has_changed().unwrap_or(false) || client.is_none() {
+            client = owner.borrow_and_update().as_ref().map(|endpoint| {
+                EventLogClient::with_interceptor(endpoint.connect_lazy(), auth.clone())
+            });
+        }
         let offset = *committed.borrow_and_update();
-        if last_acked != Some(offset) {
+        if let Some(client) = client.as_mut()
+            && last_acked != Some(offset)
+        {
             let durable = match &flush {
                 Some((store, upstream)) => {
                     let (store, upstream) = (store.clone(), upstream.clone());
@@ -811,7 +867,164 @@ impl Default for Backoff {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::{net::SocketAddr, path::Path};
+
+    use orderflow_proto::v1::Event;
+
     use super::*;
+    use crate::{ServerArgs, StageServer, UpstreamUrl, config::Replica};
+
+    /// Appends every event it consumes to its own store's outbox, as a stage passes orders on.
+    struct PassOn;
+
+    impl Apply for PassOn {
+        type Event = Event;
+        type Prepared = ();
+
+        fn apply(&self, txn: &mut Txn, entry: &Entry<Event>, _: &mut ()) -> Result<(), StoreError> {
+            txn.append(&entry.event);
+            Ok(())
+        }
+    }
+
+    /// Replica `replica` of `replicas` over `partitions`, listening on `listen`, in `dir`.
+    fn layout(
+        listen: SocketAddr,
+        dir: &Path,
+        replica: u32,
+        replicas: u32,
+        partitions: u32,
+    ) -> ServerArgs {
+        let mut args = ServerArgs::new(listen, dir);
+        (args.replica, args.replicas, args.partitions) = (Replica(replica), replicas, partitions);
+        args
+    }
+
+    /// Serves `server` until the returned token is cancelled.
+    fn serve(server: StageServer) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let shutdown = CancellationToken::new();
+        let serving = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { server.serve(shutdown).await.unwrap() })
+        };
+        (shutdown, serving)
+    }
+
+    /// A replica that owns several partitions reads each of them from the upstream replica that
+    /// owns it, whether the link lists the upstream's replicas or names them with `{replica}`
+    /// (then asking replica 0 how many there are).
+    #[tokio::test]
+    async fn each_partition_is_read_from_the_upstream_replica_that_owns_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // Upstream: 2 replicas over 4 partitions, at 127.0.0.1:X and 127.0.1.1:X, so that one URL
+        // with `{replica}` in its host names both.
+        let first = StageServer::bind_partitions(
+            "up",
+            layout(
+                "127.0.0.1:0".parse().unwrap(),
+                &dir.path().join("up-0"),
+                0,
+                2,
+                4,
+            ),
+        )
+        .await
+        .unwrap()
+        .retain_for(&["down"])
+        .await
+        .unwrap();
+        let port = first.local_addr().port();
+        let second = StageServer::bind_partitions(
+            "up",
+            layout(
+                SocketAddr::from(([127, 0, 1, 1], port)),
+                &dir.path().join("up-1"),
+                1,
+                2,
+                4,
+            ),
+        )
+        .await
+        .unwrap()
+        .retain_for(&["down"])
+        .await
+        .unwrap();
+        for store in first.stores().iter().chain(second.stores()) {
+            let p = store.partition().index;
+            store
+                .write(|txn| {
+                    for n in 0..3 {
+                        txn.append(&Event {
+                            order_id: format!("p{p}-{n}"),
+                            ..Default::default()
+                        });
+                    }
+                    Ok::<_, StoreError>(())
+                })
+                .unwrap();
+        }
+        let listed: UpstreamUrl = format!("http://127.0.0.1:{port},http://127.0.1.1:{port}")
+            .parse()
+            .unwrap();
+        let templated: UpstreamUrl = format!("http://127.0.{{replica}}.1:{port}")
+            .parse()
+            .unwrap();
+        let upstream = [serve(first), serve(second)];
+
+        for (name, url) in [("listed", listed), ("templated", templated)] {
+            // Downstream: one replica over the same 4 partitions.
+            let args = layout(
+                "127.0.0.1:0".parse().unwrap(),
+                &dir.path().join(name),
+                0,
+                1,
+                4,
+            );
+            let link = args.link(&url).unwrap();
+            let down = StageServer::bind_partitions("down", args).await.unwrap();
+            let shutdown = CancellationToken::new();
+            let running: Vec<_> = down
+                .stores()
+                .iter()
+                .map(|store| {
+                    let subscription = Subscription::new(
+                        "down",
+                        "up",
+                        link.clone(),
+                        store.clone(),
+                        Arc::new(PassOn),
+                    );
+                    tokio::spawn(subscription.run(shutdown.clone()))
+                })
+                .collect();
+            for store in down.stores() {
+                let p = store.partition().index;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while store.outbox().next_offset() < 3 {
+                    assert!(Instant::now() < deadline, "{name}: partition {p} not read");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let outbox = store.outbox();
+                let orders: Vec<String> = outbox
+                    .read_log(0, 10, usize::MAX)
+                    .unwrap()
+                    .into_iter()
+                    .map(|entry| Event::decode_event(&entry.event).unwrap().order_id)
+                    .collect();
+                assert_eq!(orders, [0, 1, 2].map(|n| format!("p{p}-{n}")), "{name}");
+            }
+            shutdown.cancel();
+            for running in running {
+                running.await.unwrap();
+            }
+        }
+        for (shutdown, serving) in upstream {
+            shutdown.cancel();
+            serving.await.unwrap();
+        }
+    }
 
     #[test]
     fn backoff_grows_to_its_ceiling_and_resets() {
