@@ -677,6 +677,7 @@ fn sample(flag: &str) -> (&'static str, &'static [&'static str]) {
         "--tls-ca" => ("ca.pem", &[]),
         "--link-token" => ("link-token-1", &[]),
         "--tls-client-ca" => ("ca.pem", CERT),
+        "--peers" => ("http://127.0.0.1:9", &[]),
         "--upstream" | "--stock-url" | "--invoice-url" | "--notifier-url" => {
             ("http://127.0.0.1:9", &[])
         }

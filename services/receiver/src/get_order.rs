@@ -6,20 +6,52 @@ use orderflow_proto::v1::{GetOrderRequest, GetOrderResponse, Order, WatchOrderRe
 use orderflow_runtime::{FieldViolations, Store, StoreError, decode_record};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Status;
+use tonic::{Status, Streaming};
 
 use crate::{
-    Receiver,
+    Home, Receiver,
     intake::{ORDERS, ORDERS_NAME},
+    peers::Peers,
     progress,
 };
 
+/// Where an order lives: here, or at another replica.
+enum Place<'a> {
+    Here(&'a Home),
+    Replica(&'a Peers, u32),
+}
+
+/// Where the order `order_id` (checked) lives, by the partition its id names. An id that names
+/// no partition of this pipeline names no order.
+fn place<'a>(
+    receiver: &'a Receiver,
+    order_id: &str,
+    forwarded_by: Option<&str>,
+) -> Result<Place<'a>, Status> {
+    check_id(order_id)?;
+    let partition = orderflow_runtime::order_partition(order_id, receiver.partitions)
+        .ok_or_else(|| not_found(order_id))?;
+    if let Some(home) = receiver.home(partition) {
+        return Ok(Place::Here(home));
+    }
+    match (&receiver.peers, forwarded_by) {
+        (Some(peers), None) => Ok(Place::Replica(peers, partition)),
+        (_, from) => Err(crate::peers::misrouted(partition, from.unwrap_or("(none)"))),
+    }
+}
+
+/// The order `request` names, from the replica that owns its partition. `forwarded_by`: the
+/// replica that forwarded this call.
 pub(crate) async fn get_order(
-    store: &Store,
+    receiver: &Receiver,
     request: GetOrderRequest,
+    forwarded_by: Option<&str>,
 ) -> Result<GetOrderResponse, Status> {
-    check_id(&request.order_id)?;
-    let order = read(store, &request.order_id).await?;
+    let home = match place(receiver, &request.order_id, forwarded_by)? {
+        Place::Here(home) => home,
+        Place::Replica(peers, partition) => return peers.get(partition, request).await,
+    };
+    let order = read(&home.store, &request.order_id).await?;
     Ok(GetOrderResponse {
         order: Some(order.ok_or_else(|| not_found(&request.order_id))?),
     })
@@ -32,12 +64,18 @@ pub(crate) type OrderStream = ReceiverStream<Result<Order, Status>>;
 pub(crate) async fn watch_order(
     receiver: Arc<Receiver>,
     request: WatchOrderRequest,
+    forwarded_by: Option<&str>,
 ) -> Result<OrderStream, Status> {
-    check_id(&request.order_id)?;
+    let store = match place(&receiver, &request.order_id, forwarded_by)? {
+        Place::Here(home) => home.store.clone(),
+        Place::Replica(peers, partition) => {
+            return peers.watch(partition, request).await.map(relay);
+        }
+    };
     let id = request.order_id;
     // Subscribe before the first read, so no change in between is missed.
     let mut changes = receiver.watchers.watch(&id);
-    let Some(first) = read(&receiver.store, &id).await? else {
+    let Some(first) = read(&store, &id).await? else {
         drop(changes);
         receiver.watchers.release(&id);
         return Err(not_found(&id));
@@ -58,7 +96,7 @@ pub(crate) async fn watch_order(
                     break;
                 }
             }
-            match read(&receiver.store, &id).await {
+            match read(&store, &id).await {
                 Ok(Some(now)) if now != last => {
                     terminal = now.terminal;
                     if tx.send(Ok(now.clone())).await.is_err() {
@@ -77,6 +115,29 @@ pub(crate) async fn watch_order(
         receiver.watchers.release(&id);
     });
     Ok(ReceiverStream::new(rx))
+}
+
+/// What another replica streams about an order, passed on as it comes.
+fn relay(mut stream: Streaming<Order>) -> OrderStream {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                next = stream.message() => next,
+                () = tx.closed() => return,
+            };
+            let item = match next {
+                Ok(Some(order)) => Ok(order),
+                Ok(None) => return,
+                Err(status) => Err(status),
+            };
+            let last = item.is_err();
+            if tx.send(item).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
 fn check_id(order_id: &str) -> Result<(), Status> {

@@ -321,7 +321,7 @@ async fn post_order(
                 .collect(),
             idempotency_key: body.idempotency_key.or(header_key).unwrap_or_default(),
         };
-        let placed = crate::place_order::place_order(&receiver, request).await?;
+        let placed = crate::place_order::place_order(&receiver, request, None).await?;
         let code = if placed.replayed {
             StatusCode::OK
         } else {
@@ -360,7 +360,7 @@ async fn get_order(
     let recorder = span.clone();
     let response = async move {
         let found =
-            crate::get_order::get_order(&receiver.store, GetOrderRequest { order_id: id }).await?;
+            crate::get_order::get_order(&receiver, GetOrderRequest { order_id: id }, None).await?;
         let order = found.order.unwrap_or_default();
         Ok::<_, ApiError>(Json(order_json(&order)).into_response())
     }

@@ -20,10 +20,20 @@
 //! - `place_order`, `place_orders` (the bulk stream), `get_order` (with `WatchOrder`): one file per
 //!   RPC; `service` only delegates.
 //! - `http`: the HTTP/JSON door over the same functions.
+//! - `peers`: the other replicas of the receiver, where an order another replica owns goes.
+//!
+//! # Partitions
+//! With several partitions (`--partitions`), an order lives in its home partition,
+//! hash(customer id) mod P ([`orderflow_runtime::home_partition`]), so a customer's idempotency
+//! keys stay in one store; its id names that partition ([`orderflow_runtime::order_id`]). This
+//! replica keeps the partitions it owns, each with its own store, writer and progress, and any
+//! replica accepts any order: one of another replica's partitions is forwarded to it (`--peers`),
+//! and so is `GetOrder`/`WatchOrder` of an order that lives there.
 
 mod get_order;
 mod http;
 mod intake;
+mod peers;
 mod place_order;
 mod place_orders;
 mod progress;
@@ -167,8 +177,12 @@ impl Config {
 
 /// What the RPCs and the HTTP door share.
 pub(crate) struct Receiver {
-    pub intake: intake::Intake,
-    pub store: orderflow_runtime::Store,
+    /// The partitions this replica owns, ascending.
+    pub homes: Vec<Home>,
+    /// How many partitions the pipeline has.
+    pub partitions: u32,
+    /// The other replicas, with more than one.
+    pub peers: Option<peers::Peers>,
     pub watchers: Arc<progress::Watchers>,
     pub max_backlog: u64,
     /// The data volume's free space against `--min-free-space`: below it, new orders wait.
@@ -177,67 +191,104 @@ pub(crate) struct Receiver {
     pub draining: CancellationToken,
 }
 
+/// One partition this replica owns: its store and the writer of its new orders.
+pub(crate) struct Home {
+    pub partition: u32,
+    pub store: orderflow_runtime::Store,
+    pub intake: intake::Intake,
+}
+
+impl Receiver {
+    /// The partition `partition` if this replica owns it.
+    pub(crate) fn home(&self, partition: u32) -> Option<&Home> {
+        self.homes.iter().find(|home| home.partition == partition)
+    }
+
+    /// The home partition of `customer_id`'s orders.
+    pub(crate) fn home_of(&self, customer_id: &str) -> u32 {
+        orderflow_runtime::home_partition(customer_id, self.partitions)
+    }
+}
+
 /// Opens the receiver's store and binds its sockets; serve the result with [`StageServer::serve`].
 pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
-    let mut server = StageServer::bind(STAGE, config.server.clone())
+    let peers = config
+        .server
+        .peers()
+        .map_err(ServeError::config)?
+        .map(|link| peers::Peers::new(link, config.server.replicas, config.server.replica_index()))
+        .transpose()
+        .map_err(ServeError::config)?;
+    let mut server = StageServer::bind_partitions(STAGE, config.server.clone())
         .await?
         .retain_for(CONSUMERS)
         .await?;
-    let store = server.store().clone();
-    store
-        .call(|store| {
-            store.write(|txn| {
-                txn.redb().open_table(intake::ORDERS)?;
-                txn.redb().open_table(progress::STEPS)?;
-                intake::create_tables(txn)
-            })
-        })
-        .await
-        .map_err(|status| {
-            ServeError::config(format!("cannot prepare the store: {}", status.message()))
-        })?;
-    let (intake, writer) = intake::Intake::start(
-        store.clone(),
-        config.max_commit_batch,
-        config.idempotency_window,
-    );
     let watchers = Arc::new(progress::Watchers::default());
+    let mut homes = Vec::new();
+    let mut writers = Vec::new();
+    let mut followed = Vec::new();
+    for store in server.stores() {
+        store
+            .call(|store| {
+                store.write(|txn| {
+                    txn.redb().open_table(intake::ORDERS)?;
+                    txn.redb().open_table(progress::STEPS)?;
+                    intake::create_tables(txn)
+                })
+            })
+            .await
+            .map_err(|status| {
+                ServeError::config(format!("cannot prepare the store: {}", status.message()))
+            })?;
+        let (intake, writer) = intake::Intake::start(
+            store.clone(),
+            config.max_commit_batch,
+            config.idempotency_window,
+        );
+        writers.push(writer);
+        homes.push(Home {
+            partition: store.partition().index,
+            store: store.clone(),
+            intake,
+        });
+        for (name, url) in [
+            ("stock", &config.stock_url),
+            ("invoice", &config.invoice_url),
+            ("notifier", &config.notifier_url),
+        ] {
+            if let Some(url) = &url.0 {
+                let link = config.server.link(url).map_err(ServeError::config)?;
+                followed.push(
+                    Subscription::new(
+                        STAGE,
+                        format!("progress.{name}"),
+                        link,
+                        store.clone(),
+                        Arc::new(progress::Progress::new(name, watchers.clone())),
+                    )
+                    // Progress is derived from the other stages' logs: a crash may roll it back
+                    // with its offsets, to be derived again, so it need not cost an fsync per
+                    // batch.
+                    .lazy(),
+                );
+            }
+        }
+    }
     // The recorder is installed on first use: make sure this gauge is not set before it exists.
     let _ = orderflow_runtime::metrics::handle();
     metrics::gauge!(orderflow_runtime::metrics::MAX_BACKLOG, "stage" => STAGE)
         .set(config.max_backlog as f64);
     let draining = CancellationToken::new();
+    let stores: Vec<_> = homes.iter().map(|home| home.store.clone()).collect();
     let receiver = Arc::new(Receiver {
-        intake,
-        store: store.clone(),
-        watchers: watchers.clone(),
+        homes,
+        partitions: config.server.partitions,
+        peers,
+        watchers,
         max_backlog: config.max_backlog,
         free_space: server.free_space(),
         draining: draining.clone(),
     });
-
-    let mut followed = Vec::new();
-    for (name, url) in [
-        ("stock", &config.stock_url),
-        ("invoice", &config.invoice_url),
-        ("notifier", &config.notifier_url),
-    ] {
-        if let Some(url) = &url.0 {
-            let link = config.server.link(url).map_err(ServeError::config)?;
-            followed.push(
-                Subscription::new(
-                    STAGE,
-                    format!("progress.{name}"),
-                    link,
-                    store.clone(),
-                    Arc::new(progress::Progress::new(name, watchers.clone())),
-                )
-                // Progress is derived from the other stages' logs: a crash may roll it back with its
-                // offsets, to be derived again, so it need not cost an fsync per batch.
-                .lazy(),
-            );
-        }
-    }
 
     if let Some(addr) = config.http_listen.0 {
         let door = http::Door::bind(
@@ -270,25 +321,23 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
     for subscription in followed {
         server = server.with_task(move |shutdown| tokio::spawn(subscription.run(shutdown)));
     }
-    let sweeper_store = store.clone();
     let window = config.idempotency_window;
-    Ok(server
-        .with_task(move |shutdown| {
-            tokio::spawn(intake::sweep_idempotency_keys(
-                sweeper_store,
-                window,
-                shutdown,
-            ))
+    for store in stores {
+        server = server.with_task(move |shutdown| {
+            tokio::spawn(intake::sweep_idempotency_keys(store, window, shutdown))
+        });
+    }
+    // Each writer ends by itself once the service and the HTTP door (its senders) are gone, after
+    // committing every order it was handed.
+    for writer in writers {
+        server = server.with_task(move |_| writer);
+    }
+    Ok(server.with_task(move |shutdown| {
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            draining.cancel();
         })
-        .with_task(move |shutdown| {
-            tokio::spawn(async move {
-                shutdown.cancelled().await;
-                draining.cancel();
-            })
-        })
-        // The writer ends by itself once the service and the HTTP door (its senders) are gone, after
-        // committing every order it was handed.
-        .with_task(move |_| writer))
+    }))
 }
 
 /// Runs the receiver until `shutdown`.

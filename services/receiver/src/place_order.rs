@@ -12,7 +12,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
-    Receiver, STAGE,
+    Home, Receiver, STAGE,
     intake::{NewOrder, request_hash, scoped_key},
     validate::validate,
 };
@@ -20,12 +20,25 @@ use crate::{
 /// How long a caller refused for backlog is told to wait before retrying.
 const BACKLOG_RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// Places `request` in its home partition: here if this replica owns it, else at the replica
+/// that does. `forwarded_by`: the replica that forwarded this call, which is never forwarded again.
 pub(crate) async fn place_order(
     receiver: &Receiver,
     request: PlaceOrderRequest,
+    forwarded_by: Option<&str>,
 ) -> Result<PlaceOrderResponse, Status> {
     let started = Instant::now();
-    let result = place(receiver, request).await;
+    let result = match validate(&request) {
+        Err(status) => Err(status),
+        Ok(()) => {
+            let partition = receiver.home_of(request.customer_id.trim());
+            match receiver.home(partition) {
+                Some(home) => place(receiver, home, request).await,
+                // The replica that owns the partition counts the order.
+                None => return forward(receiver, partition, request, forwarded_by).await,
+            }
+        }
+    };
     match &result {
         Ok(_) => names::observe(
             names::PLACE_ORDER_SECONDS,
@@ -42,12 +55,25 @@ pub(crate) async fn place_order(
     result
 }
 
+/// Places `request` at the replica that owns `partition`, unless it was forwarded here already.
+async fn forward(
+    receiver: &Receiver,
+    partition: u32,
+    request: PlaceOrderRequest,
+    forwarded_by: Option<&str>,
+) -> Result<PlaceOrderResponse, Status> {
+    match (&receiver.peers, forwarded_by) {
+        (Some(peers), None) => peers.place(partition, request).await,
+        (_, from) => Err(crate::peers::misrouted(partition, from.unwrap_or("(none)"))),
+    }
+}
+
 async fn place(
     receiver: &Receiver,
+    home: &Home,
     request: PlaceOrderRequest,
 ) -> Result<PlaceOrderResponse, Status> {
-    validate(&request)?;
-    let backlog = receiver.store.outbox().unconsumed();
+    let backlog = home.store.outbox().unconsumed();
     if backlog >= receiver.max_backlog {
         return Err(backlog_full(backlog, receiver.max_backlog));
     }
@@ -55,7 +81,8 @@ async fn place(
         return Err(volume_low(&receiver.free_space));
     }
     let span = tracing::Span::current();
-    let order_id = uuid::Uuid::now_v7().to_string();
+    let order_id =
+        orderflow_runtime::order_id(&uuid::Uuid::now_v7().to_string(), home.store.partition());
     let placed_at = orderflow_runtime::now_timestamp();
     let customer_id = request.customer_id.trim().to_owned();
     span.record("order.id", order_id.as_str());
@@ -89,7 +116,7 @@ async fn place(
             lines: request.lines,
         })),
     };
-    let accepted = receiver
+    let accepted = home
         .intake
         .submit(NewOrder {
             order,

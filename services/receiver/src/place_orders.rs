@@ -98,7 +98,7 @@ async fn place_one(
         customer.id = tracing::field::Empty,
         rpc.grpc.status_code = tracing::field::Empty,
     );
-    let result = place_order(&receiver, request)
+    let result = place_order(&receiver, request, None)
         .instrument(span.clone())
         .await;
     let result = match result {

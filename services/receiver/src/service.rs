@@ -27,7 +27,11 @@ impl OrderReceiver for OrderReceiverService {
         &self,
         request: Request<PlaceOrderRequest>,
     ) -> Result<Response<PlaceOrderResponse>, Status> {
-        respond(crate::place_order::place_order(&self.receiver, request.into_inner()).await)
+        let from = forwarded_by(&request);
+        respond(
+            crate::place_order::place_order(&self.receiver, request.into_inner(), from.as_deref())
+                .await,
+        )
     }
 
     type PlaceOrdersStream = AnswerStream;
@@ -46,7 +50,11 @@ impl OrderReceiver for OrderReceiverService {
         &self,
         request: Request<GetOrderRequest>,
     ) -> Result<Response<GetOrderResponse>, Status> {
-        respond(crate::get_order::get_order(&self.receiver.store, request.into_inner()).await)
+        let from = forwarded_by(&request);
+        respond(
+            crate::get_order::get_order(&self.receiver, request.into_inner(), from.as_deref())
+                .await,
+        )
     }
 
     type WatchOrderStream = OrderStream;
@@ -55,6 +63,22 @@ impl OrderReceiver for OrderReceiverService {
         &self,
         request: Request<WatchOrderRequest>,
     ) -> Result<Response<Self::WatchOrderStream>, Status> {
-        respond(crate::get_order::watch_order(self.receiver.clone(), request.into_inner()).await)
+        let from = forwarded_by(&request);
+        respond(
+            crate::get_order::watch_order(
+                self.receiver.clone(),
+                request.into_inner(),
+                from.as_deref(),
+            )
+            .await,
+        )
     }
+}
+
+/// The replica that forwarded `request` here, if another replica did.
+fn forwarded_by<T>(request: &Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get(crate::peers::FORWARDED)
+        .map(|value| value.to_str().unwrap_or("?").to_owned())
 }

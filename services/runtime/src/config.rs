@@ -147,15 +147,22 @@ pub struct ServerArgs {
     )]
     pub replica_slot: Option<u32>,
 
-    /// Replicas of each stage. Only 1 until scale-out: a second replica would consume the same
-    /// log with a store of its own and process every order again
+    /// Replicas of this stage, at most one per partition: replica I owns the partitions p with
+    /// p mod N = I. Only the receiver runs more than 1 until scale-out is complete
     #[arg(long, env = "ORDERFLOW_REPLICAS", default_value = "1", value_parser = parse_replicas, value_name = "N")]
     pub replicas: u32,
 
     /// Partitions of the pipeline, the same on every stage. Fixed when a store is created: a stage
-    /// refuses to open a store made with another count. Only 1 until scale-out
+    /// refuses to open a store made with another count. Only the receiver runs more than 1 until
+    /// scale-out is complete
     #[arg(long, env = "ORDERFLOW_PARTITIONS", default_value = "1", value_parser = parse_partitions, value_name = "P")]
     pub partitions: u32,
+
+    /// The replicas of this stage, itself included, in replica order: one URL per replica
+    /// separated by commas, or one URL with `{replica}` for each replica's number. A replica
+    /// forwards there what another replica owns; needed with more than 1 replica
+    #[arg(long, env = "ORDERFLOW_PEERS", value_name = "URLS", value_parser = UpstreamUrl::from_str)]
+    pub peers: Option<UpstreamUrl>,
 
     #[command(subcommand)]
     pub command: Option<StageCommand>,
@@ -199,25 +206,24 @@ fn parse_slot(s: &str) -> Result<u32, String> {
 
 fn parse_partitions(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
-        Ok(1) => Ok(1),
         Ok(0) => Err("a pipeline has at least 1 partition".into()),
         Ok(n) if n > crate::partition::MAX_PARTITIONS => Err(format!(
             "at most {} partitions",
             crate::partition::MAX_PARTITIONS
         )),
-        Ok(_) => Err(
-            "more than 1 partition is not available yet: the stages cannot yet reserve one order's \
-             stock across partitions; run with 1"
-                .into(),
-        ),
+        Ok(n) => Ok(n),
         Err(e) => Err(format!("expected a number: {e}")),
     }
 }
 
 fn parse_replicas(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
-        Ok(1) => Ok(1),
-        Ok(_) => Err("scale-out is not available yet: run exactly 1 replica of each stage".into()),
+        Ok(0) => Err("a stage runs at least 1 replica".into()),
+        Ok(n) if n > crate::partition::MAX_PARTITIONS => Err(format!(
+            "at most {} replicas, one per partition",
+            crate::partition::MAX_PARTITIONS
+        )),
+        Ok(n) => Ok(n),
         Err(e) => Err(format!("expected a number: {e}")),
     }
 }
@@ -301,6 +307,7 @@ impl ServerArgs {
             replica_slot: None,
             replicas: 1,
             partitions: 1,
+            peers: None,
             command: None,
         }
     }
@@ -342,6 +349,32 @@ impl ServerArgs {
             tls,
             auth: LinkAuth::new(self.link_token.as_ref()),
         })
+    }
+
+    /// The link to the other replicas of this stage (`--peers`), checked to name exactly
+    /// `--replicas` of them; `None` with one replica and no `--peers`.
+    pub fn peers(&self) -> Result<Option<Link>, String> {
+        let Some(peers) = &self.peers else {
+            if self.replicas > 1 {
+                return Err(format!(
+                    "this stage runs {} replicas (--replicas / ORDERFLOW_REPLICAS): give every \
+                     replica's URL in replica order with --peers / ORDERFLOW_PEERS",
+                    self.replicas
+                ));
+            }
+            return Ok(None);
+        };
+        if let Some(listed) = peers.listed()
+            && listed != self.replicas
+        {
+            return Err(format!(
+                "--peers / ORDERFLOW_PEERS lists {listed} replicas, and this stage runs {} \
+                 (--replicas / ORDERFLOW_REPLICAS): list every replica, itself included, in \
+                 replica order",
+                self.replicas
+            ));
+        }
+        self.link(peers).map(Some)
     }
 
     /// What this stage's own `EventLog` requires of its callers.
@@ -741,7 +774,7 @@ mod tests {
     }
 
     #[test]
-    fn replicas_beyond_the_first_are_refused() {
+    fn replicas_beyond_the_stage_s_count_are_refused() {
         let config = parse(&[]).unwrap();
         assert_eq!(config.server.replica, Replica(0));
         assert!(config.server.check_replica().is_ok());
@@ -770,8 +803,8 @@ mod tests {
             refused.contains("replica 1") && refused.contains("ORDERFLOW_REPLICAS"),
             "{refused}"
         );
-        let many = parse(&["--replicas", "2"]).unwrap_err().to_string();
-        assert!(many.contains("scale-out is not available yet"), "{many}");
+        let none = parse(&["--replicas", "0"]).unwrap_err().to_string();
+        assert!(none.contains("at least 1 replica"), "{none}");
         assert!(parse(&["--replicas", "1"]).is_ok());
     }
 
@@ -796,13 +829,20 @@ mod tests {
     }
 
     #[test]
-    fn one_partition_until_scale_out() {
+    fn partition_counts_are_checked() {
         let config = parse(&[]).unwrap();
         assert_eq!(config.server.owned_partitions(), [crate::Partition::ONLY]);
         assert!(parse(&["--partitions", "1"]).is_ok());
+        assert_eq!(
+            parse(&["--partitions", "4"])
+                .unwrap()
+                .server
+                .owned_partitions()
+                .len(),
+            4
+        );
         for (given, why) in [
             ("0", "at least 1 partition"),
-            ("4", "not available yet"),
             ("2000", "at most 1024"),
             ("x", "expected a number"),
         ] {
@@ -845,5 +885,28 @@ mod tests {
             too_many.contains("5 replicas") && too_many.contains("at most 4"),
             "{too_many}"
         );
+    }
+
+    /// `--peers` names every replica of the stage, itself included, as many as `--replicas`.
+    #[test]
+    fn peers_name_every_replica() {
+        let two = |peers: Option<&str>| {
+            let mut args = ServerArgs::new("127.0.0.1:0".parse().unwrap(), "data");
+            (args.replicas, args.partitions) = (2, 4);
+            args.peers = peers.map(|p| p.parse().unwrap());
+            args.peers()
+        };
+        let missing = two(None).unwrap_err();
+        assert!(missing.contains("ORDERFLOW_PEERS"), "{missing}");
+        let short = two(Some("http://r-0:1")).unwrap_err();
+        assert!(
+            short.contains("lists 1 replicas") && short.contains("runs 2"),
+            "{short}"
+        );
+        let link = two(Some("http://r-0:1,http://r-1:1")).unwrap().unwrap();
+        assert_eq!(link.url.replica(1).as_deref(), Some("http://r-1:1"));
+        assert!(two(Some("http://r-{replica}:1")).unwrap().is_some());
+        let alone = ServerArgs::new("127.0.0.1:0".parse().unwrap(), "data");
+        assert!(alone.peers().unwrap().is_none());
     }
 }

@@ -12,7 +12,8 @@
 //! - `outbox`: [`Outbox`] — the log half of the store: reading it, the consumers it is kept for,
 //!   their acknowledgements, trimming.
 //! - `partition`: [`Partition`] — which partition of the pipeline a store holds, fixed when the
-//!   store is created.
+//!   store is created; the partition a key belongs to ([`home_partition`]) and the one an order id
+//!   names ([`order_id`], [`order_partition`]).
 //! - `disk`: the data volume's [`FreeSpace`] against `--min-free-space` ([`MinFreeSpace`]).
 //! - `eventlog`: [`EventLogService`] — `Subscribe`/`Ack`/`Head` over the outbox.
 //! - `fencing`: which process may apply a log as a consumer, from which store ([`Refusal`]).
@@ -64,7 +65,8 @@ pub mod tls;
 
 pub use auth::{AdminGuard, AdminToken, LinkAuth, LinkGuard, LinkToken};
 pub use config::{
-    ConsumerNames, OptionalAddr, ServerArgs, StageCommand, UpstreamArgs, UpstreamUrl, parse_args,
+    ConsumerNames, Link, OptionalAddr, ServerArgs, StageCommand, UpstreamArgs, UpstreamUrl,
+    parse_args,
 };
 pub use disk::{FreeSpace, MinFreeSpace};
 pub use eventlog::EventLogService;
@@ -72,7 +74,7 @@ pub use fencing::Refusal;
 pub use group_commit::{GroupCommit, WriterName};
 pub use outbox::Outbox;
 pub use paging::{NumericPage, PageFill};
-pub use partition::{MAX_PARTITIONS, Partition};
+pub use partition::{MAX_PARTITIONS, Partition, home_partition, order_id, order_partition};
 pub use retry::{
     Attempt, FIRST_ATTEMPTS_BUDGET, Failure, FirstAttempt, FirstAttempts, NewTask, Outcome,
     RetryPolicy, RetryQueue, RetryWork, Settling,

@@ -32,6 +32,46 @@ impl Partition {
     pub const ONLY: Partition = Partition { index: 0, count: 1 };
 }
 
+/// The partition of `count` that `key` (an order's customer id, a SKU) belongs to: FNV-1a (64-bit)
+/// of its bytes, mod `count`. Fixed forever: every replica of every version must agree, since it
+/// says where an order and its idempotency keys live.
+pub fn home_partition(key: &str, count: u32) -> u32 {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = key.bytes().fold(OFFSET_BASIS, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+    });
+    u32::try_from(hash % u64::from(count.max(1))).unwrap_or(0)
+}
+
+/// What an order id ends with in a pipeline of several partitions, before its partition's number.
+const ORDER_PARTITION_MARK: &str = "-p";
+
+/// The id of a new order `unique` (a UUID) in `partition`: `unique` itself with one partition (ids
+/// as they always were), `<unique>-p<index>` with several, so that any replica routes `GetOrder`
+/// without a lookup.
+pub fn order_id(unique: &str, partition: Partition) -> String {
+    if partition.count == 1 {
+        unique.to_owned()
+    } else {
+        format!("{unique}{ORDER_PARTITION_MARK}{}", partition.index)
+    }
+}
+
+/// The partition of `count` an order id names ([`order_id`]); `None` for an id that names none
+/// of them. With one partition every id is partition 0's.
+pub fn order_partition(order_id: &str, count: u32) -> Option<u32> {
+    if count == 1 {
+        return Some(0);
+    }
+    let (_, index) = order_id.rsplit_once(ORDER_PARTITION_MARK)?;
+    let canonical = !index.is_empty()
+        && index.bytes().all(|b| b.is_ascii_digit())
+        && (index == "0" || !index.starts_with('0'));
+    let index: u32 = index.parse().ok().filter(|_| canonical)?;
+    (index < count).then_some(index)
+}
+
 impl std::fmt::Display for Partition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "partition {} of {}", self.index, self.count)
@@ -123,6 +163,38 @@ mod tests {
     }
 
     const THIRD_OF_FOUR: Partition = Partition { index: 2, count: 4 };
+
+    #[test]
+    fn a_key_has_one_home_for_good() {
+        // Pinned: a change here would move existing orders' keys to other partitions.
+        assert_eq!(home_partition("", 1 << 20), 0x22325);
+        assert_eq!(home_partition("a", u32::MAX), 895_863_001);
+        assert_eq!(home_partition("anything", 1), 0);
+        let homes: std::collections::BTreeSet<u32> = (0..200)
+            .map(|n| home_partition(&format!("customer-{n}"), 4))
+            .collect();
+        assert_eq!(homes.into_iter().collect::<Vec<_>>(), [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn an_order_id_names_its_partition() {
+        let unique = "0190a5b2-7c3e-7d4f-8a1b-2c3d4e5f6a7b";
+        assert_eq!(order_id(unique, Partition::ONLY), unique);
+        assert_eq!(order_partition(unique, 1), Some(0));
+        let id = order_id(unique, THIRD_OF_FOUR);
+        assert_eq!(id, format!("{unique}-p2"));
+        assert_eq!(order_partition(&id, 4), Some(2));
+        for foreign in [
+            unique.to_owned(),
+            format!("{unique}-p4"),
+            format!("{unique}-p02"),
+            format!("{unique}-p"),
+            format!("{unique}-p+1"),
+            "p1".to_owned(),
+        ] {
+            assert_eq!(order_partition(&foreign, 4), None, "{foreign}");
+        }
+    }
 
     #[test]
     fn a_store_keeps_the_partition_it_was_created_for() {

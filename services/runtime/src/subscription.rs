@@ -902,6 +902,17 @@ mod tests {
         args
     }
 
+    /// Replica `replica` of 2 of the upstream stage over 4 partitions, kept for "down".
+    async fn upstream_replica(listen: SocketAddr, dir: &Path, replica: u32) -> StageServer {
+        let dir = dir.join(format!("up-{replica}"));
+        StageServer::bind_partitions("up", layout(listen, &dir, replica, 2, 4))
+            .await
+            .unwrap()
+            .retain_for(&["down"])
+            .await
+            .unwrap()
+    }
+
     /// Serves `server` until the returned token is cancelled.
     fn serve(server: StageServer) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let shutdown = CancellationToken::new();
@@ -920,37 +931,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Upstream: 2 replicas over 4 partitions, at 127.0.0.1:X and 127.0.1.1:X, so that one URL
         // with `{replica}` in its host names both.
-        let first = StageServer::bind_partitions(
-            "up",
-            layout(
-                "127.0.0.1:0".parse().unwrap(),
-                &dir.path().join("up-0"),
-                0,
-                2,
-                4,
-            ),
-        )
-        .await
-        .unwrap()
-        .retain_for(&["down"])
-        .await
-        .unwrap();
+        let first = upstream_replica("127.0.0.1:0".parse().unwrap(), dir.path(), 0).await;
         let port = first.local_addr().port();
-        let second = StageServer::bind_partitions(
-            "up",
-            layout(
-                SocketAddr::from(([127, 0, 1, 1], port)),
-                &dir.path().join("up-1"),
-                1,
-                2,
-                4,
-            ),
-        )
-        .await
-        .unwrap()
-        .retain_for(&["down"])
-        .await
-        .unwrap();
+        let second =
+            upstream_replica(SocketAddr::from(([127, 0, 1, 1], port)), dir.path(), 1).await;
         for store in first.stores().iter().chain(second.stores()) {
             let p = store.partition().index;
             store
