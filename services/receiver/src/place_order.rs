@@ -82,7 +82,7 @@ async fn place(
     }
     let span = tracing::Span::current();
     let order_id =
-        orderflow_runtime::order_id(&uuid::Uuid::now_v7().to_string(), home.store.partition());
+        orderflow_runtime::order_id(uuid::Uuid::now_v7().to_string(), home.store.partition());
     let placed_at = orderflow_runtime::now_timestamp();
     let customer_id = request.customer_id.trim().to_owned();
     span.record("order.id", order_id.as_str());

@@ -50,12 +50,12 @@ const ORDER_PARTITION_MARK: &str = "-p";
 /// The id of a new order `unique` (a UUID) in `partition`: `unique` itself with one partition (ids
 /// as they always were), `<unique>-p<index>` with several, so that any replica routes `GetOrder`
 /// without a lookup.
-pub fn order_id(unique: &str, partition: Partition) -> String {
-    if partition.count == 1 {
-        unique.to_owned()
-    } else {
-        format!("{unique}{ORDER_PARTITION_MARK}{}", partition.index)
+pub fn order_id(mut unique: String, partition: Partition) -> String {
+    if partition.count > 1 {
+        use std::fmt::Write;
+        let _ = write!(unique, "{ORDER_PARTITION_MARK}{}", partition.index);
     }
+    unique
 }
 
 /// The partition of `count` an order id names ([`order_id`]); `None` for an id that names none
@@ -179,9 +179,9 @@ mod tests {
     #[test]
     fn an_order_id_names_its_partition() {
         let unique = "0190a5b2-7c3e-7d4f-8a1b-2c3d4e5f6a7b";
-        assert_eq!(order_id(unique, Partition::ONLY), unique);
+        assert_eq!(order_id(unique.to_owned(), Partition::ONLY), unique);
         assert_eq!(order_partition(unique, 1), Some(0));
-        let id = order_id(unique, THIRD_OF_FOUR);
+        let id = order_id(unique.to_owned(), THIRD_OF_FOUR);
         assert_eq!(id, format!("{unique}-p2"));
         assert_eq!(order_partition(&id, 4), Some(2));
         for foreign in [
