@@ -176,6 +176,26 @@ async fn any_receiver_replica_keeps_an_order_in_its_home_partition() {
         PARTITIONS as usize,
         "40 customers in fewer partitions"
     );
+    // Each replica reports each of its partitions' outbox on its own series.
+    for partition in 0..PARTITIONS {
+        let owner = &replicas[(partition % 2) as usize];
+        let expected = logged.values().filter(|p| **p == partition).count() as f64;
+        let label = partition.to_string();
+        let labels = [("stage", "receiver"), ("partition", label.as_str())];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let metrics = owner.scrape().await.unwrap();
+            if metrics.value("orderflow_outbox_next_offset", &labels) == Some(expected) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "partition {partition}: {:?}",
+                metrics.value("orderflow_outbox_next_offset", &labels)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 
     // A retry with the same key at the other replica finds the first order.
     for n in [0usize, 1, 2, 3] {

@@ -341,6 +341,19 @@ async fn prometheus_scrapes_the_stages_runs_every_rule_and_fires_on_dead_letters
     prometheus
         .wait_for("orderflow_max_backlog", &["receiver"], |v| v == 1_000_000.0)
         .await;
+    // The backlog alert compares each partition's backlog with the receiver's one --max-backlog:
+    // with the threshold at 0 its expression holds, so its series match (labelled by partition).
+    let near_limit = prometheus
+        .wait_for(
+            "orderflow_backlog{stage=\"receiver\"} >= ignoring(partition) group_left 0 * orderflow_max_backlog",
+            &["receiver"],
+            |v| v >= 0.0,
+        )
+        .await;
+    assert!(
+        near_limit.iter().all(|s| s["metric"]["partition"] == "0"),
+        "{near_limit:?}"
+    );
     prometheus
         .wait_for("orderflow_store_healthy", &every_stage, |v| v == 1.0)
         .await;

@@ -22,13 +22,14 @@ const TRIM_CHUNK: u64 = 10_000;
 
 /// Deletes outbox entries every registered consumer has acknowledged, and any beyond
 /// `retention.max_entries`, until `shutdown`; reports the outbox's size and backlog as metrics on the
-/// same tick.
+/// same tick, labelled with the stage and the store's partition.
 pub async fn run_retention(
     stage: &'static str,
     store: Store,
     retention: Retention,
     shutdown: CancellationToken,
 ) {
+    let partition = store.partition().index.to_string();
     let mut tick = tokio::time::interval(retention.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -66,11 +67,13 @@ pub async fn run_retention(
         let outbox = store.outbox();
         let reader = outbox.clone();
         if let Ok(Ok((first, next))) = blocking(move || reader.bounds()).await {
-            metrics::gauge!(crate::metrics::OUTBOX_ENTRIES, "stage" => stage)
-                .set((next - first) as f64);
-            metrics::gauge!(crate::metrics::OUTBOX_NEXT_OFFSET, "stage" => stage).set(next as f64);
-            metrics::gauge!(crate::metrics::BACKLOG, "stage" => stage)
-                .set(outbox.unconsumed() as f64);
+            let labels = [
+                ("stage", stage.to_owned()),
+                ("partition", partition.clone()),
+            ];
+            metrics::gauge!(crate::metrics::OUTBOX_ENTRIES, &labels).set((next - first) as f64);
+            metrics::gauge!(crate::metrics::OUTBOX_NEXT_OFFSET, &labels).set(next as f64);
+            metrics::gauge!(crate::metrics::BACKLOG, &labels).set(outbox.unconsumed() as f64);
         }
     }
 }

@@ -320,7 +320,8 @@ impl<A: Apply> Subscription<A> {
         let refused = metrics::gauge!(
             names::UPSTREAM_REFUSED,
             "stage" => self.consumer.clone(),
-            "upstream" => self.upstream_name.clone()
+            "upstream" => self.upstream_name.clone(),
+            "partition" => self.store.partition().index.to_string()
         );
         refused.set(0.0);
         let mut backoff = Backoff::new();
@@ -584,7 +585,8 @@ impl<A: Apply> Subscription<A> {
             metrics::gauge!(
                 names::CONSUMER_LAG,
                 "stage" => self.consumer.clone(),
-                "upstream" => self.upstream_name.clone()
+                "upstream" => self.upstream_name.clone(),
+                "partition" => self.store.partition().index.to_string()
             )
             .set(head.saturating_sub(next) as f64);
             if let Some(e) = deferred_error {
