@@ -34,10 +34,8 @@ fn place<'a>(
     if let Some(home) = receiver.home(partition) {
         return Ok(Place::Here(home));
     }
-    match (&receiver.peers, forwarded_by) {
-        (Some(peers), None) => Ok(Place::Replica(peers, partition)),
-        (_, from) => Err(crate::peers::misrouted(partition, from.unwrap_or("(none)"))),
-    }
+    crate::peers::forward_to(receiver.peers.as_ref(), partition, forwarded_by)
+        .map(|peers| Place::Replica(peers, partition))
 }
 
 /// The order `request` names, from the replica that owns its partition. `forwarded_by`: the

@@ -10,15 +10,19 @@ use orderflow_proto::v1::{
     GetOrderRequest, GetOrderResponse, Order, PlaceOrderRequest, PlaceOrderResponse,
     WatchOrderRequest, order_receiver_client::OrderReceiverClient,
 };
-use orderflow_runtime::{Link, telemetry};
+use orderflow_runtime::{Link, status::MAYBE_STORED_REASON, telemetry};
 use tonic::{
-    Request, Status, Streaming,
+    Code, Request, Status, Streaming,
     metadata::{MetadataKey, MetadataValue},
     transport::Channel,
 };
 
+use tonic_types::{ErrorDetails, StatusExt};
+
 /// Metadata of a call one replica forwards to another; its value is the forwarding replica.
 pub(crate) const FORWARDED: &str = "orderflow-forwarded-by";
+/// How long a caller whose call found the owning replica unreachable is told to wait.
+const UNREACHABLE_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The receiver's replicas, in replica order.
 pub(crate) struct Peers {
@@ -72,17 +76,46 @@ impl Peers {
         request
     }
 
-    /// Says which replica a failed forward went to.
-    fn failed(&self, replica: u32, partition: u32, status: Status) -> Status {
-        if status.code() != tonic::Code::Unavailable {
+    /// Says which replica a failed forward went to. What the owner answered keeps its details
+    /// (`NOT_STORED`/`MAYBE_STORED`, a retry hint). A call that got no answer (the owner could not
+    /// be reached, or the connection broke) says what may have become of it: an order may have
+    /// been placed (`MAYBE_STORED`), which a retry with the same idempotency key answers.
+    fn failed(&self, replica: u32, partition: u32, status: Status, placing: bool) -> Status {
+        if status.code() != Code::Unavailable {
             return status;
         }
         let url = self.urls.get(replica as usize).map_or("", String::as_str);
-        Status::unavailable(format!(
+        let message = format!(
             "replica {replica} of the receiver ({url}), which owns partition {partition}, is \
              unavailable: {}",
             status.message()
-        ))
+        );
+        if !status.details().is_empty() {
+            return Status::with_details(
+                Code::Unavailable,
+                message,
+                status.details().to_vec().into(),
+            );
+        }
+        let mut details = ErrorDetails::new();
+        details.set_retry_info(Some(UNREACHABLE_RETRY_AFTER));
+        if !placing {
+            return Status::with_error_details(Code::Unavailable, message, details);
+        }
+        details.set_error_info(
+            MAYBE_STORED_REASON,
+            "orderflow",
+            [("replica".to_owned(), replica.to_string())],
+        );
+        Status::with_error_details(
+            Code::Unavailable,
+            format!(
+                "{message}; the order may have been placed there: retry in {} s with the same \
+                 idempotency key, which answers what was placed",
+                UNREACHABLE_RETRY_AFTER.as_secs()
+            ),
+            details,
+        )
     }
 
     /// Places `request` at the replica that owns `partition`.
@@ -94,7 +127,7 @@ impl Peers {
         let (replica, mut client) = self.owner(partition)?;
         match client.place_order(self.forwarded(request)).await {
             Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(self.failed(replica, partition, status)),
+            Err(status) => Err(self.failed(replica, partition, status, true)),
         }
     }
 
@@ -107,7 +140,7 @@ impl Peers {
         let (replica, mut client) = self.owner(partition)?;
         match client.get_order(self.forwarded(request)).await {
             Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(self.failed(replica, partition, status)),
+            Err(status) => Err(self.failed(replica, partition, status, false)),
         }
     }
 
@@ -120,16 +153,96 @@ impl Peers {
         let (replica, mut client) = self.owner(partition)?;
         match client.watch_order(self.forwarded(request)).await {
             Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(self.failed(replica, partition, status)),
+            Err(status) => Err(self.failed(replica, partition, status, false)),
         }
     }
 }
 
+/// The replicas to forward a call for `partition`, which this replica does not own; refused if
+/// the call was forwarded here already (`forwarded_by`).
+pub(crate) fn forward_to<'a>(
+    peers: Option<&'a Peers>,
+    partition: u32,
+    forwarded_by: Option<&str>,
+) -> Result<&'a Peers, Status> {
+    match (peers, forwarded_by) {
+        (Some(peers), None) => Ok(peers),
+        (_, from) => Err(misrouted(partition, from.unwrap_or("(none)"))),
+    }
+}
+
 /// Refuses a call another replica forwarded for a partition this one does not own either.
-pub(crate) fn misrouted(partition: u32, from: &str) -> Status {
+fn misrouted(partition: u32, from: &str) -> Status {
     Status::failed_precondition(format!(
         "replica {from} forwarded this call for partition {partition}, which this replica does not \
          own either: the replicas disagree about who owns what (check that --peers lists every \
          replica in replica order and that all run with the same --replicas and --partitions)"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use orderflow_runtime::{ServerArgs, status::NOT_STORED_REASON};
+
+    use super::*;
+
+    /// Two replicas, the other one at a loopback port nothing listens on.
+    fn peers() -> Peers {
+        let mut args = ServerArgs::new("127.0.0.1:0".parse().unwrap(), "data");
+        (args.replicas, args.partitions) = (2, 2);
+        args.peers = Some("http://127.0.0.1:1,http://127.0.0.1:1".parse().unwrap());
+        Peers::new(args.peers().unwrap().unwrap(), 2, 0).unwrap()
+    }
+
+    /// An order forwarded to a replica that gives no answer may have been placed there: the
+    /// caller hears so, and to retry with its key; a read just hears when to retry.
+    #[tokio::test]
+    async fn a_forward_without_an_answer_says_what_may_have_become_of_it() {
+        let peers = peers();
+        let placing = peers
+            .place(1, PlaceOrderRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(placing.code(), Code::Unavailable);
+        assert!(
+            placing.message().contains("replica 1")
+                && placing.message().contains("idempotency key"),
+            "{}",
+            placing.message()
+        );
+        assert_eq!(
+            placing.get_details_error_info().unwrap().reason,
+            MAYBE_STORED_REASON
+        );
+        assert!(placing.get_details_retry_info().is_some());
+        let reading = peers.get(1, GetOrderRequest::default()).await.unwrap_err();
+        assert_eq!(reading.code(), Code::Unavailable);
+        assert!(reading.get_details_error_info().is_none());
+        assert!(reading.get_details_retry_info().is_some());
+    }
+
+    /// What the owning replica answered goes back as it was, its details included.
+    #[tokio::test]
+    async fn the_owner_s_answer_keeps_its_details() {
+        let mut details = ErrorDetails::new();
+        details.set_error_info(NOT_STORED_REASON, "orderflow", []);
+        let owner = Status::with_error_details(Code::Unavailable, "data volume full", details);
+        let relayed = peers().failed(1, 3, owner, true);
+        assert_eq!(relayed.code(), Code::Unavailable);
+        assert!(
+            relayed.message().contains("partition 3")
+                && relayed.message().contains("data volume full")
+        );
+        assert_eq!(
+            relayed.get_details_error_info().unwrap().reason,
+            NOT_STORED_REASON
+        );
+        let refused = Status::invalid_argument("bad");
+        assert_eq!(
+            peers().failed(1, 3, refused, true).code(),
+            Code::InvalidArgument
+        );
+    }
 }

@@ -35,7 +35,11 @@ pub(crate) async fn place_order(
             match receiver.home(partition) {
                 Some(home) => place(receiver, home, request).await,
                 // The replica that owns the partition counts the order.
-                None => return forward(receiver, partition, request, forwarded_by).await,
+                None => {
+                    let peers =
+                        crate::peers::forward_to(receiver.peers.as_ref(), partition, forwarded_by)?;
+                    return peers.place(partition, request).await;
+                }
             }
         }
     };
@@ -53,19 +57,6 @@ pub(crate) async fn place_order(
         .increment(1),
     }
     result
-}
-
-/// Places `request` at the replica that owns `partition`, unless it was forwarded here already.
-async fn forward(
-    receiver: &Receiver,
-    partition: u32,
-    request: PlaceOrderRequest,
-    forwarded_by: Option<&str>,
-) -> Result<PlaceOrderResponse, Status> {
-    match (&receiver.peers, forwarded_by) {
-        (Some(peers), None) => peers.place(partition, request).await,
-        (_, from) => Err(crate::peers::misrouted(partition, from.unwrap_or("(none)"))),
-    }
 }
 
 async fn place(
