@@ -1,5 +1,5 @@
-//! The receiver over several partitions, with replicas: the first stage of scale-out. Real
-//! binaries on loopback.
+//! The receiver and the stock stage over several partitions, with replicas: the first stages of
+//! scale-out. Real binaries on loopback.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,8 +10,9 @@ use std::{
 
 use orderflow_e2e::{Stage, free_ports, temp_dir};
 use orderflow_proto::v1::{
-    GetOrderRequest, HeadRequest, OrderLine, PlaceOrderRequest, SubscribeRequest,
-    WatchOrderRequest, order_receiver_client::OrderReceiverClient,
+    Event, GetOrderRequest, GetStockRequest, HeadRequest, ListStockRequest, OrderLine,
+    PlaceOrderRequest, SetStockRequest, SubscribeRequest, WatchOrderRequest, event::Kind,
+    order_receiver_client::OrderReceiverClient, stock_checker_client::StockCheckerClient,
 };
 use tokio::process::Command;
 use tonic::Code;
@@ -270,8 +271,8 @@ async fn any_receiver_replica_keeps_an_order_in_its_home_partition() {
     }
 }
 
-/// What cannot run yet, or cannot run as configured, says so and exits 1 before serving: a
-/// later stage over several partitions, and receiver replicas without `--peers`.
+/// What cannot run yet, or cannot run as configured, says so and exits 1 before serving: the
+/// invoice stage over several partitions, and receiver replicas without `--peers`.
 #[tokio::test]
 async fn what_cannot_run_over_partitions_refuses_to_start() {
     let dir = temp_dir().unwrap();
@@ -294,25 +295,18 @@ async fn what_cannot_run_over_partitions_refuses_to_start() {
         }
     };
     let said = refusal(
-        "orderflow-stock",
-        &[
-            "--partitions",
-            "4",
-            "--upstream",
-            "http://127.0.0.1:9",
-            "--invoice-url",
-            "http://127.0.0.1:9",
-        ],
+        "orderflow-invoice",
+        &["--partitions", "4", "--upstream", "http://127.0.0.1:9"],
     )
     .await;
     assert!(
-        said.contains("the stock stage runs only with 1 partition"),
+        said.contains("the invoice stage runs only with 1 partition"),
         "{said}"
     );
     assert!(
         !dir.path()
-            .join("orderflow-stock")
-            .join("stock-0.redb")
+            .join("orderflow-invoice")
+            .join("invoice-0.redb")
             .exists()
     );
     let said = refusal(
@@ -328,4 +322,276 @@ async fn what_cannot_run_over_partitions_refuses_to_start() {
     )
     .await;
     assert!(said.contains("ORDERFLOW_PEERS"), "{said}");
+}
+
+/// Every sku of the stock test's catalog, with what it starts with: twelve plain ones and a hot
+/// one with little stock.
+fn stock_catalog() -> Vec<(String, u64)> {
+    let mut items: Vec<(String, u64)> = (0..12).map(|n| (format!("SKU-{n:02}"), 40)).collect();
+    items.push(("HOT".into(), 6));
+    items
+}
+
+/// Replica `replica` of three stock replicas over four partitions at `ports`, reading the two
+/// receivers at `receivers`.
+async fn stock(dir: &std::path::Path, ports: [u16; 3], receivers: [u16; 2], replica: u32) -> Stage {
+    let urls = |ports: &[u16]| {
+        ports
+            .iter()
+            .map(|port| format!("http://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let catalog = dir.join("catalog.json");
+    if !catalog.exists() {
+        let items: Vec<serde_json::Value> = stock_catalog()
+            .into_iter()
+            .map(|(sku, available)| {
+                serde_json::json!({
+                    "sku": sku, "name": sku.to_lowercase(), "unit_price_minor": 250,
+                    "currency": "EUR", "available": available,
+                })
+            })
+            .collect();
+        std::fs::write(&catalog, serde_json::json!({ "items": items }).to_string()).unwrap();
+    }
+    let [nowhere] = free_ports::<1>();
+    Stage::start(
+        "stock",
+        &format!("127.0.0.1:{}", ports[replica as usize]),
+        &dir.join(format!("stock-{replica}")),
+        [
+            "--partitions",
+            &PARTITIONS.to_string(),
+            "--replicas",
+            "3",
+            "--replica",
+            &replica.to_string(),
+            "--peers",
+            &urls(&ports),
+            "--upstream",
+            &urls(&receivers),
+            // No invoice stage runs here: nothing to give back.
+            "--invoice-url",
+            &format!("http://127.0.0.1:{nowhere}"),
+            "--catalog",
+            catalog.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Every event of partition `partition`'s log at `owner`.
+async fn log_of(owner: &Stage, partition: u32) -> Vec<Event> {
+    let mut stream = owner
+        .event_log()
+        .await
+        .subscribe(SubscribeRequest {
+            partition,
+            from_first: true,
+            stop_at_head: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        events.extend(batch.entries.into_iter().map(|e| e.event.unwrap()));
+    }
+    events
+}
+
+/// Stock sharded by sku over four partitions and three replicas, fed by two receiver replicas:
+/// orders whose lines fall in several shards, and a hot sku with little stock, are reserved all or
+/// nothing, each decided exactly once in its home partition, while a stock replica is killed -9
+/// and restarted mid-run. When quiet, every sku's stock is its initial stock less what the
+/// reserved orders took, and nothing is held for an order that was rejected. Any replica answers
+/// `GetStock` and `SetStock` for any sku, and `ListStock` gathers every shard.
+#[tokio::test(flavor = "multi_thread")]
+async fn stock_shards_reserve_every_order_all_or_nothing_across_replicas() {
+    let dir = temp_dir().unwrap();
+    let receiver_ports = free_ports::<2>();
+    let stock_ports = free_ports::<3>();
+    let receivers = [
+        receiver(dir.path(), receiver_ports, 0).await,
+        receiver(dir.path(), receiver_ports, 1).await,
+    ];
+    let mut stocks = Vec::new();
+    for replica in 0..3 {
+        stocks.push(stock(dir.path(), stock_ports, receiver_ports, replica).await);
+    }
+    let skus = stock_catalog();
+
+    // 150 orders from 37 customers at either receiver, most over two or three shards, a third of
+    // them wanting the hot sku; replica 0 of the stock (shards 0 and 3) dies a third of the way.
+    let mut placed: BTreeMap<String, Vec<OrderLine>> = BTreeMap::new();
+    for round in 0..5 {
+        if round == 2 {
+            stocks[0].kill9().await;
+        }
+        if round == 3 {
+            stocks[0].restart().await.unwrap();
+        }
+        let mut tasks = Vec::new();
+        for n in round * 30..(round + 1) * 30 {
+            let mut lines: Vec<OrderLine> = (0..1 + n % 3)
+                .map(|i| OrderLine {
+                    sku: skus[(n * 7 + i * 5) % 12].0.clone(),
+                    quantity: 1 + (n % 4) as u32,
+                })
+                .collect();
+            if n % 3 == 0 {
+                lines.push(OrderLine {
+                    sku: "HOT".into(),
+                    quantity: 1,
+                });
+            }
+            let mut client = OrderReceiverClient::new(receivers[n % 2].channel().await);
+            tasks.push(tokio::spawn(async move {
+                let answer = client
+                    .place_order(PlaceOrderRequest {
+                        customer_id: format!("customer-{}", n % 37),
+                        lines: lines.clone(),
+                        idempotency_key: format!("key-{n}"),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                (answer.order_id, lines)
+            }));
+        }
+        for task in tasks {
+            let (id, lines) = task.await.unwrap();
+            placed.insert(id, lines);
+        }
+    }
+
+    // Every order is decided exactly once, in its home partition's log.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (decisions, holds) = loop {
+        let mut decisions: BTreeMap<String, (u32, Kind)> = BTreeMap::new();
+        let mut holds = 0;
+        for partition in 0..PARTITIONS {
+            for event in log_of(&stocks[(partition % 3) as usize], partition).await {
+                match event.kind.unwrap() {
+                    kind @ (Kind::StockReserved(_) | Kind::OrderRejected(_)) => {
+                        let earlier = decisions.insert(event.order_id.clone(), (partition, kind));
+                        assert!(earlier.is_none(), "{} decided twice", event.order_id);
+                    }
+                    Kind::HoldRequested(_) => holds += 1,
+                    _ => {}
+                }
+            }
+        }
+        if decisions.len() == placed.len() {
+            break (decisions, holds);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {} orders decided",
+            decisions.len(),
+            placed.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(holds > 50, "only {holds} orders spanned shards");
+    let mut taken: BTreeMap<String, u64> = BTreeMap::new();
+    let mut rejected_hot = 0;
+    for (id, (partition, kind)) in &decisions {
+        assert_eq!(partition_of(id), *partition, "{id} decided elsewhere");
+        let lines = &placed[id];
+        match kind {
+            Kind::StockReserved(reserved) => {
+                let got: Vec<(&str, u32)> = reserved
+                    .lines
+                    .iter()
+                    .map(|l| (l.sku.as_str(), l.quantity))
+                    .collect();
+                let asked: Vec<(&str, u32)> =
+                    lines.iter().map(|l| (l.sku.as_str(), l.quantity)).collect();
+                assert_eq!(got, asked, "{id}");
+                for line in lines {
+                    *taken.entry(line.sku.clone()).or_default() += u64::from(line.quantity);
+                }
+            }
+            Kind::OrderRejected(rejected) => {
+                assert!(!rejected.lines.is_empty(), "{id}: no reason");
+                if rejected.lines.iter().any(|l| l.sku == "HOT") {
+                    rejected_hot += 1;
+                }
+            }
+            _ => unreachable!(),
+        }
+    }
+    assert!(rejected_hot > 0, "the hot sku never ran out");
+    let hot = taken.get("HOT").copied().unwrap_or(0);
+    assert!((1..=6).contains(&hot), "{hot} hot units taken of 6");
+
+    // Each sku's stock, asked of a replica that mostly does not hold it: the initial stock less
+    // what the reserved orders took, all of it reserved; no hold outlived its order.
+    let mut client = StockCheckerClient::new(stocks[1].channel().await);
+    for (sku, initial) in &skus {
+        let item = client
+            .get_stock(GetStockRequest { sku: sku.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let took = taken.get(sku).copied().unwrap_or(0);
+        assert_eq!(
+            (item.available, item.reserved),
+            (initial - took, took),
+            "{sku}"
+        );
+    }
+    // ListStock gathers every shard of every replica, page by page, each sku once.
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = StockCheckerClient::new(stocks[2].channel().await)
+            .list_stock(ListStockRequest {
+                page_size: 4,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        listed.extend(page.items.into_iter().map(|i| i.sku));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let mut expected: Vec<String> = skus.iter().map(|(sku, _)| sku.clone()).collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+    // SetStock at any replica changes the sku in its shard.
+    for (n, (sku, _)) in skus.iter().enumerate() {
+        let set = StockCheckerClient::new(stocks[n % 3].channel().await)
+            .set_stock(SetStockRequest {
+                sku: sku.clone(),
+                available: Some(1000 + n as u64),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(set.available, 1000 + n as u64);
+        let got = client
+            .get_stock(GetStockRequest { sku: sku.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.available, 1000 + n as u64, "{sku}");
+    }
+    let missing = client
+        .get_stock(GetStockRequest {
+            sku: "NO-SUCH".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
 }

@@ -354,6 +354,13 @@ impl Report {
         let stage = ["receiver", "stock", "invoice", "notifier"]
             .iter()
             .position(|s| *s == step.stage);
+        // The stock shards' traffic among themselves is no step: the decision that follows is.
+        if matches!(
+            event.kind,
+            Some(Kind::HoldRequested(_) | Kind::HoldAnswered(_) | Kind::HoldReleased(_))
+        ) {
+            return;
+        }
         let first_step = !matches!(event.kind, Some(Kind::StockReleased(_)) | None);
         if let (Some(i), true) = (stage, first_step) {
             self.shown[i] += 1;
@@ -464,7 +471,9 @@ impl Report {
                     },
                 )
             }
-            None => return,
+            Some(Kind::HoldRequested(_) | Kind::HoldAnswered(_) | Kind::HoldReleased(_)) | None => {
+                return;
+            }
         };
         println!(
             "{}  {}  {}  {}",

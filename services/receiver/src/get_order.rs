@@ -34,7 +34,7 @@ fn place<'a>(
     if let Some(home) = receiver.home(partition) {
         return Ok(Place::Here(home));
     }
-    crate::peers::forward_to(receiver.peers.as_ref(), partition, forwarded_by)
+    orderflow_runtime::forward_to(receiver.peers.as_ref(), partition, forwarded_by)
         .map(|peers| Place::Replica(peers, partition))
 }
 

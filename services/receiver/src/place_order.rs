@@ -36,8 +36,11 @@ pub(crate) async fn place_order(
                 Some(home) => place(receiver, home, request).await,
                 // The replica that owns the partition counts the order.
                 None => {
-                    let peers =
-                        crate::peers::forward_to(receiver.peers.as_ref(), partition, forwarded_by)?;
+                    let peers = orderflow_runtime::forward_to(
+                        receiver.peers.as_ref(),
+                        partition,
+                        forwarded_by,
+                    )?;
                     return peers.place(partition, request).await;
                 }
             }

@@ -77,8 +77,5 @@ impl OrderReceiver for OrderReceiverService {
 
 /// The replica that forwarded `request` here, if another replica did.
 fn forwarded_by<T>(request: &Request<T>) -> Option<String> {
-    request
-        .metadata()
-        .get(crate::peers::FORWARDED)
-        .map(|value| value.to_str().unwrap_or("?").to_owned())
+    orderflow_runtime::forwarded_by(request.metadata())
 }

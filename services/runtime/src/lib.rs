@@ -14,6 +14,8 @@
 //! - `partition`: [`Partition`] — which partition of the pipeline a store holds, fixed when the
 //!   store is created; the partition a key belongs to ([`home_partition`]) and the one an order id
 //!   names ([`order_id`], [`order_partition`]).
+//! - `peers`: [`Peers`] — the other replicas of a stage (`--peers`), and forwarding a call to the
+//!   one that owns a partition ([`forward_to`], [`FORWARDED`]).
 //! - `disk`: the data volume's [`FreeSpace`] against `--min-free-space` ([`MinFreeSpace`]).
 //! - `eventlog`: [`EventLogService`] — `Subscribe`/`Ack`/`Head` over the outbox.
 //! - `fencing`: which process may apply a log as a consumer, from which store ([`Refusal`]).
@@ -53,6 +55,7 @@ pub mod metrics;
 mod outbox;
 pub mod paging;
 mod partition;
+mod peers;
 mod retention;
 mod retry;
 mod server;
@@ -75,6 +78,7 @@ pub use group_commit::{GroupCommit, WriterName};
 pub use outbox::Outbox;
 pub use paging::{NumericPage, PageFill};
 pub use partition::{MAX_PARTITIONS, Partition, home_partition, order_id, order_partition};
+pub use peers::{FORWARDED, Peers, forward_to, forwarded_by};
 pub use retry::{
     Attempt, FIRST_ATTEMPTS_BUDGET, Failure, FirstAttempt, FirstAttempts, NewTask, Outcome,
     RetryPolicy, RetryQueue, RetryWork, Settling,

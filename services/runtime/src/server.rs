@@ -197,12 +197,28 @@ impl StageServer {
     /// Keeps the outbox for `consumers` (the stages that read it) from now on, even before they
     /// first acknowledge — unless `--retain-for` names others. No one else can acknowledge.
     pub async fn retain_for(self, consumers: &[&str]) -> Result<Self, ServeError> {
+        self.retain_for_and(consumers, |_| Vec::new()).await
+    }
+
+    /// [`StageServer::retain_for`], and each partition's outbox also for the consumers `internal`
+    /// names for it, whatever `--retain-for` says: the stage's own partitions reading each other
+    /// (stock's shards), without which the stage cannot work.
+    pub async fn retain_for_and(
+        self,
+        consumers: &[&str],
+        internal: impl Fn(Partition) -> Vec<String>,
+    ) -> Result<Self, ServeError> {
         let names: Vec<String> = match &self.args.retain_for {
             Some(names) => names.0.clone(),
             None => consumers.iter().map(|c| (*c).to_owned()).collect(),
         };
         for store in &self.stores {
-            let names = names.clone();
+            let mut names = names.clone();
+            for name in internal(store.partition()) {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
             store
                 .call(move |store| store.outbox().retain_for(&names))
                 .await

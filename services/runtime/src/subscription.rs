@@ -240,6 +240,8 @@ impl Admission {
 pub struct Subscription<A> {
     /// Name under which this stage records its offset and acknowledges upstream (e.g. "stock").
     consumer: String,
+    /// The stage, for the metrics: the consumer name unless [`Subscription::reading`] says another.
+    stage: String,
     /// Key of the consumed offset in the store's meta table (e.g. "receiver").
     upstream_name: String,
     /// The upstream's replicas; the one that owns this store's partition is read.
@@ -252,6 +254,8 @@ pub struct Subscription<A> {
     admission: Option<Admission>,
     /// Who this process is to the upstream log ([`crate::fencing`]): random, new at every start.
     incarnation: u64,
+    /// The upstream partition read: the store's own unless [`Subscription::reading`] says another.
+    partition: u32,
 }
 
 impl<A: Apply> Subscription<A> {
@@ -264,8 +268,11 @@ impl<A: Apply> Subscription<A> {
         store: Store,
         applier: Arc<A>,
     ) -> Self {
+        let store_partition = store.partition().index;
+        let consumer = consumer.into();
         Subscription {
-            consumer: consumer.into(),
+            stage: consumer.clone(),
+            consumer,
             upstream_name: upstream_name.into(),
             upstream,
             owner: watch::channel(None).0,
@@ -274,7 +281,18 @@ impl<A: Apply> Subscription<A> {
             commit: Commit::Durable,
             admission: None,
             incarnation: rand::random::<u64>().max(1),
+            partition: store_partition,
         }
+    }
+
+    /// Reads partition `partition` of the upstream log, as `consumer`, rather than the store's own
+    /// partition under the stage's name: for a stage whose partitions read each other's logs
+    /// (stock's shards), each one a consumer of its own. The store keeps the offset under
+    /// `upstream_name` as always, so each partition read needs a name of its own there too.
+    pub fn reading(mut self, partition: u32, consumer: impl Into<String>) -> Self {
+        self.partition = partition;
+        self.consumer = consumer.into();
+        self
     }
 
     /// Commits batches lazily ([`Commit::Lazy`]): for views derived from upstream that a crash may
@@ -310,7 +328,7 @@ impl<A: Apply> Subscription<A> {
             // Lazy commits are durable only once a durable commit follows: make one before telling
             // upstream it may delete what they hold.
             (self.commit == Commit::Lazy).then(|| (self.store.clone(), self.upstream_name.clone())),
-            self.store.partition().index,
+            self.partition,
             self.incarnation,
             acked_rx,
             shutdown.clone(),
@@ -319,7 +337,7 @@ impl<A: Apply> Subscription<A> {
         let _ = names::handle();
         let refused = metrics::gauge!(
             names::UPSTREAM_REFUSED,
-            "stage" => self.consumer.clone(),
+            "stage" => self.stage.clone(),
             "upstream" => self.upstream_name.clone(),
             "partition" => self.store.partition().index.to_string()
         );
@@ -392,11 +410,11 @@ impl<A: Apply> Subscription<A> {
         let _ = acker.await;
     }
 
-    /// The endpoint of the upstream replica that owns this store's partition p: replica p mod N,
+    /// The endpoint of the upstream replica that owns the partition p read: replica p mod N,
     /// where N is how many replicas the link lists or, for a `{replica}` URL, how many replica 0
     /// (which owns partition 0, so exists whatever N is) says its stage runs.
     async fn owner_endpoint(&self) -> Result<Endpoint, SubscriptionError> {
-        let partition = self.store.partition().index;
+        let partition = self.partition;
         let replicas = match self.upstream.url.listed() {
             Some(listed) => listed,
             None if partition == 0 => 1,
@@ -448,7 +466,7 @@ impl<A: Apply> Subscription<A> {
         let partition = self.store.partition();
         let head = client
             .head(HeadRequest {
-                partition: partition.index,
+                partition: self.partition,
             })
             .await?
             .into_inner();
@@ -481,7 +499,7 @@ impl<A: Apply> Subscription<A> {
                 consumer: self.consumer.clone(),
                 stop_at_head: false,
                 from_first: false,
-                partition: partition.index,
+                partition: self.partition,
                 owner: Some(Owner {
                     incarnation: self.incarnation,
                     consumed_offset: next,
@@ -584,7 +602,7 @@ impl<A: Apply> Subscription<A> {
             }
             metrics::gauge!(
                 names::CONSUMER_LAG,
-                "stage" => self.consumer.clone(),
+                "stage" => self.stage.clone(),
                 "upstream" => self.upstream_name.clone(),
                 "partition" => self.store.partition().index.to_string()
             )
@@ -659,7 +677,7 @@ impl<A: Apply> Subscription<A> {
         };
         acked.send_replace(done.next);
         backoff.reset();
-        let stage = self.consumer.clone();
+        let stage = self.stage.clone();
         metrics::histogram!(names::BATCH_COMMIT_SECONDS, "stage" => stage.clone())
             .record(done.took.as_secs_f64());
         metrics::histogram!(names::BATCH_ENTRIES, "stage" => stage).record(done.count as f64);

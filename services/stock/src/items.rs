@@ -1,6 +1,9 @@
 //! The `items` table — sku → encoded `StockItem` — and what makes an item valid.
 
-use orderflow_proto::{money::is_currency_code, v1::StockItem};
+use orderflow_proto::{
+    money::is_currency_code,
+    v1::{ReservedLine, StockItem},
+};
 use orderflow_runtime::{FieldViolations, StoreError, decode_record};
 use prost::Message;
 use redb::{ReadableTable, Table, TableDefinition};
@@ -35,6 +38,26 @@ pub(crate) fn put(
     item: &StockItem,
 ) -> Result<(), StoreError> {
     items.insert(item.sku.as_str(), item.encode_to_vec().as_slice())?;
+    Ok(())
+}
+
+/// Gives `lines` back: each line's quantity returns from `reserved` to `available`. A line whose
+/// item is gone from the catalog is skipped with a warning.
+pub(crate) fn give_back(
+    items: &mut Table<&'static str, &'static [u8]>,
+    order_id: &str,
+    lines: &[ReservedLine],
+) -> Result<(), StoreError> {
+    for line in lines {
+        let Some(mut item) = get(items, &line.sku)? else {
+            tracing::warn!(order_id = %order_id, sku = %line.sku, "released line has no catalog item; skipped");
+            continue;
+        };
+        let quantity = u64::from(line.quantity);
+        item.available = item.available.saturating_add(quantity);
+        item.reserved = item.reserved.saturating_sub(quantity);
+        put(items, &item)?;
+    }
     Ok(())
 }
 

@@ -4,7 +4,9 @@
 //!
 //! Orders are applied one after another inside the subscription's single write transaction, so no
 //! interleaving of orders or admin `SetStock` calls can oversell: every check reads the state the
-//! previous reservation committed.
+//! previous reservation committed. With several partitions the stock is sharded by sku, each shard
+//! a store of its own, and an order whose lines fall in several shards is reserved through holds
+//! its home shard asks of the others (`shards`).
 //!
 //! It also consumes the invoice stage's log, for compensation: a `PaymentFailed` order's lines are
 //! given back (`StockReleased`), exactly once.
@@ -15,6 +17,8 @@
 //! - `catalog`: catalog files (TOML or JSON), the built-in demo catalog, and seeding the store.
 //! - `reserve`: the all-or-nothing reservation, applied per `OrderPlaced`.
 //! - `release`: giving a failed payment's reservation back, per `PaymentFailed`.
+//! - `shards`: stock sharded by sku — holds asked of the other shards through the logs, their
+//!   answers and the home shard's decision, for orders whose lines fall in several shards.
 //! - `set_stock`, `get_stock`: one file per admin/query RPC; `service` only delegates.
 
 mod catalog;
@@ -24,15 +28,17 @@ mod release;
 mod reserve;
 mod service;
 mod set_stock;
+mod shards;
 
 use std::{path::PathBuf, str::FromStr, sync::Arc};
 
 use clap::Parser;
 use orderflow_proto::v1::stock_checker_server::StockCheckerServer;
 use orderflow_runtime::{
-    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, ServeError, ServerArgs, StageServer, Subscription,
-    UpstreamArgs, UpstreamUrl,
+    Link, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Peers, ServeError, ServerArgs, StageServer,
+    Subscription, UpstreamArgs, UpstreamUrl,
 };
+use shards::Shards;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
@@ -125,7 +131,7 @@ impl FromStr for CatalogSource {
     }
 }
 
-/// Opens the stock store, seeds the catalog and binds the socket.
+/// Opens the store of every shard this replica owns, seeds the catalog and binds the socket.
 pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
     let entries = catalog::load(&config.catalog).map_err(ServeError::Config)?;
     let upstream = config
@@ -136,46 +142,117 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
         .server
         .link(&config.invoice_url)
         .map_err(ServeError::config)?;
-    let server = StageServer::bind(STAGE, config.server)
-        .await?
-        .retain_for(CONSUMERS)
-        .await?;
-    let seeded = server
-        .store()
-        .call(move |store| catalog::seed(store, &entries))
-        .await
-        .map_err(|status| {
-            ServeError::Config(format!("cannot seed the catalog: {}", status.message()))
-        })?;
-    if seeded > 0 {
-        tracing::info!(items = seeded, "catalog seeded");
+    let peers = config.server.peers().map_err(ServeError::config)?;
+    let count = config.server.partitions;
+    if count > 1 && peers.is_none() && config.server.tls_cert.is_some() {
+        return Err(ServeError::config(
+            "the stock stage's shards read each other's logs: with TLS and several partitions, \
+             give this replica's own https URL with --peers / ORDERFLOW_PEERS"
+                .to_owned(),
+        ));
     }
-    let service = service::StockCheckerService::new(server.store().clone(), server.admin_guard());
-    let orders = Subscription::new(
-        STAGE,
-        "receiver",
-        upstream,
-        server.store().clone(),
-        Arc::new(reserve::Reserver),
+    let server = StageServer::bind_partitions(STAGE, config.server)
+        .await?
+        // Each shard's log is also read by every other shard, whatever --retain-for says.
+        .retain_for_and(CONSUMERS, move |partition| {
+            Shards {
+                me: partition.index,
+                count,
+            }
+            .others()
+            .map(Shards::consumer)
+            .collect()
+        })
+        .await?;
+    for store in server.stores() {
+        let shard = store.partition().index;
+        let mine: Vec<CatalogEntry> = entries
+            .iter()
+            .filter(|entry| shards::shard_of(&entry.sku, count) == shard)
+            .cloned()
+            .collect();
+        let seeded = store
+            .call(move |store| catalog::seed(store, &mine))
+            .await
+            .map_err(|status| {
+                ServeError::Config(format!("cannot seed the catalog: {}", status.message()))
+            })?;
+        if seeded > 0 {
+            tracing::info!(items = seeded, shard, "catalog seeded");
+        }
+    }
+    // The shards' own stage: the replicas --peers names, or this one alone.
+    let peers = match peers {
+        Some(link) => Some(link),
+        None if count > 1 => Some(own_link(&server)?),
+        None => None,
+    };
+    let replicas = match &peers {
+        Some(link) => Some(
+            Peers::new(link, server.args().replicas, server.args().replica_index())
+                .map_err(ServeError::config)?,
+        ),
+        None => None,
+    };
+    let service =
+        service::StockCheckerService::new(server.stores(), count, replicas, server.admin_guard());
+    let mut server = server.with_service(
+        Routes::new(
+            StockCheckerServer::new(service)
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+        ),
+        "orderflow.v1.StockChecker",
     );
-    let compensation = Subscription::new(
-        STAGE,
-        "invoice",
-        invoice,
-        server.store().clone(),
-        Arc::new(release::Releaser),
-    );
-    Ok(server
-        .with_service(
-            Routes::new(
-                StockCheckerServer::new(service)
-                    .max_decoding_message_size(MAX_REQUEST_BYTES)
-                    .max_encoding_message_size(MAX_RESPONSE_BYTES),
-            ),
-            "orderflow.v1.StockChecker",
-        )
-        .with_task(move |shutdown| tokio::spawn(orders.run(shutdown)))
-        .with_task(move |shutdown| tokio::spawn(compensation.run(shutdown))))
+    for store in server.stores().to_vec() {
+        let shards = Shards {
+            me: store.partition().index,
+            count,
+        };
+        let orders = Subscription::new(
+            STAGE,
+            "receiver",
+            upstream.clone(),
+            store.clone(),
+            Arc::new(reserve::Reserver { shards }),
+        );
+        let compensation = Subscription::new(
+            STAGE,
+            "invoice",
+            invoice.clone(),
+            store.clone(),
+            Arc::new(release::Releaser { shards }),
+        );
+        server = server
+            .with_task(move |shutdown| tokio::spawn(orders.run(shutdown)))
+            .with_task(move |shutdown| tokio::spawn(compensation.run(shutdown)));
+        for other in shards.others() {
+            let Some(link) = peers.clone() else { break };
+            let traffic = Subscription::new(
+                STAGE,
+                Shards::consumer(other),
+                link,
+                store.clone(),
+                Arc::new(shards::ShardTraffic { shards }),
+            )
+            .reading(other, Shards::consumer(shards.me));
+            server = server.with_task(move |shutdown| tokio::spawn(traffic.run(shutdown)));
+        }
+    }
+    Ok(server)
+}
+
+/// A link to this replica itself, the only one: its shards read each other's logs through it.
+fn own_link(server: &StageServer) -> Result<Link, ServeError> {
+    let mut addr = server.local_addr();
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = UpstreamUrl::from_str(&format!("http://{addr}")).map_err(ServeError::config)?;
+    server.args().link(&url).map_err(ServeError::config)
 }
 
 /// Runs the stock checker until `shutdown`.

@@ -3,9 +3,12 @@
 //! The stock stage also consumes the invoice stage's log. For each `PaymentFailed` it returns every
 //! reserved line to `available` (and takes it off `reserved`) and appends `StockReleased`, in the
 //! batch's one transaction with the consumed invoice offset — so a reservation is given back exactly
-//! once, whatever crashes in between.
+//! once, whatever crashes in between. With several shards, the lines of other shards go back
+//! there: a `HoldReleased` per shard in the same transaction (`shards`).
 
-use orderflow_proto::v1::{Event, StockReleased, event::Kind};
+use std::collections::BTreeMap;
+
+use orderflow_proto::v1::{Event, HoldReleased, ReservedLine, StockReleased, event::Kind};
 use orderflow_runtime::{
     Apply, Decode, Entry, Skipped, StoreError, Txn, follow_up, record_processed, telemetry,
 };
@@ -14,10 +17,13 @@ use prost::Message;
 use crate::{
     STAGE,
     items::{self, ITEMS},
+    shards::Shards,
 };
 
 /// Applies `PaymentFailed` events of the invoice log; ignores every other kind.
-pub(crate) struct Releaser;
+pub(crate) struct Releaser {
+    pub(crate) shards: Shards,
+}
 
 /// An invoice-log event as the stock stage reads it: decoded whole only when it is a
 /// `PaymentFailed`, which is rare; every invoice created is looked at no further than its kind.
@@ -65,24 +71,32 @@ impl Apply for Releaser {
             &event.trace_context,
         );
         let _entered = span.enter();
+        // Each line goes back in its shard: this one's here, the others' through this log.
+        let mut elsewhere: BTreeMap<u32, Vec<ReservedLine>> = BTreeMap::new();
+        let mut here = Vec::new();
+        for line in &failed.lines {
+            match self.shards.of(&line.sku) {
+                shard if shard == self.shards.me => here.push(line.clone()),
+                shard => elsewhere.entry(shard).or_default().push(line.clone()),
+            }
+        }
         {
             let mut table = txn.redb().open_table(ITEMS)?;
-            for line in &failed.lines {
-                let Some(mut item) = items::get(&table, &line.sku)? else {
-                    tracing::warn!(order_id = %event.order_id, sku = %line.sku, "released line has no catalog item; skipped");
-                    continue;
-                };
-                let quantity = u64::from(line.quantity);
-                item.available = item.available.saturating_add(quantity);
-                item.reserved = item.reserved.saturating_sub(quantity);
-                items::put(&mut table, &item)?;
-            }
+            items::give_back(&mut table, &event.order_id, &here)?;
         }
         span.record("outcome", "released");
         record_processed(STAGE, "released", event);
+        let context = span.context();
+        for (shard, lines) in elsewhere {
+            txn.append(&follow_up(
+                event,
+                context.clone(),
+                Kind::HoldReleased(HoldReleased { shard, lines }),
+            ));
+        }
         txn.append(&follow_up(
             event,
-            span.context(),
+            context,
             Kind::StockReleased(StockReleased {
                 lines: failed.lines.clone(),
             }),
@@ -148,7 +162,12 @@ mod tests {
         };
         assert_eq!(entry.event, InvoiceLogEvent(Some(failed)));
         store
-            .write(|txn| Releaser.apply(txn, &entry, &mut ()))
+            .write(|txn| {
+                Releaser {
+                    shards: Shards { me: 0, count: 1 },
+                }
+                .apply(txn, &entry, &mut ())
+            })
             .unwrap();
         let item = store
             .read(|read| items::get(&read.open_table(ITEMS)?, "A"))

@@ -1,18 +1,25 @@
 //! The reservation: for each `OrderPlaced`, every line is reserved or none is.
+//!
+//! An order whose lines all fall in this shard is decided at once. One with lines in other shards
+//! holds its own lines here and asks the other shards for theirs (`shards`), which decides it once
+//! every answer is in.
 
 use orderflow_proto::v1::{
-    Event, LineRejection, OrderLine, OrderRejected, RejectionReason, ReservedLine, StockItem,
-    StockReserved, event::Kind,
+    Event, HeldLine, LineRejection, Money, OrderLine, OrderRejected, RejectionReason, ReservedLine,
+    StockItem, StockReserved, event::Kind,
 };
 use orderflow_runtime::{Apply, Entry, StoreError, Txn, follow_up, record_processed, telemetry};
 
 use crate::{
     STAGE,
     items::{self, ITEMS},
+    shards::{self, PENDING, Shards},
 };
 
-/// Applies `OrderPlaced` events; ignores every other kind.
-pub(crate) struct Reserver;
+/// Applies `OrderPlaced` events of the orders whose home is this shard; ignores every other kind.
+pub(crate) struct Reserver {
+    pub(crate) shards: Shards,
+}
 
 impl Apply for Reserver {
     type Event = Event;
@@ -38,6 +45,10 @@ impl Apply for Reserver {
         let mut outcomes = Vec::with_capacity(entries.len());
         {
             let mut table = txn.redb().open_table(ITEMS)?;
+            let mut pending = match self.shards.count {
+                1 => None,
+                _ => Some(txn.redb().open_table(PENDING)?),
+            };
             for Entry { event, .. } in entries {
                 let Some(Kind::OrderPlaced(placed)) = &event.kind else {
                     continue;
@@ -50,16 +61,30 @@ impl Apply for Reserver {
                     &event.trace_context,
                 );
                 let _entered = span.enter();
+                if let Some(pending) = pending.as_mut()
+                    && !self.shards.all_here(&placed.lines)
+                {
+                    span.record("outcome", "holding");
+                    shards::request_holds(
+                        self.shards,
+                        &mut table,
+                        pending,
+                        event,
+                        &placed.lines,
+                        span.context(),
+                        &mut outcomes,
+                    )?;
+                    continue;
+                }
                 let kind = match reserve(&mut table, &placed.lines)? {
-                    Ok(lines) => {
+                    Ok(held) => {
                         span.record("outcome", "reserved");
                         record_processed(STAGE, "reserved", event);
-                        Kind::StockReserved(StockReserved { lines })
+                        reserved(held)
                     }
                     Err(lines) => {
-                        let reasons: Vec<String> = lines.iter().map(describe).collect();
                         span.record("outcome", "rejected");
-                        span.record("otel.status_description", reasons.join("; ").as_str());
+                        span.record("otel.status_description", describe_all(&lines).as_str());
                         record_processed(STAGE, "rejected", event);
                         Kind::OrderRejected(OrderRejected { lines })
                     }
@@ -72,6 +97,18 @@ impl Apply for Reserver {
         }
         Ok(())
     }
+}
+
+/// `StockReserved` of the lines `held`.
+pub(crate) fn reserved(held: Vec<HeldLine>) -> Kind {
+    Kind::StockReserved(StockReserved {
+        lines: held.into_iter().filter_map(|h| h.line).collect(),
+    })
+}
+
+/// `KB-01: out of stock (2 of 3); …` — the rejected lines for spans and logs.
+pub(crate) fn describe_all(lines: &[LineRejection]) -> String {
+    lines.iter().map(describe).collect::<Vec<_>>().join("; ")
 }
 
 /// `KB-01: out of stock (2 of 3)` — a line's rejection for spans and logs.
@@ -88,15 +125,15 @@ fn describe(line: &LineRejection) -> String {
     )
 }
 
-/// Every line reserved, or why each failing line could not be.
-type Outcome = Result<Vec<ReservedLine>, Vec<LineRejection>>;
+/// Every line held, or why each failing line could not be.
+pub(crate) type Outcome = Result<Vec<HeldLine>, Vec<LineRejection>>;
 
 /// Reserves every line in `table`, or changes nothing and says why each failing line failed.
-fn reserve(
+pub(crate) fn reserve(
     table: &mut redb::Table<&'static str, &'static [u8]>,
     lines: &[OrderLine],
 ) -> Result<Outcome, StoreError> {
-    let mut found: Vec<(&OrderLine, StockItem)> = Vec::with_capacity(lines.len());
+    let mut found: Vec<(u32, StockItem)> = Vec::with_capacity(lines.len());
     let mut rejections = Vec::new();
     for line in lines {
         let rejection = |reason: RejectionReason, available: u64| LineRejection {
@@ -110,48 +147,76 @@ fn reserve(
             Some(item) if item.available < u64::from(line.quantity) => {
                 rejections.push(rejection(RejectionReason::OutOfStock, item.available));
             }
-            Some(item) => found.push((line, item)),
+            Some(item) => found.push((line.quantity, item)),
         }
     }
-    if rejections.is_empty() {
-        let currency = |item: &StockItem| item.unit_price.as_ref().map(|p| p.currency.clone());
-        let first = found.first().map(|(_, item)| currency(item));
-        if found.iter().any(|(_, item)| Some(currency(item)) != first) {
-            rejections = found
-                .iter()
-                .map(|(line, item)| LineRejection {
-                    sku: line.sku.clone(),
-                    requested: line.quantity,
-                    available: item.available,
-                    reason: RejectionReason::MixedCurrency.into(),
-                })
-                .collect();
-        }
+    if rejections.is_empty()
+        && let Some(mixed) = mixed_currency(&found, |(quantity, item)| {
+            Some((
+                &item.sku,
+                *quantity,
+                item.available,
+                item.unit_price.as_ref(),
+            ))
+        })
+    {
+        rejections = mixed;
     }
     if !rejections.is_empty() {
         return Ok(Err(rejections));
     }
-    let mut reserved = Vec::with_capacity(found.len());
-    for (line, mut item) in found {
-        let quantity = u64::from(line.quantity);
-        item.available -= quantity;
-        item.reserved = item.reserved.saturating_add(quantity);
+    let mut held = Vec::with_capacity(found.len());
+    for (quantity, mut item) in found {
+        let available = item.available;
+        item.available -= u64::from(quantity);
+        item.reserved = item.reserved.saturating_add(u64::from(quantity));
         items::put(table, &item)?;
-        reserved.push(ReservedLine {
-            sku: item.sku,
-            name: item.name,
-            quantity: line.quantity,
-            unit_price: item.unit_price,
+        held.push(HeldLine {
+            line: Some(ReservedLine {
+                sku: item.sku,
+                name: item.name,
+                quantity,
+                unit_price: item.unit_price,
+            }),
+            available,
         });
     }
-    Ok(Ok(reserved))
+    Ok(Ok(held))
+}
+
+/// Every line rejected as `MIXED_CURRENCY` when `lines` are priced in more than one currency (no
+/// single invoice can total them); `None` when they agree. `view` gives a line's sku, quantity,
+/// units available and unit price.
+pub(crate) fn mixed_currency<T>(
+    lines: &[T],
+    view: impl for<'a> Fn(&'a T) -> Option<(&'a String, u32, u64, Option<&'a Money>)>,
+) -> Option<Vec<LineRejection>> {
+    let currency =
+        |line| view(line).and_then(|(_, _, _, price)| price.map(|p| p.currency.as_str()));
+    let first = lines.first().map(currency)?;
+    if lines.iter().all(|line| currency(line) == first) {
+        return None;
+    }
+    Some(
+        lines
+            .iter()
+            .filter_map(|line| {
+                let (sku, requested, available, _) = view(line)?;
+                Some(LineRejection {
+                    sku: sku.clone(),
+                    requested,
+                    available,
+                    reason: RejectionReason::MixedCurrency.into(),
+                })
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use orderflow_proto::v1::Money;
     use orderflow_runtime::Store;
 
     use super::*;
