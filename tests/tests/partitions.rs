@@ -531,6 +531,35 @@ async fn stock_shards_reserve_every_order_all_or_nothing_across_replicas() {
     let hot = taken.get("HOT").copied().unwrap_or(0);
     assert!((1..=6).contains(&hot), "{hot} hot units taken of 6");
 
+    // No order waits for a hold any more, and the holds show in the metrics.
+    let mut held = 0.0;
+    for partition in 0..PARTITIONS {
+        let metrics = stocks[(partition % 3) as usize].scrape().await.unwrap();
+        let label = partition.to_string();
+        let waiting = metrics.value(
+            "orderflow_pending_work",
+            &[
+                ("stage", "stock"),
+                ("work", "holds"),
+                ("partition", label.as_str()),
+            ],
+        );
+        assert!(
+            matches!(waiting, None | Some(0.0)),
+            "partition {partition}: {waiting:?} waiting"
+        );
+    }
+    for replica in &stocks {
+        let metrics = replica.scrape().await.unwrap();
+        held += metrics
+            .value(
+                "orderflow_events_processed_total",
+                &[("stage", "stock"), ("outcome", "held")],
+            )
+            .unwrap_or(0.0);
+    }
+    assert!(held > 0.0, "no hold counted");
+
     // Each sku's stock, asked of a replica that mostly does not hold it: the initial stock less
     // what the reserved orders took, all of it reserved; no hold outlived its order.
     let mut client = StockCheckerClient::new(stocks[1].channel().await);

@@ -9,6 +9,7 @@ use orderflow_proto::v1::{
     StockItem, StockReserved, event::Kind,
 };
 use orderflow_runtime::{Apply, Entry, StoreError, Txn, follow_up, record_processed, telemetry};
+use redb::ReadableTableMetadata;
 
 use crate::{
     STAGE,
@@ -43,6 +44,7 @@ impl Apply for Reserver {
         _: &mut (),
     ) -> Result<(), StoreError> {
         let mut outcomes = Vec::with_capacity(entries.len());
+        let mut waiting = None;
         {
             let mut table = txn.redb().open_table(ITEMS)?;
             let mut pending = match self.shards.count {
@@ -91,9 +93,15 @@ impl Apply for Reserver {
                 };
                 outcomes.push(follow_up(event, span.context(), kind));
             }
+            if let Some(pending) = &pending {
+                waiting = Some(pending.len()?);
+            }
         }
         for outcome in &outcomes {
             txn.append(outcome);
+        }
+        if let Some(waiting) = waiting {
+            shards::report_waiting(txn, self.shards, waiting);
         }
         Ok(())
     }

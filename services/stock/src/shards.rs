@@ -26,10 +26,10 @@ use orderflow_proto::v1::{
 };
 use orderflow_runtime::{
     Apply, Decode, Entry, Skipped, StoreError, Txn, decode_record, follow_up, home_partition,
-    record_processed, telemetry,
+    metrics as names, record_processed, telemetry,
 };
 use prost::Message;
-use redb::{ReadableTable, Table, TableDefinition};
+use redb::{ReadableTable, ReadableTableMetadata, Table, TableDefinition};
 
 use crate::{
     STAGE,
@@ -196,6 +196,7 @@ impl Apply for ShardTraffic {
     ) -> Result<(), StoreError> {
         let me = self.shards.me;
         let mut appends = Vec::new();
+        let waiting;
         {
             let mut table = txn.redb().open_table(ITEMS)?;
             let mut pending = txn.redb().open_table(PENDING)?;
@@ -227,12 +228,27 @@ impl Apply for ShardTraffic {
                     _ => {}
                 }
             }
+            waiting = pending.len()?;
         }
         for event in &appends {
             txn.append(event);
         }
+        report_waiting(txn, self.shards, waiting);
         Ok(())
     }
+}
+
+/// Sets the gauge of orders waiting for other shards' answers once `txn` has committed.
+pub(crate) fn report_waiting(txn: &mut Txn, shards: Shards, waiting: u64) {
+    txn.after_commit(move || {
+        metrics::gauge!(
+            names::PENDING_WORK,
+            "stage" => STAGE,
+            "work" => "holds",
+            "partition" => shards.me.to_string()
+        )
+        .set(waiting as f64);
+    });
 }
 
 /// Step 2: holds the lines `request` asks of this shard, or none, and says which.
@@ -252,10 +268,12 @@ fn hold(
     let (held, refused) = match reserve::reserve(table, &request.lines)? {
         Ok(held) => {
             span.record("outcome", "held");
+            record_processed(STAGE, "held", event);
             (held, Vec::new())
         }
         Err(refused) => {
             span.record("outcome", "refused");
+            record_processed(STAGE, "refused", event);
             span.record("otel.status_description", describe_all(&refused).as_str());
             (Vec::new(), refused)
         }
@@ -403,7 +421,6 @@ mod tests {
         LineRejection, Money, OrderPlaced, PaymentFailed, RejectionReason, StockItem,
     };
     use orderflow_runtime::{Partition, Store};
-    use redb::ReadableTableMetadata;
 
     use super::*;
     use crate::{release::Releaser, reserve::Reserver};
