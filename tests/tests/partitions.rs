@@ -406,14 +406,18 @@ async fn log_of(owner: &Stage, partition: u32) -> Vec<Event> {
 }
 
 /// Once `expected` orders are decided: every stock decision (`StockReserved` or `OrderRejected`)
-/// of the four partitions by order, with the partition that logged it, each checked to be the only
+/// of the `partitions` partitions by order, with the partition that logged it, each checked to be the only
 /// one of its order; and how many holds were asked. Partition p is read from `owners[p mod n]`.
-async fn decisions(owners: &[&Stage], expected: usize) -> (BTreeMap<String, (u32, Kind)>, usize) {
+async fn decisions(
+    owners: &[&Stage],
+    partitions: u32,
+    expected: usize,
+) -> (BTreeMap<String, (u32, Kind)>, usize) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let mut decisions: BTreeMap<String, (u32, Kind)> = BTreeMap::new();
         let mut holds = 0;
-        for partition in 0..PARTITIONS {
+        for partition in 0..partitions {
             let owner = owners[partition as usize % owners.len()];
             for event in log_of(owner, partition).await {
                 match event.kind.unwrap() {
@@ -504,7 +508,8 @@ async fn stock_shards_reserve_every_order_all_or_nothing_across_replicas() {
     }
 
     // Every order is decided exactly once, in its home partition's log.
-    let (decisions, holds) = decisions(&stocks.iter().collect::<Vec<_>>(), placed.len()).await;
+    let (decisions, holds) =
+        decisions(&stocks.iter().collect::<Vec<_>>(), PARTITIONS, placed.len()).await;
     assert!(holds > 50, "only {holds} orders spanned shards");
     let mut taken: BTreeMap<String, u64> = BTreeMap::new();
     let mut rejected_hot = 0;
@@ -724,7 +729,7 @@ async fn a_hot_sku_is_never_oversold_under_holds_from_every_shard() {
         }
     }
 
-    let (decisions, _) = decisions(&[&stock], placed.len()).await;
+    let (decisions, _) = decisions(&[&stock], PARTITIONS, placed.len()).await;
     let mut sold = 0;
     let mut valid = 0;
     for (id, (_, kind)) in &decisions {
@@ -760,5 +765,113 @@ async fn a_hot_sku_is_never_oversold_under_holds_from_every_shard() {
          orders ({:.1} %) rejected beyond what one-at-a-time reservation rejects",
         HOT_UNITS - sold,
         (HOT_UNITS - sold) as f64 * 100.0 / valid as f64
+    );
+}
+
+/// An order whose lines fall in both of two stock shards is still one trace: the home shard's
+/// reservation, the other shard's hold as its child, and the decision, all under the receiver's
+/// span.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_across_shards_is_one_trace_with_its_hold() {
+    let collector = orderflow_e2e::otlp::OtlpReceiver::start().await.unwrap();
+    let env = vec![
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+            collector.endpoint(),
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "200".to_owned()),
+    ];
+    let dir = temp_dir().unwrap();
+    let partitions = ["--partitions".to_owned(), "2".to_owned()];
+    let receiver = Stage::start_with_env(
+        "receiver",
+        "127.0.0.1:0",
+        &dir.path().join("receiver"),
+        [
+            "--http-listen",
+            "none",
+            "--stock-url",
+            "none",
+            "--invoice-url",
+            "none",
+            "--notifier-url",
+            "none",
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain(partitions.clone())
+        .collect(),
+        env.clone(),
+    )
+    .await
+    .unwrap();
+    let [nowhere] = free_ports::<1>();
+    let stock = Stage::start_with_env(
+        "stock",
+        "127.0.0.1:0",
+        &dir.path().join("stock"),
+        [
+            "--upstream".to_owned(),
+            receiver.url(),
+            "--invoice-url".to_owned(),
+            format!("http://127.0.0.1:{nowhere}"),
+        ]
+        .into_iter()
+        .chain(partitions)
+        .collect(),
+        env,
+    )
+    .await
+    .unwrap();
+    // The demo catalog's four plentiful items: two shards hold them.
+    let order_id = OrderReceiverClient::new(receiver.channel().await)
+        .place_order(PlaceOrderRequest {
+            customer_id: "tracer".into(),
+            lines: ["KB-01", "MOUSE-02", "HEAD-03", "CABLE-04"]
+                .map(|sku| OrderLine {
+                    sku: sku.into(),
+                    quantity: 1,
+                })
+                .to_vec(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .order_id;
+    let (decisions, holds) = decisions(&[&stock], 2, 1).await;
+    assert!(matches!(decisions[&order_id].1, Kind::StockReserved(_)));
+    assert_eq!(holds, 1, "the four items are not in two shards");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let spans = loop {
+        let spans: Vec<_> = collector
+            .spans()
+            .into_iter()
+            .filter(|s| s.attribute("order.id") == Some(order_id.as_str()))
+            .collect();
+        let names: BTreeSet<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+        if ["reserve stock", "hold stock", "decide reservation"]
+            .iter()
+            .all(|n| names.contains(n))
+        {
+            break spans;
+        }
+        assert!(std::time::Instant::now() < deadline, "spans: {names:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let traces: BTreeSet<&str> = spans.iter().map(|s| s.trace_id.as_str()).collect();
+    assert_eq!(traces.len(), 1, "{spans:#?}");
+    let span = |name: &str| spans.iter().find(|s| s.name == name).unwrap();
+    let reserve = span("reserve stock");
+    assert!(
+        !reserve.parent_span_id.is_empty(),
+        "the receiver's span is its parent"
+    );
+    assert_eq!(span("hold stock").parent_span_id, reserve.span_id);
+    assert_eq!(span("decide reservation").parent_span_id, reserve.span_id);
+    assert_eq!(
+        span("decide reservation").attribute("outcome"),
+        Some("reserved")
     );
 }
