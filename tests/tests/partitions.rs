@@ -442,78 +442,65 @@ async fn decisions(
     }
 }
 
-/// Stock sharded by sku over four partitions and three replicas, fed by two receiver replicas:
-/// orders whose lines fall in several shards, and a hot sku with little stock, are reserved all or
-/// nothing, each decided exactly once in its home partition, while a stock replica is killed -9
-/// and restarted mid-run. When quiet, every sku's stock is its initial stock less what the
-/// reserved orders took, and nothing is held for an order that was rejected. Any replica answers
-/// `GetStock` and `SetStock` for any sku, and `ListStock` gathers every shard.
-#[tokio::test(flavor = "multi_thread")]
-async fn stock_shards_reserve_every_order_all_or_nothing_across_replicas() {
-    let dir = temp_dir().unwrap();
-    let receiver_ports = free_ports::<2>();
-    let stock_ports = free_ports::<3>();
-    let receivers = [
-        receiver(dir.path(), receiver_ports, 0).await,
-        receiver(dir.path(), receiver_ports, 1).await,
-    ];
-    let mut stocks = Vec::new();
-    for replica in 0..3 {
-        stocks.push(stock(dir.path(), stock_ports, receiver_ports, replica).await);
+/// Order `n` of the stock tests: one to three lines of the twelve plain skus (mostly in several
+/// shards), a third of them also wanting one hot unit.
+fn mixed_order(n: usize, skus: &[(String, u64)]) -> Vec<OrderLine> {
+    let mut lines: Vec<OrderLine> = (0..1 + n % 3)
+        .map(|i| OrderLine {
+            sku: skus[(n * 7 + i * 5) % 12].0.clone(),
+            quantity: 1 + (n % 4) as u32,
+        })
+        .collect();
+    if n.is_multiple_of(3) {
+        lines.push(OrderLine {
+            sku: "HOT".into(),
+            quantity: 1,
+        });
     }
-    let skus = stock_catalog();
+    lines
+}
 
-    // 150 orders from 37 customers at either receiver, most over two or three shards, a third of
-    // them wanting the hot sku; replica 0 of the stock (shards 0 and 3) dies a third of the way.
-    let mut placed: BTreeMap<String, Vec<OrderLine>> = BTreeMap::new();
-    for round in 0..5 {
-        if round == 2 {
-            stocks[0].kill9().await;
-        }
-        if round == 3 {
-            stocks[0].restart().await.unwrap();
-        }
-        let mut tasks = Vec::new();
-        for n in round * 30..(round + 1) * 30 {
-            let mut lines: Vec<OrderLine> = (0..1 + n % 3)
-                .map(|i| OrderLine {
-                    sku: skus[(n * 7 + i * 5) % 12].0.clone(),
-                    quantity: 1 + (n % 4) as u32,
+/// Places the orders `range` of [`mixed_order`] at once, from 37 customers, at one receiver or the
+/// other; returns each order's id and lines.
+async fn place_mixed(
+    clients: &[OrderReceiverClient<tonic::transport::Channel>; 2],
+    range: std::ops::Range<usize>,
+    skus: &[(String, u64)],
+) -> Vec<(String, Vec<OrderLine>)> {
+    let mut tasks = Vec::new();
+    for n in range {
+        let lines = mixed_order(n, skus);
+        let mut client = clients[n % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let answer = client
+                .place_order(PlaceOrderRequest {
+                    customer_id: format!("customer-{}", n % 37),
+                    lines: lines.clone(),
+                    idempotency_key: format!("key-{n}"),
                 })
-                .collect();
-            if n % 3 == 0 {
-                lines.push(OrderLine {
-                    sku: "HOT".into(),
-                    quantity: 1,
-                });
-            }
-            let mut client = OrderReceiverClient::new(receivers[n % 2].channel().await);
-            tasks.push(tokio::spawn(async move {
-                let answer = client
-                    .place_order(PlaceOrderRequest {
-                        customer_id: format!("customer-{}", n % 37),
-                        lines: lines.clone(),
-                        idempotency_key: format!("key-{n}"),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                (answer.order_id, lines)
-            }));
-        }
-        for task in tasks {
-            let (id, lines) = task.await.unwrap();
-            placed.insert(id, lines);
-        }
+                .await
+                .unwrap()
+                .into_inner();
+            (answer.order_id, lines)
+        }));
     }
+    let mut placed = Vec::new();
+    for task in tasks {
+        placed.push(task.await.unwrap());
+    }
+    placed
+}
 
-    // Every order is decided exactly once, in its home partition's log.
-    let (decisions, holds) =
-        decisions(&stocks.iter().collect::<Vec<_>>(), PARTITIONS, placed.len()).await;
-    assert!(holds > 50, "only {holds} orders spanned shards");
+/// Checks each decision against the order placed: made in the order's home partition, reserved
+/// with every line as asked (in the customer's order) or rejected with reasons. Returns the units
+/// the reserved orders took, by sku, and how many rejections named the hot sku.
+fn taken_by(
+    placed: &BTreeMap<String, Vec<OrderLine>>,
+    decisions: &BTreeMap<String, (u32, Kind)>,
+) -> (BTreeMap<String, u64>, usize) {
     let mut taken: BTreeMap<String, u64> = BTreeMap::new();
     let mut rejected_hot = 0;
-    for (id, (partition, kind)) in &decisions {
+    for (id, (partition, kind)) in decisions {
         assert_eq!(partition_of(id), *partition, "{id} decided elsewhere");
         let lines = &placed[id];
         match kind {
@@ -539,6 +526,71 @@ async fn stock_shards_reserve_every_order_all_or_nothing_across_replicas() {
             _ => unreachable!(),
         }
     }
+    (taken, rejected_hot)
+}
+
+/// Each sku's stock, asked of `stock` (which forwards most of them): the initial stock less what
+/// the reserved orders took, all of it reserved, so no hold outlived its order.
+async fn check_levels(stock: &Stage, skus: &[(String, u64)], taken: &BTreeMap<String, u64>) {
+    let mut client = StockCheckerClient::new(stock.channel().await);
+    for (sku, initial) in skus {
+        let item = client
+            .get_stock(GetStockRequest { sku: sku.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let took = taken.get(sku).copied().unwrap_or(0);
+        assert_eq!(
+            (item.available, item.reserved),
+            (initial - took, took),
+            "{sku}"
+        );
+    }
+}
+
+/// Stock sharded by sku over four partitions and three replicas, fed by two receiver replicas:
+/// orders whose lines fall in several shards, and a hot sku with little stock, are reserved all or
+/// nothing, each decided exactly once in its home partition, while a stock replica is killed -9
+/// and restarted mid-run. When quiet, every sku's stock is its initial stock less what the
+/// reserved orders took, and nothing is held for an order that was rejected. Any replica answers
+/// `GetStock` and `SetStock` for any sku, and `ListStock` gathers every shard.
+#[tokio::test(flavor = "multi_thread")]
+async fn stock_shards_reserve_every_order_all_or_nothing_across_replicas() {
+    let dir = temp_dir().unwrap();
+    let receiver_ports = free_ports::<2>();
+    let stock_ports = free_ports::<3>();
+    let receivers = [
+        receiver(dir.path(), receiver_ports, 0).await,
+        receiver(dir.path(), receiver_ports, 1).await,
+    ];
+    let mut stocks = Vec::new();
+    for replica in 0..3 {
+        stocks.push(stock(dir.path(), stock_ports, receiver_ports, replica).await);
+    }
+    let skus = stock_catalog();
+    let clients = [
+        OrderReceiverClient::new(receivers[0].channel().await),
+        OrderReceiverClient::new(receivers[1].channel().await),
+    ];
+
+    // 150 orders from 37 customers at either receiver, most over two or three shards, a third of
+    // them wanting the hot sku; replica 0 of the stock (shards 0 and 3) dies a third of the way.
+    let mut placed: BTreeMap<String, Vec<OrderLine>> = BTreeMap::new();
+    for round in 0..5 {
+        if round == 2 {
+            stocks[0].kill9().await;
+        }
+        if round == 3 {
+            stocks[0].restart().await.unwrap();
+        }
+        placed.extend(place_mixed(&clients, round * 30..(round + 1) * 30, &skus).await);
+    }
+
+    // Every order is decided exactly once, in its home partition's log.
+    let (decisions, holds) =
+        decisions(&stocks.iter().collect::<Vec<_>>(), PARTITIONS, placed.len()).await;
+    assert!(holds > 50, "only {holds} orders spanned shards");
+    let (taken, rejected_hot) = taken_by(&placed, &decisions);
     assert!(rejected_hot > 0, "the hot sku never ran out");
     let hot = taken.get("HOT").copied().unwrap_or(0);
     assert!((1..=6).contains(&hot), "{hot} hot units taken of 6");
@@ -574,20 +626,7 @@ async fn stock_shards_reserve_every_order_all_or_nothing_across_replicas() {
 
     // Each sku's stock, asked of a replica that mostly does not hold it: the initial stock less
     // what the reserved orders took, all of it reserved; no hold outlived its order.
-    let mut client = StockCheckerClient::new(stocks[1].channel().await);
-    for (sku, initial) in &skus {
-        let item = client
-            .get_stock(GetStockRequest { sku: sku.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        let took = taken.get(sku).copied().unwrap_or(0);
-        assert_eq!(
-            (item.available, item.reserved),
-            (initial - took, took),
-            "{sku}"
-        );
-    }
+    check_levels(&stocks[1], &skus, &taken).await;
     // ListStock gathers every shard of every replica, page by page, each sku once.
     let mut listed = Vec::new();
     let mut token = String::new();
@@ -621,14 +660,14 @@ async fn stock_shards_reserve_every_order_all_or_nothing_across_replicas() {
             .unwrap()
             .into_inner();
         assert_eq!(set.available, 1000 + n as u64);
-        let got = client
+        let got = StockCheckerClient::new(stocks[1].channel().await)
             .get_stock(GetStockRequest { sku: sku.clone() })
             .await
             .unwrap()
             .into_inner();
         assert_eq!(got.available, 1000 + n as u64, "{sku}");
     }
-    let missing = client
+    let missing = StockCheckerClient::new(stocks[1].channel().await)
         .get_stock(GetStockRequest {
             sku: "NO-SUCH".into(),
         })
@@ -874,4 +913,53 @@ async fn an_order_across_shards_is_one_trace_with_its_hold() {
         span("decide reservation").attribute("outcome"),
         Some("reserved")
     );
+}
+
+/// Kill -9 at any moment: while 320 orders flow in from both receivers, one stock replica after
+/// another is killed and restarted, six times, wherever it is in its holds, answers and decisions.
+/// Every order is still decided exactly once, and every sku's stock is its initial stock less what
+/// the reserved orders took.
+#[tokio::test(flavor = "multi_thread")]
+async fn stock_shards_lose_and_double_nothing_when_replicas_die_mid_traffic() {
+    let dir = temp_dir().unwrap();
+    let receiver_ports = free_ports::<2>();
+    let stock_ports = free_ports::<3>();
+    let receivers = [
+        receiver(dir.path(), receiver_ports, 0).await,
+        receiver(dir.path(), receiver_ports, 1).await,
+    ];
+    let mut stocks = Vec::new();
+    for replica in 0..3 {
+        stocks.push(stock(dir.path(), stock_ports, receiver_ports, replica).await);
+    }
+    let skus = stock_catalog();
+    let clients = [
+        OrderReceiverClient::new(receivers[0].channel().await),
+        OrderReceiverClient::new(receivers[1].channel().await),
+    ];
+    let placing = tokio::spawn({
+        let skus = skus.clone();
+        async move {
+            let mut placed: BTreeMap<String, Vec<OrderLine>> = BTreeMap::new();
+            for wave in 0..40 {
+                placed.extend(place_mixed(&clients, wave * 8..(wave + 1) * 8, &skus).await);
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+            placed
+        }
+    });
+    for round in 0..6u64 {
+        tokio::time::sleep(Duration::from_millis(120 + 50 * round)).await;
+        let victim = &mut stocks[(round % 3) as usize];
+        victim.kill9().await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        victim.restart().await.unwrap();
+    }
+    let placed = placing.await.unwrap();
+    assert_eq!(placed.len(), 320);
+    let (decisions, _) =
+        decisions(&stocks.iter().collect::<Vec<_>>(), PARTITIONS, placed.len()).await;
+    let (taken, _) = taken_by(&placed, &decisions);
+    assert!(taken.get("HOT").copied().unwrap_or(0) <= 6);
+    check_levels(&stocks[2], &skus, &taken).await;
 }
