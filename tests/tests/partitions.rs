@@ -548,6 +548,41 @@ async fn check_levels(stock: &Stage, skus: &[(String, u64)], taken: &BTreeMap<St
     }
 }
 
+/// Two receiver replicas and three stock replicas over four partitions, with a client of each
+/// receiver.
+struct StockLayout {
+    _dir: tempfile::TempDir,
+    _receivers: [Stage; 2],
+    stocks: Vec<Stage>,
+    clients: [OrderReceiverClient<tonic::transport::Channel>; 2],
+}
+
+impl StockLayout {
+    async fn start() -> StockLayout {
+        let dir = temp_dir().unwrap();
+        let receiver_ports = free_ports::<2>();
+        let stock_ports = free_ports::<3>();
+        let receivers = [
+            receiver(dir.path(), receiver_ports, 0).await,
+            receiver(dir.path(), receiver_ports, 1).await,
+        ];
+        let mut stocks = Vec::new();
+        for replica in 0..3 {
+            stocks.push(stock(dir.path(), stock_ports, receiver_ports, replica).await);
+        }
+        let clients = [
+            OrderReceiverClient::new(receivers[0].channel().await),
+            OrderReceiverClient::new(receivers[1].channel().await),
+        ];
+        StockLayout {
+            _dir: dir,
+            _receivers: receivers,
+            stocks,
+            clients,
+        }
+    }
+}
+
 /// Stock sharded by sku over four partitions and three replicas, fed by two receiver replicas:
 /// orders whose lines fall in several shards, and a hot sku with little stock, are reserved all or
 /// nothing, each decided exactly once in its home partition, while a stock replica is killed -9
@@ -556,22 +591,13 @@ async fn check_levels(stock: &Stage, skus: &[(String, u64)], taken: &BTreeMap<St
 /// `GetStock` and `SetStock` for any sku, and `ListStock` gathers every shard.
 #[tokio::test(flavor = "multi_thread")]
 async fn stock_shards_reserve_every_order_all_or_nothing_across_replicas() {
-    let dir = temp_dir().unwrap();
-    let receiver_ports = free_ports::<2>();
-    let stock_ports = free_ports::<3>();
-    let receivers = [
-        receiver(dir.path(), receiver_ports, 0).await,
-        receiver(dir.path(), receiver_ports, 1).await,
-    ];
-    let mut stocks = Vec::new();
-    for replica in 0..3 {
-        stocks.push(stock(dir.path(), stock_ports, receiver_ports, replica).await);
-    }
+    let StockLayout {
+        _dir,
+        _receivers,
+        mut stocks,
+        clients,
+    } = StockLayout::start().await;
     let skus = stock_catalog();
-    let clients = [
-        OrderReceiverClient::new(receivers[0].channel().await),
-        OrderReceiverClient::new(receivers[1].channel().await),
-    ];
 
     // 150 orders from 37 customers at either receiver, most over two or three shards, a third of
     // them wanting the hot sku; replica 0 of the stock (shards 0 and 3) dies a third of the way.
@@ -921,22 +947,13 @@ async fn an_order_across_shards_is_one_trace_with_its_hold() {
 /// the reserved orders took.
 #[tokio::test(flavor = "multi_thread")]
 async fn stock_shards_lose_and_double_nothing_when_replicas_die_mid_traffic() {
-    let dir = temp_dir().unwrap();
-    let receiver_ports = free_ports::<2>();
-    let stock_ports = free_ports::<3>();
-    let receivers = [
-        receiver(dir.path(), receiver_ports, 0).await,
-        receiver(dir.path(), receiver_ports, 1).await,
-    ];
-    let mut stocks = Vec::new();
-    for replica in 0..3 {
-        stocks.push(stock(dir.path(), stock_ports, receiver_ports, replica).await);
-    }
+    let StockLayout {
+        _dir,
+        _receivers,
+        mut stocks,
+        clients,
+    } = StockLayout::start().await;
     let skus = stock_catalog();
-    let clients = [
-        OrderReceiverClient::new(receivers[0].channel().await),
-        OrderReceiverClient::new(receivers[1].channel().await),
-    ];
     let placing = tokio::spawn({
         let skus = skus.clone();
         async move {

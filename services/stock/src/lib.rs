@@ -194,8 +194,13 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
         ),
         None => None,
     };
-    let service =
-        service::StockCheckerService::new(server.stores(), count, replicas, server.admin_guard());
+    let service = service::StockCheckerService::new(
+        server.store(),
+        server.stores(),
+        count,
+        replicas,
+        server.admin_guard(),
+    );
     let mut server = server.with_service(
         Routes::new(
             StockCheckerServer::new(service)

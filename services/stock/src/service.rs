@@ -18,6 +18,8 @@ use crate::{get_stock, items, set_stock, shards::shard_of};
 pub(crate) struct StockCheckerService {
     /// The stores of the shards this replica owns, by shard; never empty.
     stores: BTreeMap<u32, Store>,
+    /// One of them, to answer a request that fails validation wherever it would go.
+    checking: Store,
     /// How many shards the stock has.
     count: u32,
     /// The stock stage's replicas, when it runs several.
@@ -33,7 +35,9 @@ enum Route<'a> {
 }
 
 impl StockCheckerService {
+    /// `first` is this replica's first store, `stores` all of them.
     pub(crate) fn new(
+        first: &Store,
         stores: &[Store],
         count: u32,
         peers: Option<Peers>,
@@ -45,6 +49,7 @@ impl StockCheckerService {
             .collect();
         StockCheckerService {
             stores,
+            checking: first.clone(),
             count,
             peers,
             admin,
@@ -60,14 +65,6 @@ impl StockCheckerService {
         }
         forward_to(self.peers.as_ref(), shard, forwarded_by)
             .map(|peers| Route::Replica(peers, shard))
-    }
-
-    /// Any store, to answer a request that fails validation wherever it goes.
-    fn any_store(&self) -> Result<&Store, Status> {
-        self.stores
-            .values()
-            .next()
-            .ok_or_else(|| Status::internal("this replica holds no shard"))
     }
 
     /// A client of the replica that owns `shard`.
@@ -109,7 +106,7 @@ impl StockChecker for StockCheckerService {
         let from = forwarded_by(request.metadata());
         let (metadata, _, request) = request.into_parts();
         if !valid_sku(&request.sku) {
-            return respond(set_stock::set_stock(self.any_store()?, request).await);
+            return respond(set_stock::set_stock(&self.checking, request).await);
         }
         match self.route(&request.sku, from.as_deref())? {
             Route::Here(store) => respond(set_stock::set_stock(store, request).await),
@@ -130,7 +127,7 @@ impl StockChecker for StockCheckerService {
         let from = forwarded_by(request.metadata());
         let (metadata, _, request) = request.into_parts();
         if !valid_sku(&request.sku) {
-            return respond(get_stock::get_stock(self.any_store()?, request).await);
+            return respond(get_stock::get_stock(&self.checking, request).await);
         }
         match self.route(&request.sku, from.as_deref())? {
             Route::Here(store) => respond(get_stock::get_stock(store, request).await),
