@@ -23,6 +23,8 @@ pub struct InvoiceView {
     pub total: Option<Money>,
     #[prost(message, optional, tag = "10")]
     pub payment: Option<PaymentView>,
+    #[prost(uint32, tag = "11")]
+    pub partition: u32,
 }
 
 /// `Payment`: how many attempts it took.
@@ -70,6 +72,7 @@ mod tests {
                     attempts: 2,
                     ..Default::default()
                 }),
+                partition: 3,
                 ..Default::default()
             }),
         };
@@ -81,6 +84,7 @@ mod tests {
                 tax: Some(Money::new(915, "EUR")),
                 total: Some(Money::new(5490, "EUR")),
                 payment: Some(PaymentView { attempts: 2 }),
+                partition: 3,
             })
         );
         let failed = PaymentFailed {

@@ -170,6 +170,7 @@ async fn dead_letters_are_replayed_once_the_webhook_is_fixed() {
     let replayed = notifier
         .replay_dead_letters(ReplayDeadLettersRequest {
             target: Some(Target::All(true)),
+            partition: 0,
         })
         .await
         .unwrap()
@@ -201,6 +202,7 @@ async fn dead_letters_are_replayed_once_the_webhook_is_fixed() {
     let again = notifier
         .replay_dead_letters(ReplayDeadLettersRequest {
             target: Some(Target::All(true)),
+            partition: 0,
         })
         .await
         .unwrap()
@@ -209,6 +211,7 @@ async fn dead_letters_are_replayed_once_the_webhook_is_fixed() {
     let one = notifier
         .replay_dead_letters(ReplayDeadLettersRequest {
             target: Some(Target::Id(dead[0].id)),
+            partition: 0,
         })
         .await
         .unwrap()
@@ -227,7 +230,10 @@ async fn dead_letters_are_replayed_once_the_webhook_is_fixed() {
         (None, Code::InvalidArgument),
     ] {
         let status = notifier
-            .replay_dead_letters(ReplayDeadLettersRequest { target })
+            .replay_dead_letters(ReplayDeadLettersRequest {
+                target,
+                partition: 0,
+            })
             .await
             .unwrap_err();
         assert_eq!(status.code(), code);
@@ -608,6 +614,7 @@ async fn admin_rpcs_need_the_token_and_order_rpcs_do_not() {
                 .replay_dead_letters(with_token(
                     ReplayDeadLettersRequest {
                         target: Some(Target::All(true)),
+                        partition: 0,
                     },
                     token,
                 ))
@@ -658,6 +665,7 @@ async fn admin_rpcs_need_the_token_and_order_rpcs_do_not() {
         .replay_dead_letters(with_token(
             ReplayDeadLettersRequest {
                 target: Some(Target::All(true)),
+                partition: 0,
             },
             Some(TOKEN),
         ))

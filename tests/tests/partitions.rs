@@ -1,5 +1,5 @@
-//! The receiver and the stock stage over several partitions, with replicas: the first stages of
-//! scale-out. Real binaries on loopback.
+//! Stages over several partitions, with replicas: the receiver alone, the stock stage's shards,
+//! and the whole pipeline. Real binaries on loopback.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -271,13 +271,13 @@ async fn any_receiver_replica_keeps_an_order_in_its_home_partition() {
     }
 }
 
-/// What cannot run yet, or cannot run as configured, says so and exits 1 before serving: the
-/// invoice stage over several partitions, and receiver replicas without `--peers`.
+/// Replicas of the receiver, invoice or notifier without `--peers` say so and exit 1 before
+/// serving, with no data dir made.
 #[tokio::test]
-async fn what_cannot_run_over_partitions_refuses_to_start() {
+async fn replicas_without_their_peers_refuse_to_start() {
     let dir = temp_dir().unwrap();
     // What `binary` with `args` says as it exits 1 without serving.
-    let refusal = |binary: &'static str, args: &'static [&'static str]| {
+    let refusal = |binary: &'static str, args: Vec<String>| {
         let data = dir.path().join(binary);
         async move {
             let output = Command::new(orderflow_e2e::binary(binary))
@@ -294,34 +294,24 @@ async fn what_cannot_run_over_partitions_refuses_to_start() {
             said
         }
     };
-    let said = refusal(
-        "orderflow-invoice",
-        &["--partitions", "4", "--upstream", "http://127.0.0.1:9"],
-    )
-    .await;
-    assert!(
-        said.contains("the invoice stage runs only with 1 partition"),
-        "{said}"
-    );
-    assert!(
-        !dir.path()
-            .join("orderflow-invoice")
-            .join("invoice-0.redb")
-            .exists()
-    );
-    let said = refusal(
-        "orderflow-receiver",
-        &[
-            "--partitions",
-            "4",
-            "--replicas",
-            "2",
-            "--http-listen",
-            "none",
-        ],
-    )
-    .await;
-    assert!(said.contains("ORDERFLOW_PEERS"), "{said}");
+    // Every stage with replicas needs to know them: it forwards and gathers through them.
+    for (binary, own) in [
+        ("orderflow-receiver", ["--http-listen", "none"]),
+        ("orderflow-invoice", ["--upstream", "http://127.0.0.1:9"]),
+        ("orderflow-notifier", ["--upstream", "http://127.0.0.1:9"]),
+    ] {
+        let args = ["--partitions", "4", "--replicas", "2"]
+            .into_iter()
+            .chain(own)
+            .map(String::from)
+            .collect();
+        let said = refusal(binary, args).await;
+        assert!(said.contains("ORDERFLOW_PEERS"), "{binary}: {said}");
+        assert!(
+            !dir.path().join(binary).exists(),
+            "{binary} made its data dir"
+        );
+    }
 }
 
 /// Every sku of the stock test's catalog, with what it starts with: twelve plain ones and a hot
@@ -332,16 +322,8 @@ fn stock_catalog() -> Vec<(String, u64)> {
     items
 }
 
-/// Replica `replica` of three stock replicas over four partitions at `ports`, reading the two
-/// receivers at `receivers`.
-async fn stock(dir: &std::path::Path, ports: [u16; 3], receivers: [u16; 2], replica: u32) -> Stage {
-    let urls = |ports: &[u16]| {
-        ports
-            .iter()
-            .map(|port| format!("http://127.0.0.1:{port}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+/// The catalog file of [`stock_catalog`] in `dir`, written once.
+fn write_catalog(dir: &std::path::Path) -> std::path::PathBuf {
     let catalog = dir.join("catalog.json");
     if !catalog.exists() {
         let items: Vec<serde_json::Value> = stock_catalog()
@@ -355,6 +337,13 @@ async fn stock(dir: &std::path::Path, ports: [u16; 3], receivers: [u16; 2], repl
             .collect();
         std::fs::write(&catalog, serde_json::json!({ "items": items }).to_string()).unwrap();
     }
+    catalog
+}
+
+/// Replica `replica` of three stock replicas over four partitions at `ports`, reading the two
+/// receivers at `receivers`.
+async fn stock(dir: &std::path::Path, ports: [u16; 3], receivers: [u16; 2], replica: u32) -> Stage {
+    let catalog = write_catalog(dir);
     let [nowhere] = free_ports::<1>();
     Stage::start(
         "stock",
@@ -979,4 +968,451 @@ async fn stock_shards_lose_and_double_nothing_when_replicas_die_mid_traffic() {
     let (taken, _) = taken_by(&placed, &decisions);
     assert!(taken.get("HOT").copied().unwrap_or(0) <= 6);
     check_levels(&stocks[2], &skus, &taken).await;
+}
+
+/// `ports` as a `--peers` or upstream list.
+fn urls(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(|port| format!("http://127.0.0.1:{port}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The ports of a whole pipeline over four partitions: two replicas of each stage, three of stock.
+#[derive(Clone, Copy)]
+struct PipelinePorts {
+    receivers: [u16; 2],
+    stocks: [u16; 3],
+    invoices: [u16; 2],
+    notifiers: [u16; 2],
+}
+
+/// Replica `replica` of `stage`, whose replicas are at `ports`, over four partitions, with `args`
+/// and `env` (its trace exporter).
+async fn replica_of(
+    stage: &'static str,
+    dir: &std::path::Path,
+    ports: &[u16],
+    replica: usize,
+    args: Vec<String>,
+    env: &[(String, String)],
+) -> Stage {
+    let layout = [
+        "--partitions".to_owned(),
+        PARTITIONS.to_string(),
+        "--replicas".to_owned(),
+        ports.len().to_string(),
+        "--replica".to_owned(),
+        replica.to_string(),
+        "--peers".to_owned(),
+        urls(ports),
+    ];
+    Stage::start_with_env(
+        stage,
+        &format!("127.0.0.1:{}", ports[replica]),
+        &dir.join(format!("{stage}-{replica}")),
+        layout.into_iter().chain(args).collect(),
+        env.to_vec(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Every replica of a whole pipeline over four partitions at `ports`. The gateway declines some
+/// payments and fails some transiently, so that payments are retried, fail and give stock back.
+async fn whole_pipeline(
+    dir: &std::path::Path,
+    ports: PipelinePorts,
+    env: &[(String, String)],
+) -> [Vec<Stage>; 4] {
+    let catalog = write_catalog(dir);
+    let mut receivers = Vec::new();
+    for replica in 0..2 {
+        let args = [
+            "--http-listen",
+            "127.0.0.1:0",
+            "--stock-url",
+            &urls(&ports.stocks),
+            "--invoice-url",
+            &urls(&ports.invoices),
+            "--notifier-url",
+            &urls(&ports.notifiers),
+        ];
+        let args = args.map(String::from).to_vec();
+        receivers.push(replica_of("receiver", dir, &ports.receivers, replica, args, env).await);
+    }
+    let mut stocks = Vec::new();
+    for replica in 0..3 {
+        let args = [
+            "--upstream",
+            &urls(&ports.receivers),
+            "--invoice-url",
+            &urls(&ports.invoices),
+            "--catalog",
+            catalog.to_str().unwrap(),
+        ];
+        let args = args.map(String::from).to_vec();
+        stocks.push(replica_of("stock", dir, &ports.stocks, replica, args, env).await);
+    }
+    let mut invoices = Vec::new();
+    for replica in 0..2 {
+        let args = [
+            "--upstream",
+            &urls(&ports.stocks),
+            "--gateway-decline-rate",
+            "0.15",
+            "--gateway-transient-failure-rate",
+            "0.2",
+            "--payment-backoff-min",
+            "10ms",
+            "--payment-backoff-max",
+            "50ms",
+            "--payment-max-attempts",
+            "3",
+        ];
+        let args = args.map(String::from).to_vec();
+        invoices.push(replica_of("invoice", dir, &ports.invoices, replica, args, env).await);
+    }
+    let mut notifiers = Vec::new();
+    for replica in 0..2 {
+        let args = vec!["--upstream".to_owned(), urls(&ports.invoices)];
+        notifiers.push(replica_of("notifier", dir, &ports.notifiers, replica, args, env).await);
+    }
+    [receivers, stocks, invoices, notifiers]
+}
+
+/// Every page of `list` (one call per page, given its token) with `page_size` 7, so that pages
+/// cross partitions and replicas.
+async fn every_page<T, F, Fut>(list: F) -> Vec<T>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = (Vec<T>, String)>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (page, next) = list(token).await;
+        assert!(page.len() <= 7);
+        all.extend(page);
+        if next.is_empty() {
+            return all;
+        }
+        token = next;
+    }
+}
+
+/// The whole pipeline over four partitions: two replicas of the receiver, invoice and notifier,
+/// three of stock. A mixed load (most orders over several shards, a third wanting a hot sku with
+/// 6 units) with declined and transiently failing payments, while one stock replica and then one
+/// invoice replica are killed -9 and restarted. Every order ends exactly once (a notification
+/// gathered from every partition); each sku's stock is its initial stock less what confirmed
+/// orders took, failed payments having given theirs back; each partition numbers its invoices
+/// without a gap; every failed payment is a dead letter in its order's partition; any replica
+/// answers `GetInvoice`, `SetFaults` reaches every replica; and each order is one trace across
+/// every stage's replicas.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_whole_pipeline_over_partitions_loses_doubles_and_oversells_nothing() {
+    use orderflow_proto::v1::{
+        GetFaultsRequest, GetInvoiceRequest, ListCapturesRequest, ListDeadLettersRequest,
+        ListInvoicesRequest, ListNotificationsRequest, NotificationKind, SetFaultsRequest,
+        invoice_creator_client::InvoiceCreatorClient, notifier_client::NotifierClient,
+    };
+
+    let collector = orderflow_e2e::otlp::OtlpReceiver::start().await.unwrap();
+    let env = [
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+            collector.endpoint(),
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "200".to_owned()),
+    ];
+    let dir = temp_dir().unwrap();
+    let ports = PipelinePorts {
+        receivers: free_ports::<2>(),
+        stocks: free_ports::<3>(),
+        invoices: free_ports::<2>(),
+        notifiers: free_ports::<2>(),
+    };
+    let [receivers, mut stocks, mut invoices, notifiers] =
+        whole_pipeline(dir.path(), ports, &env).await;
+    let clients = [
+        OrderReceiverClient::new(receivers[0].channel().await),
+        OrderReceiverClient::new(receivers[1].channel().await),
+    ];
+    let skus = stock_catalog();
+
+    // A first wave, with the replica of stock shards 1 killed under it; then a second, with
+    // invoice replica 0 (partitions 0 and 2) killed under it.
+    let first = tokio::spawn({
+        let clients = clients.clone();
+        let skus = skus.clone();
+        async move { place_mixed(&clients, 0..90, &skus).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    stocks[1].kill9().await;
+    stocks[1].restart().await.unwrap();
+    let mut placed = first.await.unwrap();
+    let second = tokio::spawn({
+        let clients = clients.clone();
+        let skus = skus.clone();
+        async move { place_mixed(&clients, 90..180, &skus).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    invoices[0].kill9().await;
+    invoices[0].restart().await.unwrap();
+    placed.extend(second.await.unwrap());
+    let placed: BTreeMap<String, Vec<OrderLine>> = placed.into_iter().collect();
+    assert_eq!(placed.len(), 180, "an order was accepted twice");
+
+    // Every order ends exactly once: its notification, gathered at either notifier replica.
+    let notifier = NotifierClient::new(notifiers[1].channel().await);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let notifications = loop {
+        let notifications = every_page(|page_token| {
+            let mut notifier = notifier.clone();
+            async move {
+                let page = notifier
+                    .list_notifications(ListNotificationsRequest {
+                        page_size: 7,
+                        page_token,
+                        order_id: String::new(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                (page.notifications, page.next_page_token)
+            }
+        })
+        .await;
+        if notifications.len() >= placed.len() {
+            break notifications;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {} orders notified",
+            notifications.len(),
+            placed.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let mut ended = BTreeMap::new();
+    for notification in &notifications {
+        assert_eq!(
+            notification.partition,
+            partition_of(&notification.order_id),
+            "{} notified outside its partition",
+            notification.order_id
+        );
+        let earlier = ended.insert(notification.order_id.clone(), notification.clone());
+        assert!(
+            earlier.is_none(),
+            "{} notified twice",
+            notification.order_id
+        );
+    }
+    assert_eq!(
+        ended.keys().collect::<Vec<_>>(),
+        placed.keys().collect::<Vec<_>>()
+    );
+    let kind_of = |id: &str| ended[id].kind();
+    let confirmed: Vec<&String> = placed
+        .keys()
+        .filter(|id| kind_of(id) == NotificationKind::Confirmed)
+        .collect();
+    let failed: BTreeSet<&String> = placed
+        .keys()
+        .filter(|id| kind_of(id) == NotificationKind::PaymentFailed)
+        .collect();
+    assert!(
+        !confirmed.is_empty() && !failed.is_empty(),
+        "{} confirmed, {} payments failed",
+        confirmed.len(),
+        failed.len()
+    );
+
+    // Stock: the initial less what confirmed orders took; failed payments gave theirs back, and
+    // no hold is left.
+    let mut taken: BTreeMap<String, u64> = BTreeMap::new();
+    for id in &confirmed {
+        for line in &placed[*id] {
+            *taken.entry(line.sku.clone()).or_default() += u64::from(line.quantity);
+        }
+    }
+    assert!(taken.get("HOT").copied().unwrap_or(0) <= 6, "HOT oversold");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        // Compensation may still be on its way to the shards.
+        let mut client = StockCheckerClient::new(stocks[2].channel().await);
+        let mut exact = true;
+        for (sku, initial) in &skus {
+            let item = client
+                .get_stock(GetStockRequest { sku: sku.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            exact &= item.available + item.reserved == *initial
+                && item.reserved == taken.get(sku).copied().unwrap_or(0);
+        }
+        if exact {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "stock is not exact");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    check_levels(&stocks[0], &skus, &taken).await;
+    for stock in &stocks {
+        let metrics = stock.scrape().await.unwrap();
+        let holds = metrics.value("orderflow_pending_work", &[("work", "holds")]);
+        assert_eq!(holds.unwrap_or(0.0), 0.0, "holds left at {}", stock.url());
+    }
+
+    // Invoices: one per confirmed order, in its partition, each partition's series gap-free.
+    let invoice = InvoiceCreatorClient::new(invoices[1].channel().await);
+    let listed = every_page(|page_token| {
+        let mut invoice = invoice.clone();
+        async move {
+            let page = invoice
+                .list_invoices(ListInvoicesRequest {
+                    page_size: 7,
+                    page_token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (page.invoices, page.next_page_token)
+        }
+    })
+    .await;
+    let mut series: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for invoice in &listed {
+        assert_eq!(invoice.partition, partition_of(&invoice.order_id));
+        assert_eq!(ended[&invoice.order_id].invoice_number, invoice.number);
+        series
+            .entry(invoice.partition)
+            .or_default()
+            .push(invoice.number);
+    }
+    assert_eq!(listed.len(), confirmed.len());
+    for (partition, numbers) in &series {
+        let expected: Vec<u64> = (1..=numbers.len() as u64).collect();
+        assert_eq!(numbers, &expected, "partition {partition}'s series");
+    }
+    let mut other = InvoiceCreatorClient::new(invoices[0].channel().await);
+    for id in confirmed.iter().take(12) {
+        let got = other
+            .get_invoice(GetInvoiceRequest {
+                order_id: (*id).clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.order_id, **id);
+        assert!(
+            ended[*id]
+                .message
+                .contains(&format!("INV-{}-{}", got.partition, got.number)),
+            "{}",
+            ended[*id].message
+        );
+    }
+
+    // Every failed payment is a dead letter in its order's partition.
+    let letters = every_page(|page_token| {
+        let mut invoice = invoice.clone();
+        async move {
+            let page = invoice
+                .list_dead_letters(ListDeadLettersRequest {
+                    page_size: 7,
+                    page_token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (page.dead_letters, page.next_page_token)
+        }
+    })
+    .await;
+    let lettered: BTreeSet<&String> = letters.iter().map(|l| &l.order_id).collect();
+    assert_eq!(lettered, failed);
+    for letter in &letters {
+        assert_eq!(letter.partition, partition_of(&letter.order_id));
+    }
+    // Every capture that stands is a confirmed order's, once, whichever replica's ledger holds it.
+    let captures = every_page(|page_token| {
+        let mut invoice = invoice.clone();
+        async move {
+            let page = invoice
+                .list_captures(ListCapturesRequest {
+                    page_size: 7,
+                    page_token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (page.captures, page.next_page_token)
+        }
+    })
+    .await;
+    let standing: Vec<&String> = captures
+        .iter()
+        .filter(|c| c.voided_at.is_none())
+        .map(|c| &c.order_id)
+        .collect();
+    assert_eq!(standing.len(), confirmed.len());
+    assert_eq!(
+        standing.iter().collect::<BTreeSet<_>>().len(),
+        confirmed.len()
+    );
+
+    // SetFaults at one replica changes every replica's gateway.
+    other
+        .set_faults(SetFaultsRequest {
+            decline_rate: Some(0.0),
+            transient_failure_rate: Some(0.0),
+            latency: None,
+        })
+        .await
+        .unwrap();
+    let faults = invoice
+        .clone()
+        .get_faults(GetFaultsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (faults.decline_rate, faults.transient_failure_rate),
+        (0.0, 0.0)
+    );
+    // Counters since each replica started, summed (replica 0 restarted, so fewer).
+    assert!(faults.stats.unwrap().captures > 0);
+
+    // Each order is one trace, through every stage's replicas.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for id in confirmed.iter().take(5) {
+        loop {
+            let spans: Vec<_> = collector
+                .spans()
+                .into_iter()
+                .filter(|s| s.attribute("order.id") == Some(id.as_str()))
+                .collect();
+            let names: BTreeSet<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+            if [
+                "reserve stock",
+                "price order",
+                "create invoice",
+                "notify customer",
+            ]
+            .iter()
+            .all(|n| names.contains(n))
+            {
+                let traces: BTreeSet<&str> = spans.iter().map(|s| s.trace_id.as_str()).collect();
+                assert_eq!(traces.len(), 1, "{id}: {names:?}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{id}: {names:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    drop((receivers, notifiers));
 }

@@ -480,7 +480,7 @@ fn command_rows() -> Vec<(&'static str, Vec<Invocation>)> {
             ],
         ),
         (
-            "orderflow dlq list [--stage invoice|notifier] / dlq replay (--id ID|--all)",
+            "orderflow dlq list [--stage invoice|notifier] / dlq replay (--id ID [--partition P]|--all)",
             vec![
                 ok("orderflow dlq list", &["invoice", "declined"]),
                 ok("orderflow dlq list --stage invoice", &["invoice"]),
@@ -488,6 +488,11 @@ fn command_rows() -> Vec<(&'static str, Vec<Invocation>)> {
                 ok("orderflow dlq replay --all", &["replayed 0"]),
                 Invocation {
                     command: "orderflow dlq replay --id 1",
+                    prints: &["invoice stage's", "Only the notifier's dead letters"],
+                    refused: true,
+                },
+                Invocation {
+                    command: "orderflow dlq replay --id 1 --partition 0",
                     prints: &["invoice stage's", "Only the notifier's dead letters"],
                     refused: true,
                 },

@@ -2,9 +2,9 @@
 
 use clap::{Subcommand, ValueEnum};
 use orderflow_proto::v1::{
-    DeadLetter, ListDeadLettersRequest, ListDeadLettersResponse, ReplayDeadLettersRequest,
-    invoice_creator_client::InvoiceCreatorClient, notifier_client::NotifierClient,
-    replay_dead_letters_request::Target,
+    DeadLetter, DeadLetterKey, ListDeadLettersRequest, ListDeadLettersResponse,
+    ReplayDeadLettersRequest, invoice_creator_client::InvoiceCreatorClient,
+    notifier_client::NotifierClient, replay_dead_letters_request::Target,
 };
 
 use tonic::Status;
@@ -24,9 +24,12 @@ pub enum DlqCommand {
         /// One dead letter
         #[arg(long, conflicts_with = "all", required_unless_present = "all")]
         id: Option<u64>,
-        /// Every dead letter still DEAD
+        /// Every dead letter still DEAD, in every partition
         #[arg(long)]
         all: bool,
+        /// The partition of the dead letter `--id` (the PART column of `dlq list`)
+        #[arg(long, default_value_t = 0, conflicts_with = "all")]
+        partition: u32,
     },
 }
 
@@ -65,7 +68,7 @@ pub async fn run(connect: &Connect, command: DlqCommand) -> anyhow::Result<()> {
             }
             print_letters(&letters);
         }
-        DlqCommand::Replay { id, all } => {
+        DlqCommand::Replay { id, all, partition } => {
             let target = match id {
                 Some(id) => Target::Id(id),
                 None => Target::All(all),
@@ -73,6 +76,7 @@ pub async fn run(connect: &Connect, command: DlqCommand) -> anyhow::Result<()> {
             let mut client = NotifierClient::new(connect.channel(Stage::Notifier).await?);
             let request = connect.admin(ReplayDeadLettersRequest {
                 target: Some(target),
+                partition,
             })?;
             let response = match client.replay_dead_letters(request).await {
                 Ok(response) => response.into_inner(),
@@ -80,20 +84,20 @@ pub async fn run(connect: &Connect, command: DlqCommand) -> anyhow::Result<()> {
                     let Some(id) = id else {
                         return Err(refused("ReplayDeadLetters", status));
                     };
-                    return Err(not_replayable(connect, id, status).await);
+                    return Err(not_replayable(connect, partition, id, status).await);
                 }
                 Err(status) => return Err(refused("ReplayDeadLetters", status)),
             };
             println!(
-                "replayed {} dead letter(s): {:?}",
-                response.replayed.len(),
-                response.replayed
+                "replayed {} dead letter(s): {}",
+                response.replayed_letters.len(),
+                keys(&response.replayed_letters)
             );
-            if !response.skipped.is_empty() {
+            if !response.skipped_letters.is_empty() {
                 println!(
-                    "skipped {} (already delivered or being replayed): {:?}",
-                    response.skipped.len(),
-                    response.skipped
+                    "skipped {} (already delivered or being replayed): {}",
+                    response.skipped_letters.len(),
+                    keys(&response.skipped_letters)
                 );
             }
         }
@@ -101,20 +105,39 @@ pub async fn run(connect: &Connect, command: DlqCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Why `id` could not be replayed: the notifier has no such dead letter, and if the invoice stage
-/// has one by that id, that it records a failed payment, which nothing can replay.
-async fn not_replayable(connect: &Connect, id: u64, status: Status) -> anyhow::Error {
+/// Dead letters by id, as `[1, 2]`, or with their partitions, `[0/1, 2/7]`, when any is not
+/// partition 0's.
+fn keys(letters: &[DeadLetterKey]) -> String {
+    let partitioned = letters.iter().any(|key| key.partition > 0);
+    let keys: Vec<String> = letters
+        .iter()
+        .map(|key| match partitioned {
+            true => format!("{}/{}", key.partition, key.id),
+            false => key.id.to_string(),
+        })
+        .collect();
+    format!("[{}]", keys.join(", "))
+}
+
+/// Why `id` of `partition` could not be replayed: the notifier has no such dead letter, and if the
+/// invoice stage has one by that id, that it records a failed payment, which nothing can replay.
+async fn not_replayable(
+    connect: &Connect,
+    partition: u32,
+    id: u64,
+    status: Status,
+) -> anyhow::Error {
     let invoice_letter = async {
-        let mut client = InvoiceCreatorClient::new(connect.channel(Stage::Invoice).await.ok()?);
-        let page = client
-            .list_dead_letters(ListDeadLettersRequest {
-                page_size: 1,
-                page_token: id.to_string(),
-            })
-            .await
-            .ok()?
-            .into_inner();
-        page.dead_letters.into_iter().find(|l| l.id == id)
+        let client = InvoiceCreatorClient::new(connect.channel(Stage::Invoice).await.ok()?);
+        let letters = all_dead_letters(|request| {
+            let mut client = client.clone();
+            async move { client.list_dead_letters(request).await }
+        })
+        .await
+        .ok()?;
+        letters
+            .into_iter()
+            .find(|l| l.id == id && l.partition == partition)
     }
     .await;
     match invoice_letter {
@@ -152,13 +175,14 @@ where
 
 fn print_letters(letters: &[DeadLetter]) {
     println!(
-        "{:<6} {:<9} {:<38} {:<20} {:>8} {:<10} LAST ERROR",
-        "ID", "STAGE", "ORDER", "REASON", "ATTEMPTS", "STATE"
+        "{:<6} {:<4} {:<9} {:<38} {:<20} {:>8} {:<10} LAST ERROR",
+        "ID", "PART", "STAGE", "ORDER", "REASON", "ATTEMPTS", "STATE"
     );
     for l in letters {
         println!(
-            "{:<6} {:<9} {:<38} {:<20} {:>8} {:<10} {}",
+            "{:<6} {:<4} {:<9} {:<38} {:<20} {:>8} {:<10} {}",
             l.id,
+            l.partition,
             l.stage,
             l.order_id,
             l.reason,

@@ -2,13 +2,18 @@
 
 use std::time::Duration;
 
+use futures::FutureExt;
 use orderflow_proto::v1::{
-    GatewayFaults, ListCapturesRequest, ListCapturesResponse, SetFaultsRequest,
+    Capture, GatewayFaults, GatewayStats, ListCapturesRequest, ListCapturesResponse,
+    SetFaultsRequest, invoice_creator_client::InvoiceCreatorClient,
 };
-use orderflow_runtime::{FieldViolations, NumericPage, StoreError, paging};
+use orderflow_runtime::{FieldViolations, NumericPage, PartitionedPage, Peers, paging};
 use tonic::Status;
 
-use crate::gateway::{CAPTURES, CAPTURES_NAME, Faults, MAX_LATENCY, SimulatedGateway};
+use crate::{
+    STAGE,
+    gateway::{CAPTURES, CAPTURES_NAME, Faults, MAX_LATENCY, SimulatedGateway},
+};
 
 pub(crate) fn get_faults(gateway: &SimulatedGateway) -> GatewayFaults {
     let faults = gateway.faults();
@@ -93,22 +98,85 @@ pub(crate) fn faults_from_flags(latency: Duration, transient: f64, decline: f64)
     }
 }
 
+/// Adds another replica's gateway counters to `faults`.
+pub(crate) fn add_stats(faults: &mut GatewayFaults, theirs: GatewayStats) {
+    let ours = faults.stats.get_or_insert_default();
+    ours.requests += theirs.requests;
+    ours.captures += theirs.captures;
+    ours.declines += theirs.declines;
+    ours.unreachable += theirs.unreachable;
+    ours.timeouts_after_capture += theirs.timeouts_after_capture;
+    ours.idempotent_replays += theirs.idempotent_replays;
+    ours.voids += theirs.voids;
+}
+
+/// `ListCaptures`: this replica's ledger, then (unless the call was `forwarded` here) every other
+/// replica's, in replica order; a page token names the replica and the sequence it starts at.
 pub(crate) async fn list_captures(
     gateway: &SimulatedGateway,
+    peers: Option<&Peers>,
+    forwarded: bool,
     request: ListCapturesRequest,
 ) -> Result<ListCapturesResponse, Status> {
-    let page = NumericPage::parse(request.page_size, &request.page_token)?;
-    gateway
+    let (replicas, me) = peers.map_or((1, 0), |peers| (peers.replicas(), peers.me()));
+    let page = PartitionedPage::parse(request.page_size, &request.page_token, replicas)?;
+    let end = if forwarded {
+        page.partition.saturating_add(1)
+    } else {
+        replicas
+    };
+    let (captures, next_page_token) = paging::gather(
+        page,
+        replicas,
+        end,
+        |replica, within: NumericPage| match peers.filter(|_| replica != me) {
+            None if replica == me => read_captures(gateway, within).boxed(),
+            None => futures::future::ready(Err(Status::failed_precondition(format!(
+                "this call was forwarded here for the ledger of replica {replica}, and this \
+                     is replica {me}: check that --peers lists every replica in replica order"
+            ))))
+            .boxed(),
+            Some(peers) => async move {
+                let channel = peers.channel(replica).ok_or_else(|| {
+                    Status::failed_precondition(format!("--peers names no replica {replica}"))
+                })?;
+                let theirs = InvoiceCreatorClient::new(channel)
+                    .list_captures(peers.forwarded(
+                        ListCapturesRequest {
+                            page_size: u32::try_from(within.size).unwrap_or(paging::MAX_PAGE_SIZE),
+                            page_token: paging::partitioned_token(replicas, replica, within.start),
+                        },
+                        None,
+                    ))
+                    .await
+                    .map_err(|status| peers.failed(STAGE, replica, "a ledger", status))?
+                    .into_inner();
+                let next = match theirs.next_page_token.as_str() {
+                    "" => None,
+                    token => Some(PartitionedPage::parse(0, token, replicas)?.start),
+                };
+                Ok((theirs.captures, next))
+            }
+            .boxed(),
+        },
+    )
+    .await?;
+    Ok(ListCapturesResponse {
+        captures,
+        next_page_token,
+    })
+}
+
+/// A page of this replica's ledger, and the sequence the next one starts at.
+async fn read_captures(
+    gateway: &SimulatedGateway,
+    page: NumericPage,
+) -> Result<(Vec<Capture>, Option<u64>), Status> {
+    let (captures, next) = gateway
         .ledger_store()
         .call(move |store| {
-            store.read(|read| {
-                let (captures, next_page_token) =
-                    paging::read_numeric_page(read, CAPTURES, CAPTURES_NAME, page)?;
-                Ok::<_, StoreError>(ListCapturesResponse {
-                    captures,
-                    next_page_token,
-                })
-            })
+            store.read(|read| paging::read_numeric_page(read, CAPTURES, CAPTURES_NAME, page))
         })
-        .await
+        .await?;
+    Ok((captures, paging::next_start(&next)?))
 }

@@ -1,27 +1,27 @@
-//! `GetInvoice`, `ListInvoices` and `ListDeadLetters`.
+//! `GetInvoice`, and the pages of `ListInvoices` in one partition.
 
-use orderflow_proto::v1::{
-    GetInvoiceRequest, Invoice, ListDeadLettersRequest, ListDeadLettersResponse,
-    ListInvoicesRequest, ListInvoicesResponse,
-};
-use orderflow_runtime::{
-    FieldViolations, NumericPage, Store, StoreError, dead_letters, decode_record, paging,
-};
+use orderflow_proto::v1::{GetInvoiceRequest, Invoice};
+use orderflow_runtime::{FieldViolations, NumericPage, Store, StoreError, decode_record, paging};
 use tonic::Status;
 
 use crate::tables::{BY_ORDER, INVOICES, INVOICES_NAME};
 
-pub(crate) async fn get_invoice(
-    store: &Store,
-    request: GetInvoiceRequest,
-) -> Result<Invoice, Status> {
+/// Checks the fields of a `GetInvoice` request.
+pub(crate) fn check(request: &GetInvoiceRequest) -> Result<(), Status> {
     let mut violations = FieldViolations::new();
     violations.check_identifier(
         "order_id",
         &request.order_id,
         orderflow_runtime::status::MAX_ORDER_ID_CHARS,
     );
-    violations.check()?;
+    violations.check()
+}
+
+/// The invoice of an order whose partition `store` holds (a valid request, [`check`]).
+pub(crate) async fn get_invoice(
+    store: &Store,
+    request: GetInvoiceRequest,
+) -> Result<Invoice, Status> {
     let order_id = request.order_id.clone();
     let invoice = store
         .call(move |store| {
@@ -37,36 +37,26 @@ pub(crate) async fn get_invoice(
             })
         })
         .await?;
-    invoice.ok_or_else(|| {
-        Status::not_found(format!(
-            "no invoice for order {} (unknown, rejected, payment failed or not paid yet)",
-            request.order_id
-        ))
-    })
+    invoice.ok_or_else(|| not_found(&request.order_id))
 }
 
-pub(crate) async fn list_invoices(
+/// No invoice for `order_id`.
+pub(crate) fn not_found(order_id: &str) -> Status {
+    Status::not_found(format!(
+        "no invoice for order {order_id} (unknown, rejected, payment failed or not paid yet)"
+    ))
+}
+
+/// A page of the invoices of `store`'s partition by number, and the number the next page starts
+/// at (`None` after the last).
+pub(crate) async fn read_invoices(
     store: &Store,
-    request: ListInvoicesRequest,
-) -> Result<ListInvoicesResponse, Status> {
-    let page = NumericPage::parse(request.page_size, &request.page_token)?;
-    store
+    page: NumericPage,
+) -> Result<(Vec<Invoice>, Option<u64>), Status> {
+    let (invoices, next) = store
         .call(move |store| {
-            store.read(|read| {
-                let (invoices, next_page_token) =
-                    paging::read_numeric_page(read, INVOICES, INVOICES_NAME, page)?;
-                Ok::<_, StoreError>(ListInvoicesResponse {
-                    invoices,
-                    next_page_token,
-                })
-            })
+            store.read(|read| paging::read_numeric_page(read, INVOICES, INVOICES_NAME, page))
         })
-        .await
-}
-
-pub(crate) async fn list_dead_letters(
-    store: &Store,
-    request: ListDeadLettersRequest,
-) -> Result<ListDeadLettersResponse, Status> {
-    dead_letters::list(store, request).await
+        .await?;
+    Ok((invoices, paging::next_start(&next)?))
 }

@@ -37,6 +37,8 @@ pub(crate) fn create_tables(store: &Store, queue: &PaymentQueue) -> Result<(), S
 /// rest.
 pub(crate) struct Pricing {
     pub tax_rate_bps: u32,
+    /// The partition this store holds: its invoices are numbered in its series.
+    pub partition: u32,
     pub payments: PaymentQueue,
 }
 
@@ -64,6 +66,7 @@ impl Pricing {
             total: Some(priced.total),
             created_at: None,
             payment: None,
+            partition: self.partition,
         };
         NewTask {
             key: event.order_id.clone(),

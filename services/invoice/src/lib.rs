@@ -28,8 +28,8 @@ use std::{sync::Arc, time::Duration};
 use clap::{Args, Parser};
 use orderflow_proto::v1::invoice_creator_server::InvoiceCreatorServer;
 use orderflow_runtime::{
-    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, RetryPolicy, RetryQueue, ServeError, ServerArgs,
-    StageServer, Subscription, UpstreamArgs,
+    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Partitions, RetryPolicy, RetryQueue, ServeError,
+    ServerArgs, StageServer, Subscription, UpstreamArgs,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -170,7 +170,8 @@ impl Config {
     }
 }
 
-/// Opens the invoice store and the gateway's ledger, and binds the socket.
+/// Opens the store of every partition this replica owns and the gateway's ledger, and binds the
+/// socket.
 pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
     if config.tax_rate_bps > MAX_TAX_RATE_BPS {
         return Err(ServeError::Config(format!(
@@ -181,10 +182,12 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
         .server
         .link(&config.upstream.upstream)
         .map_err(ServeError::config)?;
-    let server = StageServer::bind(STAGE, config.server)
+    let peers = config.server.peer_replicas().map_err(ServeError::config)?;
+    let server = StageServer::bind_partitions(STAGE, config.server)
         .await?
         .retain_for(CONSUMERS)
         .await?;
+    // One gateway for the replica: every partition's payments go through it.
     let ledger_path = server.args().data_dir.join("gateway.redb");
     let faults = faults::faults_from_flags(
         config.gateway.latency,
@@ -204,60 +207,63 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
     })?;
     let (gateway, ledger_writer) = opened;
     let gateway = Arc::new(gateway);
-    let refunds = RetryQueue::new(
-        STAGE,
-        "refund",
-        server.store().clone(),
-        Arc::new(payments::Refunds {
-            gateway: gateway.clone(),
-        }),
-        payments::REFUND_POLICY,
-    );
-    let payments = RetryQueue::new(
-        STAGE,
-        "payment",
-        server.store().clone(),
-        Arc::new(payments::Payments {
-            gateway: gateway.clone(),
-            refunds: refunds.clone(),
-        }),
-        config.retry.policy(),
-    );
-    let tables = payments.clone();
-    server
-        .store()
-        .call(move |store| invoicing::create_tables(store, &tables))
-        .await
-        .map_err(|status| {
-            ServeError::Config(format!("cannot prepare the store: {}", status.message()))
-        })?;
+    let partitions = Partitions::new(server.store(), server.stores(), peers);
     let service =
-        service::InvoiceCreatorService::new(server.store().clone(), gateway, server.admin_guard());
-    let subscription = Subscription::new(
-        STAGE,
-        "stock",
-        upstream,
-        server.store().clone(),
-        Arc::new(invoicing::Pricing {
-            tax_rate_bps: config.tax_rate_bps,
-            payments: payments.clone(),
-        }),
-    )
-    .with_admission(payments.admission());
-    Ok(server
-        .with_service(
-            Routes::new(
-                InvoiceCreatorServer::new(service)
-                    .max_decoding_message_size(MAX_REQUEST_BYTES)
-                    .max_encoding_message_size(MAX_RESPONSE_BYTES),
-            ),
-            "orderflow.v1.InvoiceCreator",
+        service::InvoiceCreatorService::new(partitions, gateway.clone(), server.admin_guard());
+    let mut server = server.with_service(
+        Routes::new(
+            InvoiceCreatorServer::new(service)
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+        ),
+        "orderflow.v1.InvoiceCreator",
+    );
+    for store in server.stores().to_vec() {
+        let refunds = RetryQueue::new(
+            STAGE,
+            "refund",
+            store.clone(),
+            Arc::new(payments::Refunds {
+                gateway: gateway.clone(),
+            }),
+            payments::REFUND_POLICY,
+        );
+        let payments = RetryQueue::new(
+            STAGE,
+            "payment",
+            store.clone(),
+            Arc::new(payments::Payments {
+                gateway: gateway.clone(),
+                refunds: refunds.clone(),
+            }),
+            config.retry.policy(),
+        );
+        let tables = payments.clone();
+        store
+            .call(move |store| invoicing::create_tables(store, &tables))
+            .await
+            .map_err(|status| {
+                ServeError::Config(format!("cannot prepare the store: {}", status.message()))
+            })?;
+        let subscription = Subscription::new(
+            STAGE,
+            "stock",
+            upstream.clone(),
+            store.clone(),
+            Arc::new(invoicing::Pricing {
+                tax_rate_bps: config.tax_rate_bps,
+                partition: store.partition().index,
+                payments: payments.clone(),
+            }),
         )
-        .with_task(move |shutdown| tokio::spawn(subscription.run(shutdown)))
-        .with_task(move |shutdown| tokio::spawn(payments.run(shutdown)))
-        .with_task(move |shutdown| tokio::spawn(refunds.run(shutdown)))
-        // The ledger's writer ends once the gateway is dropped with the service and the queue.
-        .with_task(move |_| ledger_writer))
+        .with_admission(payments.admission());
+        server = server
+            .with_task(move |shutdown| tokio::spawn(subscription.run(shutdown)))
+            .with_task(move |shutdown| tokio::spawn(payments.run(shutdown)))
+            .with_task(move |shutdown| tokio::spawn(refunds.run(shutdown)));
+    }
+    // The ledger's writer ends once the gateway is dropped with the service and the queues.
+    Ok(server.with_task(move |_| ledger_writer))
 }
 
 /// Runs the invoice creator until `shutdown`.

@@ -357,6 +357,8 @@ impl Settled {
                 } else {
                     "nothing was captured".into()
                 },
+                // Said when listed: the partition of the store that keeps it.
+                partition: 0,
             },
         )?;
         txn.redb()

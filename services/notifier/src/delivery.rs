@@ -9,7 +9,7 @@
 //!   (`dead_letters`, with what a replay needs in `dead_letter_tasks`) and is announced as
 //!   `NotificationDeadLettered`. A replay that fails again puts the same dead letter back to DEAD.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use orderflow_proto::v1::{
     CustomerNotified, DeadLetter, DeadLetterState, Event, Notification, NotificationDeadLettered,
@@ -50,7 +50,8 @@ pub(crate) fn idempotency_key(order_id: &str) -> String {
 
 /// The notifier's side of the delivery queue.
 pub(crate) struct Deliveries {
-    pub sink: Sink,
+    /// The replica's sink: every partition delivers through it.
+    pub sink: Arc<Sink>,
 }
 
 impl RetryWork for Deliveries {
@@ -302,6 +303,8 @@ impl Settled {
                 replays: 0,
                 resolved_at: None,
                 resolution: String::new(),
+                // Said when listed: the partition of the store that keeps it.
+                partition: 0,
             },
         )?;
         let replay = DeliveryTask {
@@ -368,7 +371,9 @@ mod tests {
     }
 
     fn settle(store: &Store, task: DeliveryTask, result: Result<(), Failure>, attempts: u32) {
-        let deliveries = Deliveries { sink: Sink::Log };
+        let deliveries = Deliveries {
+            sink: Arc::new(Sink::Log),
+        };
         let key = task.upstream.as_ref().unwrap().order_id.clone();
         let outcome = Outcome {
             result,
@@ -438,7 +443,9 @@ mod tests {
                 trace_context: HashMap::new(),
             },
         };
-        let deliveries = Deliveries { sink: Sink::Log };
+        let deliveries = Deliveries {
+            sink: Arc::new(Sink::Log),
+        };
         store
             .write(|txn| {
                 deliveries.settle_all(

@@ -25,13 +25,13 @@ mod service;
 mod sinks;
 mod tables;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Args, Parser};
 use orderflow_proto::v1::notifier_server::NotifierServer;
 use orderflow_runtime::{
-    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, RetryPolicy, RetryQueue, ServeError, ServerArgs,
-    StageServer, Subscription, UpstreamArgs,
+    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Partitions, RetryPolicy, RetryQueue, ServeError,
+    ServerArgs, StageServer, Subscription, UpstreamArgs,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -169,64 +169,76 @@ impl Config {
     }
 }
 
-/// Opens the notifier store and binds the socket.
+/// Opens the store of every partition this replica owns and binds the socket.
 pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
-    let sink = sinks::Sink::new(
-        config.sink.sink,
-        config.sink.webhook_url.as_deref(),
-        config.sink.webhook_timeout,
-        config.sink.sink_file.as_deref(),
-    )
-    .map_err(ServeError::Config)?;
+    let sink = Arc::new(
+        sinks::Sink::new(
+            config.sink.sink,
+            config.sink.webhook_url.as_deref(),
+            config.sink.webhook_timeout,
+            config.sink.sink_file.as_deref(),
+        )
+        .map_err(ServeError::Config)?,
+    );
     let upstream = config
         .server
         .link(&config.upstream.upstream)
         .map_err(ServeError::config)?;
-    let server = StageServer::bind(STAGE, config.server)
+    let peers = config.server.peer_replicas().map_err(ServeError::config)?;
+    let server = StageServer::bind_partitions(STAGE, config.server)
         .await?
         .retain_for(CONSUMERS)
         .await?;
-    let deliveries = RetryQueue::new(
-        STAGE,
-        "delivery",
-        server.store().clone(),
-        Arc::new(delivery::Deliveries { sink }),
-        config.retry.policy(),
-    );
-    let tables = deliveries.clone();
-    server
-        .store()
-        .call(move |store| notifying::create_tables(store, &tables))
-        .await
-        .map_err(|status| {
-            ServeError::Config(format!("cannot prepare the store: {}", status.message()))
-        })?;
+    let mut queues = BTreeMap::new();
+    let mut tasks = Vec::new();
+    for store in server.stores() {
+        let deliveries = RetryQueue::new(
+            STAGE,
+            "delivery",
+            store.clone(),
+            Arc::new(delivery::Deliveries { sink: sink.clone() }),
+            config.retry.policy(),
+        );
+        let tables = deliveries.clone();
+        store
+            .call(move |store| notifying::create_tables(store, &tables))
+            .await
+            .map_err(|status| {
+                ServeError::Config(format!("cannot prepare the store: {}", status.message()))
+            })?;
+        let subscription = Subscription::new(
+            STAGE,
+            "invoice",
+            upstream.clone(),
+            store.clone(),
+            Arc::new(notifying::Notifying {
+                deliveries: deliveries.clone(),
+                partition: store.partition(),
+            }),
+        )
+        .with_admission(deliveries.admission());
+        queues.insert(store.partition().index, deliveries.clone());
+        tasks.push((subscription, deliveries));
+    }
     let service = service::NotifierService::new(
-        server.store().clone(),
-        deliveries.clone(),
+        Partitions::new(server.store(), server.stores(), peers),
+        queues,
         server.admin_guard(),
     );
-    let subscription = Subscription::new(
-        STAGE,
-        "invoice",
-        upstream,
-        server.store().clone(),
-        Arc::new(notifying::Notifying {
-            deliveries: deliveries.clone(),
-        }),
-    )
-    .with_admission(deliveries.admission());
-    Ok(server
-        .with_service(
-            Routes::new(
-                NotifierServer::new(service)
-                    .max_decoding_message_size(MAX_REQUEST_BYTES)
-                    .max_encoding_message_size(MAX_RESPONSE_BYTES),
-            ),
-            "orderflow.v1.Notifier",
-        )
-        .with_task(move |shutdown| tokio::spawn(subscription.run(shutdown)))
-        .with_task(move |shutdown| tokio::spawn(deliveries.run(shutdown))))
+    let mut server = server.with_service(
+        Routes::new(
+            NotifierServer::new(service)
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+        ),
+        "orderflow.v1.Notifier",
+    );
+    for (subscription, deliveries) in tasks {
+        server = server
+            .with_task(move |shutdown| tokio::spawn(subscription.run(shutdown)))
+            .with_task(move |shutdown| tokio::spawn(deliveries.run(shutdown)));
+    }
+    Ok(server)
 }
 
 /// Runs the notifier until `shutdown`.

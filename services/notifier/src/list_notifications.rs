@@ -1,44 +1,53 @@
-//! `ListNotifications`: every delivered notification by id, or those of one order.
+//! `ListNotifications` in one partition: every delivered notification by id, or those of one order.
 
-use orderflow_proto::v1::{ListNotificationsRequest, ListNotificationsResponse};
-use orderflow_runtime::{NumericPage, Store, StoreError, decode_record, paging, status};
+use orderflow_proto::v1::Notification;
+use orderflow_runtime::{NumericPage, Store, StoreError, decode_record, paging};
 use tonic::Status;
 
 use crate::tables::{BY_ORDER, NOTIFICATIONS, NOTIFICATIONS_NAME};
 
-pub(crate) async fn list_notifications(
+/// A page of the notifications of `store`'s partition by id, and the id the next page starts at
+/// (`None` after the last).
+pub(crate) async fn read_page(
     store: &Store,
-    request: ListNotificationsRequest,
-) -> Result<ListNotificationsResponse, Status> {
-    let page = NumericPage::parse(request.page_size, &request.page_token)?;
-    let order_id = request.order_id;
-    if !order_id.is_empty() {
-        let mut violations = orderflow_runtime::FieldViolations::new();
-        violations.check_identifier("order_id", &order_id, status::MAX_ORDER_ID_CHARS);
-        violations.check()?;
+    page: NumericPage,
+) -> Result<(Vec<Notification>, Option<u64>), Status> {
+    let partition = store.partition().index;
+    let (mut notifications, next) = store
+        .call(move |store| {
+            store.read(|read| {
+                paging::read_numeric_page::<Notification>(
+                    read,
+                    NOTIFICATIONS,
+                    NOTIFICATIONS_NAME,
+                    page,
+                )
+            })
+        })
+        .await?;
+    for notification in &mut notifications {
+        notification.partition = partition;
     }
+    Ok((notifications, paging::next_start(&next)?))
+}
+
+/// The notification of `order_id` (a valid id) in `store`'s partition, if it was delivered.
+pub(crate) async fn of_order(store: &Store, order_id: String) -> Result<Vec<Notification>, Status> {
+    let partition = store.partition().index;
     store
         .call(move |store| {
             store.read(|read| {
-                if order_id.is_empty() {
-                    let (notifications, next_page_token) =
-                        paging::read_numeric_page(read, NOTIFICATIONS, NOTIFICATIONS_NAME, page)?;
-                    return Ok(ListNotificationsResponse {
-                        notifications,
-                        next_page_token,
-                    });
-                }
                 let mut notifications = Vec::new();
                 if let Some(id) = read.open_table(BY_ORDER)?.get(order_id.as_str())? {
                     let id = id.value();
                     if let Some(bytes) = read.open_table(NOTIFICATIONS)?.get(id)? {
-                        notifications.push(decode_record(NOTIFICATIONS_NAME, id, bytes.value())?);
+                        let mut notification: Notification =
+                            decode_record(NOTIFICATIONS_NAME, id, bytes.value())?;
+                        notification.partition = partition;
+                        notifications.push(notification);
                     }
                 }
-                Ok::<_, StoreError>(ListNotificationsResponse {
-                    notifications,
-                    next_page_token: String::new(),
-                })
+                Ok::<_, StoreError>(notifications)
             })
         })
         .await

@@ -11,8 +11,8 @@ use orderflow_proto::{
     views::InvoiceCreatedView,
 };
 use orderflow_runtime::{
-    Apply, Entry, FirstAttempt, FirstAttempts, NewTask, RetryQueue, Store, StoreError, Txn,
-    record_processed_since, telemetry,
+    Apply, Entry, FirstAttempt, FirstAttempts, NewTask, Partition, RetryQueue, Store, StoreError,
+    Txn, record_processed_since, telemetry,
 };
 
 use crate::{
@@ -38,6 +38,8 @@ pub(crate) fn create_tables(store: &Store, queue: &DeliveryQueue) -> Result<(), 
 /// delivery attempt before the batch's transaction; inside it, settles or schedules each delivery.
 pub(crate) struct Notifying {
     pub deliveries: DeliveryQueue,
+    /// The partition this store holds.
+    pub partition: Partition,
 }
 
 impl Notifying {
@@ -50,7 +52,7 @@ impl Notifying {
                 let invoice = invoice.as_ref()?;
                 (
                     NotificationKind::Confirmed,
-                    render::confirmation(&event.order_id, invoice),
+                    render::confirmation(&event.order_id, invoice, self.partition.count),
                     invoice.number,
                 )
             }
@@ -85,6 +87,7 @@ impl Notifying {
             attempts: 0,
             invoice_number,
             idempotency_key: idempotency_key(&event.order_id),
+            partition: self.partition.index,
         };
         let context = span.into_context();
         Some(NewTask {

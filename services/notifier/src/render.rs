@@ -5,18 +5,29 @@ use orderflow_proto::{
     views::{InvoiceView, PaymentFailedView},
 };
 
-/// "Your order … is confirmed: invoice #12, total 54.90 EUR (incl. 9.15 EUR tax)."
-pub(crate) fn confirmation(order_id: &str, invoice: &InvoiceView) -> String {
+/// "Your order … is confirmed: invoice #12, total 54.90 EUR (incl. 9.15 EUR tax)." With several
+/// partitions (`partitions`) each numbers its own invoices: "invoice INV-2-12".
+pub(crate) fn confirmation(order_id: &str, invoice: &InvoiceView, partitions: u32) -> String {
     let money = |m: &Option<orderflow_proto::v1::Money>| {
         m.as_ref()
             .map_or_else(|| "?".to_owned(), ToString::to_string)
     };
     format!(
-        "Your order {order_id} is confirmed: invoice #{}, total {} (incl. {} tax).",
-        invoice.number,
+        "Your order {order_id} is confirmed: invoice {}, total {} (incl. {} tax).",
+        invoice_label(invoice.number, invoice.partition, partitions),
         money(&invoice.total),
         money(&invoice.tax)
     )
+}
+
+/// How an invoice number reads: "#12", or "INV-2-12" (partition 2's series) with several
+/// partitions.
+pub(crate) fn invoice_label(number: u64, partition: u32, partitions: u32) -> String {
+    if partitions > 1 {
+        format!("INV-{partition}-{number}")
+    } else {
+        format!("#{number}")
+    }
 }
 
 /// "We could not accept your order …: LAMP-05: only 2 left (you asked for 3); …."
@@ -71,10 +82,15 @@ mod tests {
             total: Some(Money::new(5490, "EUR")),
             tax: Some(Money::new(915, "EUR")),
             payment: None,
+            partition: 2,
         };
         assert_eq!(
-            confirmation("o1", &invoice),
+            confirmation("o1", &invoice, 1),
             "Your order o1 is confirmed: invoice #12, total 54.90 EUR (incl. 9.15 EUR tax)."
+        );
+        assert_eq!(
+            confirmation("o1-p2", &invoice, 4),
+            "Your order o1-p2 is confirmed: invoice INV-2-12, total 54.90 EUR (incl. 9.15 EUR tax)."
         );
         let lines = [
             LineRejection {

@@ -70,6 +70,26 @@ pub fn ids_where(txn: &Txn, keep: impl Fn(&DeadLetter) -> bool) -> Result<Vec<u6
     Ok(ids)
 }
 
+/// A page of the dead letters of `store`'s partition by ascending id, each saying its partition,
+/// and the id the next page starts at (`None` after the last).
+pub async fn read_page(
+    store: &Store,
+    page: NumericPage,
+) -> Result<(Vec<DeadLetter>, Option<u64>), Status> {
+    let partition = store.partition().index;
+    let (mut letters, next) = store
+        .call(move |store| {
+            store.read(|read| {
+                read_numeric_page::<DeadLetter>(read, DEAD_LETTERS, DEAD_LETTERS_NAME, page)
+            })
+        })
+        .await?;
+    for letter in &mut letters {
+        letter.partition = partition;
+    }
+    Ok((letters, crate::paging::next_start(&next)?))
+}
+
 /// `ListDeadLetters`: a page of dead letters by ascending id.
 pub async fn list(
     store: &Store,

@@ -15,7 +15,8 @@
 //!   store is created; the partition a key belongs to ([`home_partition`]) and the one an order id
 //!   names ([`order_id`], [`order_partition`]).
 //! - `peers`: [`Peers`] — the other replicas of a stage (`--peers`), and forwarding a call to the
-//!   one that owns a partition ([`forward_to`], [`FORWARDED`]).
+//!   one that owns a partition ([`forward_to`], [`FORWARDED`]); [`Partitions`] — which partitions
+//!   a replica answers for itself and where the others are ([`Owner`]).
 //! - `disk`: the data volume's [`FreeSpace`] against `--min-free-space` ([`MinFreeSpace`]).
 //! - `eventlog`: [`EventLogService`] — `Subscribe`/`Ack`/`Head` over the outbox.
 //! - `fencing`: which process may apply a log as a consumer, from which store ([`Refusal`]).
@@ -76,9 +77,9 @@ pub use eventlog::EventLogService;
 pub use fencing::Refusal;
 pub use group_commit::{GroupCommit, WriterName};
 pub use outbox::Outbox;
-pub use paging::{NumericPage, PageFill};
+pub use paging::{NumericPage, PageFill, PagedList, PartitionedPage};
 pub use partition::{MAX_PARTITIONS, Partition, home_partition, order_id, order_partition};
-pub use peers::{FORWARDED, Peers, forward_to, forwarded_by};
+pub use peers::{FORWARDED, Owner, Partitions, Peers, forward_to, forwarded_by};
 pub use retry::{
     Attempt, FIRST_ATTEMPTS_BUDGET, Failure, FirstAttempt, FirstAttempts, NewTask, Outcome,
     RetryPolicy, RetryQueue, RetryWork, Settling,

@@ -298,6 +298,8 @@ impl<H: RetryWork> Clone for RetryQueue<H> {
 struct QueueState<H: RetryWork> {
     stage: &'static str,
     work: &'static str,
+    /// The partition of `store`, as metrics label it.
+    partition: String,
     table: String,
     store: Store,
     worker: Arc<H>,
@@ -326,6 +328,7 @@ impl<H: RetryWork> RetryQueue<H> {
             shared: Arc::new(QueueState {
                 stage,
                 work,
+                partition: store.partition().index.to_string(),
                 table: format!("{work}.pending"),
                 store,
                 worker,
@@ -709,8 +712,13 @@ impl<H: RetryWork> QueueState<H> {
     }
 
     fn report_pending(&self) {
-        metrics::gauge!(names::PENDING_WORK, "stage" => self.stage, "work" => self.work)
-            .set(self.admission.pending() as f64);
+        metrics::gauge!(
+            names::PENDING_WORK,
+            "stage" => self.stage,
+            "work" => self.work,
+            "partition" => self.partition.clone()
+        )
+        .set(self.admission.pending() as f64);
     }
 
     /// Schedules every pending row found on disk (after a restart).
@@ -863,8 +871,13 @@ impl<H: RetryWork> QueueState<H> {
             .filter(|s| s.outcome.result.is_err())
             .count();
         if failed > 0 {
-            metrics::counter!(names::DEAD_LETTERS, "stage" => self.stage, "work" => self.work)
-                .increment(failed as u64);
+            metrics::counter!(
+                names::DEAD_LETTERS,
+                "stage" => self.stage,
+                "work" => self.work,
+                "partition" => self.partition.clone()
+            )
+            .increment(failed as u64);
         }
         self.worker.settle_all(txn, settling)
     }
@@ -965,8 +978,13 @@ fn settle_batch<H: RetryWork>(
         for key in &keys {
             after.finish_running(key);
         }
-        metrics::counter!(names::RETRIES, "stage" => after.stage, "work" => after.work)
-            .increment(retries.len() as u64);
+        metrics::counter!(
+            names::RETRIES,
+            "stage" => after.stage,
+            "work" => after.work,
+            "partition" => after.partition.clone()
+        )
+        .increment(retries.len() as u64);
         for (due, key) in retries {
             after.push(due, key);
         }
