@@ -818,7 +818,7 @@ async fn compose_pipeline_survives_a_stopped_stage_and_a_partition() {
 }
 
 /// The pods of the rendered Kubernetes manifests, run on Docker the way a kubelet runs them: one
-/// container per StatefulSet pod (`<set>-0`), named by its governing Service (`<pod>.<service>`,
+/// container per StatefulSet pod (`<set>-0` … `<set>-<replicas - 1>`), named by its governing Service (`<pod>.<service>`,
 /// which a pod's DNS search path resolves in its namespace), with the container's environment
 /// (ConfigMap first, its own `env` over it), user, read-only root, dropped capabilities, memory
 /// limit and claim volume, and an OTLP receiver where the ConfigMap sends traces. Dropping it
@@ -883,85 +883,100 @@ impl Pods {
 
         for set in docs.iter().filter(|d| d["kind"] == "StatefulSet") {
             let name = set["metadata"]["name"].as_str().context("name")?;
-            let pod_name = format!("{name}-0");
-            let service = set["spec"]["serviceName"].as_str().context("serviceName")?;
-            let pod = &set["spec"]["template"]["spec"];
-            let container = &pod["containers"][0];
-            assert!(
-                container.get("command").is_none() && container.get("args").is_none(),
-                "{name}: the pods run the image's entrypoint as it is"
-            );
-            let volume = format!("orderflow-e2e-{run_id}-data-{pod_name}");
-            docker(&["volume", "create", &volume])?;
-            pods.volumes.push(volume.clone());
-            let user = format!(
-                "{}:{}",
-                pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]
-            );
-            let alias = format!("{pod_name}.{service}");
-            let mount = format!(
-                "{volume}:{}",
-                container["volumeMounts"][0]["mountPath"]
-                    .as_str()
-                    .context("mountPath")?
-            );
-            let memory = container["resources"]["limits"]["memory"]
-                .as_str()
-                .context("memory limit")?
-                .replace("Gi", "g")
-                .replace("Mi", "m");
-            let image = format!("orderflow-e2e/{name}:{run_id}");
-            let mut args: Vec<String> = [
-                "run",
-                "-d",
-                "--name",
-                &format!("orderflow-e2e-{run_id}-{pod_name}"),
-                "--hostname",
-                &pod_name,
-                "--network",
-                &pods.network,
-                "--network-alias",
-                &alias,
-                "--user",
-                &user,
-                "--memory",
-                &memory,
-                "-v",
-                &mount,
-            ]
-            .map(String::from)
-            .to_vec();
-            if container["securityContext"]["readOnlyRootFilesystem"] == true {
-                args.push("--read-only".into());
+            for ordinal in 0..set["spec"]["replicas"].as_u64().unwrap_or(1) {
+                let pod_name = format!("{name}-{ordinal}");
+                pods.start_pod(docs, set, &pod_name, &run_id)?;
             }
-            if container["securityContext"]["allowPrivilegeEscalation"] == false {
-                args.extend(["--security-opt".into(), "no-new-privileges".into()]);
-            }
-            for capability in container["securityContext"]["capabilities"]["drop"]
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
-                args.extend([
-                    "--cap-drop".into(),
-                    capability.as_str().context("cap")?.into(),
-                ]);
-            }
-            let mut env = orderflow_e2e::kubernetes::container_env(docs, container, &pod_name);
-            // Spans leave each stage within 200 ms instead of 5 s, for the test's sake.
-            env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()));
-            for (key, value) in env {
-                args.extend(["-e".into(), format!("{key}={value}")]);
-            }
-            for port in container["ports"].as_array().into_iter().flatten() {
-                args.extend(["-p".into(), format!("127.0.0.1::{}", port["containerPort"])]);
-            }
-            args.push(image);
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let id = docker(&args)?;
-            pods.containers.insert(pod_name, id);
         }
         Ok(pods)
+    }
+
+    /// Starts pod `pod_name` of the StatefulSet `set` as a container.
+    fn start_pod(
+        &mut self,
+        docs: &[serde_json::Value],
+        set: &serde_json::Value,
+        pod_name: &str,
+        run_id: &str,
+    ) -> anyhow::Result<()> {
+        let name = set["metadata"]["name"].as_str().context("name")?;
+        let service = set["spec"]["serviceName"].as_str().context("serviceName")?;
+        let pod = &set["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        assert!(
+            container.get("command").is_none() && container.get("args").is_none(),
+            "{name}: the pods run the image's entrypoint as it is"
+        );
+        let volume = format!("orderflow-e2e-{run_id}-data-{pod_name}");
+        docker(&["volume", "create", &volume])?;
+        self.volumes.push(volume.clone());
+        let user = format!(
+            "{}:{}",
+            pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]
+        );
+        let alias = format!("{pod_name}.{service}");
+        let mount = format!(
+            "{volume}:{}",
+            container["volumeMounts"][0]["mountPath"]
+                .as_str()
+                .context("mountPath")?
+        );
+        let memory = container["resources"]["limits"]["memory"]
+            .as_str()
+            .context("memory limit")?
+            .replace("Gi", "g")
+            .replace("Mi", "m");
+        let image = format!("orderflow-e2e/{name}:{run_id}");
+        let mut args: Vec<String> = [
+            "run",
+            "-d",
+            "--name",
+            &format!("orderflow-e2e-{run_id}-{pod_name}"),
+            "--hostname",
+            pod_name,
+            "--network",
+            &self.network,
+            "--network-alias",
+            &alias,
+            "--user",
+            &user,
+            "--memory",
+            &memory,
+            "-v",
+            &mount,
+        ]
+        .map(String::from)
+        .to_vec();
+        if container["securityContext"]["readOnlyRootFilesystem"] == true {
+            args.push("--read-only".into());
+        }
+        if container["securityContext"]["allowPrivilegeEscalation"] == false {
+            args.extend(["--security-opt".into(), "no-new-privileges".into()]);
+        }
+        for capability in container["securityContext"]["capabilities"]["drop"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            args.extend([
+                "--cap-drop".into(),
+                capability.as_str().context("cap")?.into(),
+            ]);
+        }
+        let mut env = orderflow_e2e::kubernetes::container_env(docs, container, pod_name);
+        // Spans leave each stage within 200 ms instead of 5 s, for the test's sake.
+        env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()));
+        for (key, value) in env {
+            args.extend(["-e".into(), format!("{key}={value}")]);
+        }
+        for port in container["ports"].as_array().into_iter().flatten() {
+            args.extend(["-p".into(), format!("127.0.0.1::{}", port["containerPort"])]);
+        }
+        args.push(image);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let id = docker(&args)?;
+        self.containers.insert(pod_name.to_owned(), id);
+        Ok(())
     }
 
     /// A channel to `pod`'s container port `port`, as published on loopback.
@@ -1042,13 +1057,14 @@ impl Drop for Pods {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn kubernetes_pods_run_as_rendered() {
+/// The rendered manifests of `overlay` and their pods started on Docker; `None` without Docker
+/// or `kubectl`.
+async fn rendered_pods(overlay: &str) -> Option<(Vec<serde_json::Value>, Pods)> {
     use orderflow_e2e::kubernetes::{documents, kubectl_available, kustomization, render};
     if !docker_available() || !kubectl_available() {
-        return;
+        return None;
     }
-    let docs = documents(&render(&kustomization("overlays/example")));
+    let docs = documents(&render(&kustomization(overlay)));
     let pods = {
         let docs = docs.clone();
         tokio::task::spawn_blocking(move || Pods::start(&docs))
@@ -1056,13 +1072,23 @@ async fn kubernetes_pods_run_as_rendered() {
             .unwrap()
             .unwrap()
     };
-    // Each pod's gRPC container port, which its probes ask.
-    let grpc = |stage: &str| -> u64 {
-        let set = orderflow_e2e::kubernetes::resource(&docs, "StatefulSet", stage);
-        set["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"]
-            .as_u64()
-            .unwrap()
+    Some((docs, pods))
+}
+
+/// The gRPC container port of `stage`'s pods, which their probes ask.
+fn grpc_port(docs: &[serde_json::Value], stage: &str) -> u64 {
+    let set = orderflow_e2e::kubernetes::resource(docs, "StatefulSet", stage);
+    set["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubernetes_pods_run_as_rendered() {
+    let Some((docs, pods)) = rendered_pods("overlays/example").await else {
+        return;
     };
+    let grpc = |stage: &str| grpc_port(&docs, stage);
     for stage in STAGES {
         pods.wait_ready(&format!("{stage}-0"), grpc(stage)).await;
     }
@@ -1122,6 +1148,68 @@ async fn kubernetes_pods_run_as_rendered() {
         .map(|p| p.result.clone().unwrap())
         .collect();
     await_whole_traces(|| pods.spans(), &first).await;
+}
+
+/// The scaled overlay (`overlays/scaled`: 4 partitions, 2 pods of the receiver, invoice and
+/// notifier, 3 of stock) run as rendered: every pod finds its partitions, its peers and the other
+/// stages' pods through the names the manifests give them. Orders from many customers enter at
+/// one receiver pod (most go on to the other's partitions), a stock pod's container is killed and
+/// started again on its volume while they flow, and every order ends exactly once with stock
+/// exact, as asked of other pods (the lists gathered from every pod).
+#[tokio::test(flavor = "multi_thread")]
+async fn kubernetes_scaled_pods_run_as_rendered() {
+    let Some((docs, pods)) = rendered_pods("overlays/scaled").await else {
+        return;
+    };
+    let grpc = |stage: &str| grpc_port(&docs, stage);
+    let mut every_pod = Vec::new();
+    for stage in STAGES {
+        let set = orderflow_e2e::kubernetes::resource(&docs, "StatefulSet", stage);
+        let replicas = set["spec"]["replicas"].as_u64().unwrap();
+        assert!(replicas > 1, "{stage}: {replicas} replica(s)");
+        every_pod.extend((0..replicas).map(|n| (format!("{stage}-{n}"), grpc(stage))));
+    }
+    for (pod, port) in &every_pod {
+        pods.wait_ready(pod, *port).await;
+    }
+    let receiver = OrderReceiverClient::new(pods.channel("receiver-1", grpc("receiver")));
+    let stock = StockCheckerClient::new(pods.channel("stock-2", grpc("stock")));
+    let notifier = NotifierClient::new(pods.channel("notifier-0", grpc("notifier")));
+    let initial = stock_levels(stock.clone()).await.unwrap();
+    // Seven customers, so that orders fall in every partition.
+    let spread = |range: std::ops::Range<usize>| {
+        let receiver = receiver.clone();
+        async move {
+            let mut placed = Vec::new();
+            for customer in 0..7 {
+                let lines = range
+                    .clone()
+                    .filter(|n| n % 7 == customer)
+                    .map(order_lines)
+                    .collect();
+                let name = format!("k8s-{customer}");
+                placed.extend(place_all(receiver.clone(), &name, lines, 8).await);
+            }
+            assert!(
+                placed.iter().all(|p| p.result.is_ok()),
+                "an order was refused"
+            );
+            placed
+        }
+    };
+    let mut placed = spread(0..105).await;
+    docker(&["kill", "--signal", "KILL", &pods.containers["stock-1"]]).unwrap();
+    placed.extend(spread(105..175).await);
+    docker(&["start", &pods.containers["stock-1"]]).unwrap();
+    pods.wait_ready("stock-1", grpc("stock")).await;
+    let partitions: HashSet<&str> = placed
+        .iter()
+        .filter_map(|p| p.result.as_ref().ok()?.rsplit_once("-p").map(|(_, p)| p))
+        .collect();
+    assert_eq!(partitions.len(), 4, "orders fell in {partitions:?}");
+    let confirmed =
+        assert_each_order_ended_once(&receiver, &stock, &notifier, &placed, &initial).await;
+    assert!(confirmed > 90, "{confirmed} confirmed");
 }
 
 /// The Swarm stack (`deploy/swarm/orderflow.yml`) deployed on this engine's swarm mode, with the

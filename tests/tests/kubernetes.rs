@@ -28,7 +28,7 @@ use orderflow_e2e::{
 use serde_json::Value;
 
 /// The shipped kustomizations: the base and every overlay.
-const KUSTOMIZATIONS: [&str; 2] = ["base", "overlays/example"];
+const KUSTOMIZATIONS: [&str; 3] = ["base", "overlays/example", "overlays/scaled"];
 
 /// Variables every stage takes that are not its own flags (OpenTelemetry's and `tracing`'s).
 const STANDARD_VARIABLES: [&str; 3] = [
@@ -87,6 +87,7 @@ fn manifests_render_validate_and_hold_together() {
         return;
     }
     let uid = image_uid();
+    let mut partition_counts: HashMap<&str, u64> = HashMap::new();
     for dir in KUSTOMIZATIONS {
         let yaml = render(&kustomization(dir));
         if let Err(report) = validate(&yaml) {
@@ -108,6 +109,13 @@ fn manifests_render_validate_and_hold_together() {
             HashSet::from(STAGES),
             "{dir}: one StatefulSet per stage"
         );
+        if dir == "overlays/scaled" {
+            let replicas: Vec<u64> = STAGES
+                .iter()
+                .map(|stage| sets[stage]["spec"]["replicas"].as_u64().unwrap())
+                .collect();
+            assert!(replicas.iter().all(|n| *n > 1), "{dir}: {replicas:?}");
+        }
         for stage in STAGES {
             let set = sets[stage];
             let spec = &set["spec"];
@@ -120,10 +128,6 @@ fn manifests_render_validate_and_hold_together() {
                     .all(|(k, v)| labels.get(k) == Some(v))
             };
             assert!(selects(&spec["selector"]["matchLabels"]), "{dir} {stage}");
-            assert_eq!(
-                spec["replicas"], 1,
-                "{dir} {stage}: one replica until scale-out"
-            );
 
             // The governing Service: headless, listing unready pods (a full stage's log must stay
             // reachable for the pipeline to drain), selecting exactly this stage's pods.
@@ -150,8 +154,30 @@ fn manifests_render_validate_and_hold_together() {
                     .into_iter()
                     .collect();
             assert_eq!(env["ORDERFLOW_REPLICA"], format!("{stage}-0"), "{dir}");
-            assert_eq!(env["ORDERFLOW_REPLICAS"], "1", "{dir}");
-            assert_eq!(env["ORDERFLOW_PARTITIONS"], "1", "{dir}");
+
+            // Replicas: as many pods as the stage is told it has, at most one per partition, the
+            // same partition count everywhere, and with several, the stage's own pods as peers.
+            let replicas: u64 = env["ORDERFLOW_REPLICAS"].parse().unwrap();
+            assert_eq!(spec["replicas"], replicas, "{dir} {stage}");
+            let partitions: u64 = env["ORDERFLOW_PARTITIONS"].parse().unwrap();
+            assert!(
+                replicas <= partitions,
+                "{dir} {stage}: more replicas than partitions"
+            );
+            assert_eq!(
+                *partition_counts.entry(dir).or_insert(partitions),
+                partitions,
+                "{dir}: {stage} runs another partition count"
+            );
+            if replicas > 1 {
+                let peers = env
+                    .get("ORDERFLOW_PEERS")
+                    .unwrap_or_else(|| panic!("{dir} {stage}: replicas but no ORDERFLOW_PEERS"));
+                assert!(
+                    peers.starts_with(&format!("http://{stage}-{{replica}}.")),
+                    "{dir} {stage}: ORDERFLOW_PEERS={peers} names another stage's pods"
+                );
+            }
 
             // Ports: the ones the stage listens on, named for the Services and Prometheus.
             let (grpc, metrics) = default_ports(stage);

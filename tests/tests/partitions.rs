@@ -1416,3 +1416,125 @@ async fn a_whole_pipeline_over_partitions_loses_doubles_and_oversells_nothing() 
     }
     drop((receivers, notifiers));
 }
+
+/// README's offline procedure to change the pods of a stage, on the receiver: one replica over
+/// four partitions takes orders, stops, and its stores of partitions 1 and 3 move to a second
+/// replica's data dir; the two replicas then carry on from them. Orders placed before answer at
+/// either replica, a customer's idempotency key still returns its first order, the stock stage
+/// reading the moved logs resumes where it was (no order decided twice), and new orders flow.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stage_moves_to_more_replicas_with_its_stores() {
+    let dir = temp_dir().unwrap();
+    let ports = free_ports::<2>();
+    let [stock_port] = free_ports::<1>();
+    let [nowhere] = free_ports::<1>();
+    // The stock stage, reading the receiver's replicas as `--upstream` lists them.
+    let stock_over = |receivers: &[u16]| {
+        let args = vec![
+            "--partitions".to_owned(),
+            PARTITIONS.to_string(),
+            "--upstream".to_owned(),
+            urls(receivers),
+            "--invoice-url".to_owned(),
+            format!("http://127.0.0.1:{nowhere}"),
+        ];
+        let data = dir.path().join("stock");
+        async move {
+            Stage::start("stock", &format!("127.0.0.1:{stock_port}"), &data, args)
+                .await
+                .unwrap()
+        }
+    };
+    let mut stock = stock_over(&ports[..1]).await;
+    let receiver_args = |replicas: usize, replica: usize| {
+        let mut args = vec![
+            "--partitions".to_owned(),
+            PARTITIONS.to_string(),
+            "--replicas".to_owned(),
+            replicas.to_string(),
+            "--replica".to_owned(),
+            replica.to_string(),
+            "--http-listen".to_owned(),
+            "none".to_owned(),
+            "--stock-url".to_owned(),
+            format!("http://127.0.0.1:{stock_port}"),
+            "--invoice-url".to_owned(),
+            "none".to_owned(),
+            "--notifier-url".to_owned(),
+            "none".to_owned(),
+        ];
+        if replicas > 1 {
+            args.extend(["--peers".to_owned(), urls(&ports)]);
+        }
+        args
+    };
+    let demo_order = |n: usize| PlaceOrderRequest {
+        customer_id: format!("mover-{}", n % 11),
+        lines: vec![OrderLine {
+            sku: ["KB-01", "MOUSE-02", "HEAD-03", "CABLE-04"][n % 4].into(),
+            quantity: 1,
+        }],
+        idempotency_key: format!("move-{n}"),
+    };
+    let first_dir = dir.path().join("receiver-0");
+    let mut alone = Stage::start(
+        "receiver",
+        &format!("127.0.0.1:{}", ports[0]),
+        &first_dir,
+        receiver_args(1, 0),
+    )
+    .await
+    .unwrap();
+    let mut client = OrderReceiverClient::new(alone.channel().await);
+    let mut before = Vec::new();
+    for n in 0..40 {
+        let answer = client.place_order(demo_order(n)).await.unwrap();
+        before.push(answer.into_inner().order_id);
+    }
+    decisions(&[&stock], PARTITIONS, 40).await;
+
+    // Scale to 0, move the stores of the partitions replica 1 of 2 owns, start both, and point
+    // the stock stage's list of receivers at them.
+    alone.kill9().await;
+    drop(alone);
+    stock.kill9().await;
+    drop(stock);
+    let second_dir = dir.path().join("receiver-1");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    for partition in [1, 3] {
+        let name = format!("receiver-{partition}.redb");
+        std::fs::rename(first_dir.join(&name), second_dir.join(&name)).unwrap();
+    }
+    let mut replicas = Vec::new();
+    for (replica, data) in [&first_dir, &second_dir].into_iter().enumerate() {
+        let listen = format!("127.0.0.1:{}", ports[replica]);
+        let stage = Stage::start("receiver", &listen, data, receiver_args(2, replica))
+            .await
+            .unwrap();
+        replicas.push(stage);
+    }
+    let stock = stock_over(&ports).await;
+    let clients = [
+        OrderReceiverClient::new(replicas[0].channel().await),
+        OrderReceiverClient::new(replicas[1].channel().await),
+    ];
+    for (n, id) in before.iter().enumerate() {
+        let mut client = clients[n % 2].clone();
+        let order = client
+            .get_order(GetOrderRequest {
+                order_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(order.order.unwrap().order_id, *id);
+        let replayed = client.place_order(demo_order(n)).await.unwrap();
+        assert_eq!(replayed.into_inner().order_id, *id, "key of order {n}");
+    }
+    for n in 40..80 {
+        let mut client = clients[n % 2].clone();
+        client.place_order(demo_order(n)).await.unwrap();
+    }
+    let (decided, _) = decisions(&[&stock], PARTITIONS, 80).await;
+    assert!(before.iter().all(|id| decided.contains_key(id)));
+}
