@@ -475,6 +475,53 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
         }
     }
 
+    // The lists and the replay of a stage over partitions take only what that stage has: with one
+    // partition, a page token is a plain id, and a dead letter's partition is 0.
+    {
+        use orderflow_proto::v1::{
+            ListInvoicesRequest, ListNotificationsRequest, ReplayDeadLettersRequest,
+            invoice_creator_client::InvoiceCreatorClient, notifier_client::NotifierClient,
+            replay_dead_letters_request::Target,
+        };
+        let mut invoice = InvoiceCreatorClient::new(pipeline.stage("invoice").channel().await);
+        let mut notifier = NotifierClient::new(pipeline.stage("notifier").channel().await);
+        let refusals = [
+            invoice
+                .list_invoices(ListInvoicesRequest {
+                    page_size: 10,
+                    page_token: "1.5".into(),
+                })
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+            notifier
+                .list_notifications(ListNotificationsRequest {
+                    page_size: 10,
+                    page_token: "x".into(),
+                    order_id: String::new(),
+                })
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+            notifier
+                .replay_dead_letters(ReplayDeadLettersRequest {
+                    target: Some(Target::Id(1)),
+                    partition: 1,
+                })
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+        ];
+        let fields: Vec<Vec<String>> = refusals
+            .iter()
+            .map(|status| {
+                assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+                violated_fields(status)
+            })
+            .collect();
+        assert_eq!(fields, [["page_token"], ["page_token"], ["partition"]]);
+    }
+
     // An owner must name its consumer and a real incarnation: INVALID_ARGUMENT naming both, and
     // nothing claimed (stock, which holds the log as "stock", keeps reading it).
     let bad_owner = log
