@@ -1176,30 +1176,9 @@ async fn kubernetes_scaled_pods_run_as_rendered() {
     let stock = StockCheckerClient::new(pods.channel("stock-2", grpc("stock")));
     let notifier = NotifierClient::new(pods.channel("notifier-0", grpc("notifier")));
     let initial = stock_levels(stock.clone()).await.unwrap();
-    // Seven customers, so that orders fall in every partition.
-    let spread = |range: std::ops::Range<usize>| {
-        let receiver = receiver.clone();
-        async move {
-            let mut placed = Vec::new();
-            for customer in 0..7 {
-                let lines = range
-                    .clone()
-                    .filter(|n| n % 7 == customer)
-                    .map(order_lines)
-                    .collect();
-                let name = format!("k8s-{customer}");
-                placed.extend(place_all(receiver.clone(), &name, lines, 8).await);
-            }
-            assert!(
-                placed.iter().all(|p| p.result.is_ok()),
-                "an order was refused"
-            );
-            placed
-        }
-    };
-    let mut placed = spread(0..105).await;
+    let mut placed = place_spread(&receiver, "k8s", 0..105).await;
     docker(&["kill", "--signal", "KILL", &pods.containers["stock-1"]]).unwrap();
-    placed.extend(spread(105..175).await);
+    placed.extend(place_spread(&receiver, "k8s", 105..175).await);
     docker(&["start", &pods.containers["stock-1"]]).unwrap();
     pods.wait_ready("stock-1", grpc("stock")).await;
     let partitions: HashSet<&str> = placed
@@ -1212,26 +1191,32 @@ async fn kubernetes_scaled_pods_run_as_rendered() {
     assert!(confirmed > 90, "{confirmed} confirmed");
 }
 
-/// The Swarm stack (`deploy/swarm/orderflow.yml`) deployed on this engine's swarm mode, with the
-/// test's images and an OTLP receiver standing in for Jaeger. Dropping it removes the stack, leaves
-/// the swarm the test joined, and removes the volumes, the `docker_gwbridge` network the swarm made
-/// and the images, whatever happened.
+/// The Swarm stack (`deploy/swarm/orderflow.yml`) deployed on this engine's swarm mode with
+/// README's scale-out settings, the test's images and an OTLP receiver standing in for Jaeger.
+/// Dropping it removes the stack, leaves the swarm the test joined, and removes the volumes, the
+/// `docker_gwbridge` network the swarm made and the images, whatever happened.
 struct Stack {
     name: String,
     images: Vec<String>,
-    ports: HashMap<&'static str, u16>,
+    /// How many tasks each stage runs, from `<STAGE>_REPLICAS`.
+    replicas: HashMap<&'static str, u32>,
     spans_dir: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-/// README's command that deploys the stack (section "Docker Swarm"), as words.
-fn readme_stack_deploy() -> Vec<String> {
+/// README's section "Docker Swarm".
+fn readme_swarm_section() -> &'static str {
     let readme = include_str!("../../README.md");
     let section = readme
         .split("\n## Docker Swarm\n")
         .nth(1)
         .expect("README has a section \"Docker Swarm\"");
-    let line = section
+    section.split("\n## ").next().unwrap_or(section)
+}
+
+/// README's command that deploys the stack, as words.
+fn readme_stack_deploy() -> Vec<String> {
+    let line = readme_swarm_section()
         .lines()
         .find(|line| line.starts_with("docker stack deploy "))
         .expect("README's Swarm section deploys the stack");
@@ -1243,6 +1228,23 @@ fn readme_stack_deploy() -> Vec<String> {
         "{line}"
     );
     words
+}
+
+/// The variables README's scale-out lines export (`export NAME=value …`), in order.
+fn readme_swarm_exports() -> Vec<(String, String)> {
+    let exports: Vec<(String, String)> = readme_swarm_section()
+        .lines()
+        .filter_map(|line| line.strip_prefix("export "))
+        .flat_map(str::split_whitespace)
+        .map(|word| {
+            let (name, value) = word
+                .split_once('=')
+                .unwrap_or_else(|| panic!("README exports {word:?} without a value"));
+            (name.to_owned(), value.to_owned())
+        })
+        .collect();
+    assert!(!exports.is_empty(), "README's Swarm section scales nothing");
+    exports
 }
 
 /// The variables that move the stages' published ports (compose file and Swarm stack alike).
@@ -1258,9 +1260,20 @@ const STAGE_PORTS: [&str; 9] = [
     "NOTIFIER_METRICS_PORT",
 ];
 
+/// Each stage's gRPC port inside its container.
+fn stage_port(stage: &str) -> u16 {
+    match stage {
+        "receiver" => 50051,
+        "stock" => 50052,
+        "invoice" => 50053,
+        _ => 50054,
+    }
+}
+
 impl Stack {
     /// Joins a single-node swarm (refusing an engine that is in one already: the test must be able
-    /// to leave it), builds the images and deploys the shipped stack file with an override.
+    /// to leave it), builds the images and deploys the shipped stack file with an override, set
+    /// as README's scale-out lines set it.
     fn deploy() -> anyhow::Result<Stack> {
         let state = docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"])?;
         if state != "inactive" {
@@ -1268,6 +1281,28 @@ impl Stack {
                 "this engine's swarm mode is {state}; the test needs it inactive, to join and leave"
             );
         }
+        let exports = readme_swarm_exports();
+        // One node holds every task: README's lines must give the stages' ports to the node.
+        for port in STAGE_PORTS {
+            assert!(
+                exports
+                    .iter()
+                    .any(|(name, value)| name == port && value == "0"),
+                "README's scale-out lines leave {port} fixed, which two tasks on one node share"
+            );
+        }
+        let replicas = STAGES
+            .into_iter()
+            .map(|stage| {
+                let name = format!("{}_REPLICAS", stage.to_uppercase());
+                let count = exports
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(1);
+                (stage, count)
+            })
+            .collect();
         let base = base_image()?;
         let run_id = std::process::id();
         let dir = tempfile::tempdir()?;
@@ -1277,11 +1312,7 @@ impl Stack {
         let mut stack = Stack {
             name: format!("orderflow-e2e-{run_id}"),
             images: Vec::new(),
-            ports: STAGE_PORTS
-                .into_iter()
-                .chain(["JAEGER_UI_PORT"])
-                .zip(free_ports::<10>())
-                .collect(),
+            replicas,
             spans_dir,
             _dir: dir,
         };
@@ -1303,11 +1334,9 @@ impl Stack {
                 stack.spans_dir.display()
             ),
         )?;
-        let mut env: Vec<(String, String)> = stack
-            .ports
-            .iter()
-            .map(|(name, port)| ((*name).to_owned(), port.to_string()))
-            .collect();
+        let [jaeger_ui] = free_ports::<1>();
+        let mut env = exports;
+        env.push(("JAEGER_UI_PORT".into(), jaeger_ui.to_string()));
         env.push(("ORDERFLOW_TAG".into(), tag));
         env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()));
         // README's line, from the repository root, with the override added and this run's name.
@@ -1330,6 +1359,14 @@ impl Stack {
         Ok(stack)
     }
 
+    /// Every task: each stage with each of its slots, counted from 1.
+    fn tasks(&self) -> Vec<(&'static str, u32)> {
+        STAGES
+            .into_iter()
+            .flat_map(|stage| (1..=self.replicas[stage]).map(move |slot| (stage, slot)))
+            .collect()
+    }
+
     /// The running container of `stage`'s task in `slot`, if there is one.
     fn container(&self, stage: &str, slot: u32) -> Option<String> {
         let id = docker(&[
@@ -1344,15 +1381,15 @@ impl Stack {
         id.lines().next().map(str::to_owned)
     }
 
-    /// Waits until the task in slot 1 of every stage runs and reports healthy.
+    /// Waits until every task runs and reports healthy.
     fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let waiting: Vec<&str> = STAGES
-                .iter()
-                .copied()
-                .filter(|stage| {
-                    let health = self.container(stage, 1).and_then(|id| {
+            let waiting: Vec<(&str, u32)> = self
+                .tasks()
+                .into_iter()
+                .filter(|(stage, slot)| {
+                    let health = self.container(stage, *slot).and_then(|id| {
                         docker(&["inspect", "--format", "{{.State.Health.Status}}", &id]).ok()
                     });
                     health.as_deref() != Some("healthy")
@@ -1369,28 +1406,58 @@ impl Stack {
         }
     }
 
-    fn channel(&self, port_name: &str) -> Channel {
-        Channel::from_shared(format!("http://127.0.0.1:{}", self.ports[port_name]))
+    /// The node's port that README's `docker ps` line shows for the gRPC port of `stage`'s task in
+    /// `slot` (each task has its own, the port variables being 0).
+    fn published_port(&self, stage: &str, slot: u32) -> u16 {
+        let line = readme_swarm_section()
+            .lines()
+            .find(|line| line.starts_with("docker ps "))
+            .expect("README's Swarm section shows the tasks' ports");
+        let words: Vec<String> = line
+            .split_whitespace()
+            .map(|w| w.trim_matches('\''))
+            .map(|w| w.replace("namespace=orderflow", &format!("namespace={}", self.name)))
+            .collect();
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        // `--format '{{.Names}} {{.Ports}}'`, rejoined from its words.
+        let format_at = words.iter().position(|w| *w == "--format").unwrap() + 1;
+        let mut args: Vec<String> = words[1..format_at]
+            .iter()
+            .map(|w| (*w).to_owned())
+            .collect();
+        args.push(words[format_at..].join(" "));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let listing = docker(&args).unwrap();
+        let task = format!("{}_{stage}.{slot}.", self.name);
+        let target = format!("->{}/tcp", stage_port(stage));
+        listing
+            .lines()
+            .filter(|line| line.starts_with(&task))
+            .flat_map(|line| line.split(", "))
+            .find_map(|port| {
+                let host = port.split_whitespace().last()?.strip_suffix(&target)?;
+                host.rsplit_once(':')?.1.parse().ok()
+            })
+            .unwrap_or_else(|| panic!("no port of {task} for {target} in:\n{listing}"))
+    }
+
+    fn channel(&self, stage: &str, slot: u32) -> Channel {
+        let port = self.published_port(stage, slot);
+        Channel::from_shared(format!("http://127.0.0.1:{port}"))
             .unwrap()
             .connect_timeout(Duration::from_secs(5))
             .connect_lazy()
     }
 
-    /// Waits until each stage answers SERVING on its published gRPC port: the swarm's routing
-    /// mesh may take a moment after a task turns healthy.
+    /// Waits until every task answers SERVING on its published gRPC port.
     async fn wait_published(&self) {
         use tonic_health::pb::{
             HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
-        for port in [
-            "RECEIVER_PORT",
-            "STOCK_PORT",
-            "INVOICE_PORT",
-            "NOTIFIER_PORT",
-        ] {
+        for (stage, slot) in self.tasks() {
             loop {
-                let status = HealthClient::new(self.channel(port))
+                let status = HealthClient::new(self.channel(stage, slot))
                     .check(HealthCheckRequest::default())
                     .await
                     .map(|r| r.into_inner().status());
@@ -1399,8 +1466,7 @@ impl Stack {
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "nothing SERVING on {port} ({}): {status:?}",
-                    self.ports[port]
+                    "{stage}.{slot} is not SERVING: {status:?}"
                 );
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
@@ -1454,13 +1520,79 @@ impl Drop for Stack {
     }
 }
 
-/// The shipped Swarm stack on the engine's swarm mode: orders flow through the published receiver
-/// port; the stock task's container is killed mid-stream and Swarm starts a new one on the same
-/// volume (slot 1's), which carries on from what it committed. Every order ends exactly once, stock
-/// arithmetic is exact, and each order placed after the restart is one trace across the four
-/// services.
+/// A container cut off every network but its loopback: its network namespace drops whatever
+/// comes or goes on another interface (a Swarm task cannot be disconnected from its overlay
+/// network). Dropping it joins the container again, whatever happened.
+struct Cut {
+    pid: String,
+}
+
+/// The filter rules that cut a container off: all but loopback, both ways.
+const CUT_RULES: [[&str; 5]; 2] = [
+    ["INPUT", "!", "-i", "lo", "-j"],
+    ["OUTPUT", "!", "-o", "lo", "-j"],
+];
+
+impl Cut {
+    fn new(container: &str) -> anyhow::Result<Cut> {
+        let pid = docker(&["inspect", "--format", "{{.State.Pid}}", container])?;
+        let cut = Cut { pid };
+        for rule in CUT_RULES {
+            cut.iptables("-I", &rule)?;
+        }
+        Ok(cut)
+    }
+
+    fn iptables(&self, action: &str, rule: &[&str]) -> anyhow::Result<String> {
+        let mut args = vec!["-t", &self.pid, "-n", "iptables", action];
+        args.extend(rule);
+        args.push("DROP");
+        run("nsenter", &args, &[])
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        for rule in CUT_RULES {
+            if let Err(e) = self.iptables("-D", &rule) {
+                eprintln!("joining the cut container again: {e}");
+            }
+        }
+    }
+}
+
+/// Orders `range` (see [`order_lines`]) from seven customers, so that they fall in every one of
+/// four partitions, placed at `receiver`; each must be accepted.
+async fn place_spread(
+    receiver: &OrderReceiverClient<Channel>,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+) -> Vec<Placed> {
+    let mut placed = Vec::new();
+    for customer in 0..7 {
+        let lines = range
+            .clone()
+            .filter(|n| n % 7 == customer)
+            .map(order_lines)
+            .collect();
+        let name = format!("{prefix}-{customer}");
+        placed.extend(place_all(receiver.clone(), &name, lines, 8).await);
+    }
+    assert!(
+        placed.iter().all(|p| p.result.is_ok()),
+        "an order was refused"
+    );
+    placed
+}
+
+/// The shipped Swarm stack, scaled as README says (4 partitions; 2 tasks of receiver, invoice and
+/// notifier, 3 of stock), on the engine's swarm mode: orders from many customers enter at one
+/// receiver task; an invoice task's container is killed and Swarm starts a new one on the same
+/// volume (its slot's), and a stock task is cut off the network for 10 s, while they flow. Every
+/// order ends exactly once, in every partition, with stock exact as other tasks gather it, and each
+/// order placed after the restart is one trace across the four services.
 #[tokio::test(flavor = "multi_thread")]
-async fn swarm_stack_restarts_a_killed_task_on_its_volume() {
+async fn swarm_stack_scales_out_and_restarts_a_killed_task_on_its_volume() {
     if !docker_available() {
         return;
     }
@@ -1468,22 +1600,38 @@ async fn swarm_stack_restarts_a_killed_task_on_its_volume() {
         .await
         .unwrap()
         .unwrap();
-    stack.wait_healthy(Duration::from_secs(180)).unwrap();
+    assert_eq!(stack.tasks().len(), 9, "{:?}", stack.replicas);
+    stack.wait_healthy(Duration::from_secs(240)).unwrap();
     stack.wait_published().await;
 
-    let receiver = OrderReceiverClient::new(stack.channel("RECEIVER_PORT"));
-    let stock = StockCheckerClient::new(stack.channel("STOCK_PORT"));
-    let notifier = NotifierClient::new(stack.channel("NOTIFIER_PORT"));
+    let receiver = OrderReceiverClient::new(stack.channel("receiver", 2));
+    let stock = StockCheckerClient::new(stack.channel("stock", 3));
+    let notifier = NotifierClient::new(stack.channel("notifier", 1));
     let initial = stock_levels(stock.clone()).await.unwrap();
-    let mut placed = place(&receiver, 0..200).await.unwrap();
+    let mut placed = place_spread(&receiver, "swarm", 0..105).await;
 
-    let killed = stack.container("stock", 1).unwrap();
+    let killed = stack.container("invoice", 2).unwrap();
     docker(&["kill", &killed]).unwrap();
-    placed.extend(place(&receiver, 200..400).await.unwrap());
+    let cut = Cut::new(&stack.container("stock", 2).unwrap()).unwrap();
+    let cut_at = Instant::now();
+    // Cut off indeed: not even its own published port answers.
+    let unreachable = tokio::time::timeout(
+        Duration::from_secs(2),
+        tonic_health::pb::health_client::HealthClient::new(stack.channel("stock", 2))
+            .check(tonic_health::pb::HealthCheckRequest::default()),
+    )
+    .await;
+    assert!(
+        !matches!(unreachable, Ok(Ok(_))),
+        "the cut stock task answered"
+    );
+    placed.extend(place_spread(&receiver, "swarm", 105..175).await);
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(cut_at.elapsed())).await;
+    drop(cut);
     stack.wait_healthy(Duration::from_secs(120)).unwrap();
     stack.wait_published().await;
-    let restarted = stack.container("stock", 1).unwrap();
-    assert_ne!(restarted, killed, "Swarm did not start a new stock task");
+    let restarted = stack.container("invoice", 2).unwrap();
+    assert_ne!(restarted, killed, "Swarm did not start a new invoice task");
     let volume = docker(&[
         "inspect",
         "--format",
@@ -1491,15 +1639,21 @@ async fn swarm_stack_restarts_a_killed_task_on_its_volume() {
         &restarted,
     ])
     .unwrap();
-    assert_eq!(volume, format!("{}_stock-data-1", stack.name));
-    placed.extend(place(&receiver, 400..500).await.unwrap());
+    assert_eq!(volume, format!("{}_invoice-data-2", stack.name));
+    let after_restart = placed.len();
+    placed.extend(place_spread(&receiver, "swarm", 175..210).await);
 
+    let partitions: HashSet<&str> = placed
+        .iter()
+        .filter_map(|p| p.result.as_ref().ok()?.rsplit_once("-p").map(|(_, p)| p))
+        .collect();
+    assert_eq!(partitions.len(), 4, "orders fell in {partitions:?}");
     let confirmed =
         assert_each_order_ended_once(&receiver, &stock, &notifier, &placed, &initial).await;
     assert!(confirmed > 0);
     // Spans the killed task had not exported yet died with it: the orders placed after its
     // successor came up must each be one whole trace.
-    let orders: Vec<String> = placed[400..]
+    let orders: Vec<String> = placed[after_restart..]
         .iter()
         .map(|p| p.result.clone().unwrap())
         .collect();

@@ -148,19 +148,19 @@ pub struct ServerArgs {
     pub replica_slot: Option<u32>,
 
     /// Replicas of this stage, at most one per partition: replica I owns the partitions p with
-    /// p mod N = I. Only the receiver runs more than 1 until scale-out is complete
+    /// p mod N = I
     #[arg(long, env = "ORDERFLOW_REPLICAS", default_value = "1", value_parser = parse_replicas, value_name = "N")]
     pub replicas: u32,
 
     /// Partitions of the pipeline, the same on every stage. Fixed when a store is created: a stage
-    /// refuses to open a store made with another count. Only the receiver runs more than 1 until
-    /// scale-out is complete
+    /// refuses to open a store made with another count
     #[arg(long, env = "ORDERFLOW_PARTITIONS", default_value = "1", value_parser = parse_partitions, value_name = "P")]
     pub partitions: u32,
 
     /// The replicas of this stage, itself included, in replica order: one URL per replica
-    /// separated by commas, or one URL with `{replica}` for each replica's number. A replica
-    /// forwards there what another replica owns; needed with more than 1 replica
+    /// separated by commas, or one URL with `{replica}` for each replica's number (`{slot}` for
+    /// that number plus 1, as Swarm counts). A replica forwards there what another replica owns;
+    /// needed with more than 1 replica
     #[arg(long, env = "ORDERFLOW_PEERS", value_name = "URLS", value_parser = UpstreamUrl::from_str)]
     pub peers: Option<UpstreamUrl>,
 
@@ -463,15 +463,17 @@ impl Link {
 pub struct UpstreamArgs {
     /// URL of the upstream stage's gRPC server (http:// or https://): its replicas' URLs in replica
     /// order separated by commas, or one URL in which `{replica}` stands for each replica's number
+    /// (`{slot}` for that number plus 1)
     #[arg(long, env = "ORDERFLOW_UPSTREAM", value_name = "URL", value_parser = UpstreamUrl::from_str)]
     pub upstream: UpstreamUrl,
 }
 
 /// The replicas of another stage, as a flag names them: one URL (its one replica), the replicas'
 /// URLs in replica order separated by commas, or one URL containing `{replica}` that each
-/// replica's number replaces (a StatefulSet's stable names: `http://stock-{replica}.stock:50052`;
-/// then how many replicas there are is asked of replica 0, which every stage has). Each URL is an
-/// `http://` or `https://` URL with a host.
+/// replica's number replaces (a StatefulSet's stable names: `http://stock-{replica}.stock:50052`),
+/// or `{slot}` that the number plus 1 replaces (Swarm's task slots, counted from 1:
+/// `http://stock-{slot}:50052`); then how many replicas there are is asked of replica 0, which every
+/// stage has. Each URL is an `http://` or `https://` URL with a host.
 #[derive(Debug, Clone)]
 pub struct UpstreamUrl {
     replicas: Replicas,
@@ -482,28 +484,53 @@ pub struct UpstreamUrl {
 #[derive(Debug, Clone)]
 enum Replicas {
     Listed(Vec<String>),
-    Templated(String),
+    Templated(String, Placeholder),
 }
 
-/// What stands for a replica's number in a URL.
-const REPLICA_PLACEHOLDER: &str = "{replica}";
+/// What stands in a URL for each replica, and what replaces it.
+#[derive(Debug, Clone, Copy)]
+enum Placeholder {
+    /// `{replica}`: the replica's number, counted from 0 (a StatefulSet's pod ordinal).
+    Replica,
+    /// `{slot}`: the replica's number plus 1 (Docker Swarm's `{{.Task.Slot}}`).
+    Slot,
+}
+
+impl Placeholder {
+    const ALL: [Placeholder; 2] = [Placeholder::Replica, Placeholder::Slot];
+
+    fn text(self) -> &'static str {
+        match self {
+            Placeholder::Replica => "{replica}",
+            Placeholder::Slot => "{slot}",
+        }
+    }
+
+    /// The URL of replica `replica`, counted from 0.
+    fn fill(self, url: &str, replica: u32) -> String {
+        let number = match self {
+            Placeholder::Replica => replica,
+            Placeholder::Slot => replica.saturating_add(1),
+        };
+        url.replace(self.text(), &number.to_string())
+    }
+}
 
 impl UpstreamUrl {
     /// The URL of replica `replica`, counted from 0; `None` beyond a list.
     pub fn replica(&self, replica: u32) -> Option<String> {
         match &self.replicas {
             Replicas::Listed(urls) => urls.get(replica as usize).cloned(),
-            Replicas::Templated(url) => {
-                Some(url.replace(REPLICA_PLACEHOLDER, &replica.to_string()))
-            }
+            Replicas::Templated(url, placeholder) => Some(placeholder.fill(url, replica)),
         }
     }
 
-    /// How many replicas a list names; `None` for a `{replica}` URL, which names any number.
+    /// How many replicas a list names; `None` for a `{replica}` or `{slot}` URL, which names any
+    /// number.
     pub fn listed(&self) -> Option<u32> {
         match &self.replicas {
             Replicas::Listed(urls) => Some(u32::try_from(urls.len()).unwrap_or(u32::MAX)),
-            Replicas::Templated(_) => None,
+            Replicas::Templated(..) => None,
         }
     }
 
@@ -532,9 +559,15 @@ impl FromStr for UpstreamUrl {
                 "expected a URL, or the replicas' URLs separated by commas; one is empty".into(),
             );
         }
+        let placeholders = |url: &str| -> Vec<Placeholder> {
+            Placeholder::ALL
+                .into_iter()
+                .filter(|p| url.contains(p.text()))
+                .collect()
+        };
         let templated = urls
             .iter()
-            .filter(|url| url.contains(REPLICA_PLACEHOLDER))
+            .filter(|url| !placeholders(url).is_empty())
             .count();
         let replicas = match (urls.as_slice(), templated) {
             (_, 0) => Replicas::Listed(
@@ -543,17 +576,23 @@ impl FromStr for UpstreamUrl {
                     .collect::<Result<_, _>>()?,
             ),
             ([url], _) => {
-                if url.matches(REPLICA_PLACEHOLDER).count() > 1 {
-                    return Err(format!("{REPLICA_PLACEHOLDER} may appear once"));
-                }
-                check_url(&url.replace(REPLICA_PLACEHOLDER, "0"))?;
-                Replicas::Templated((*url).to_owned())
+                let placeholder = match placeholders(url).as_slice() {
+                    [one] if url.matches(one.text()).count() == 1 => *one,
+                    _ => {
+                        return Err(
+                            "{replica} or {slot} may appear once, and not both in one URL".into(),
+                        );
+                    }
+                };
+                check_url(&placeholder.fill(url, 0))?;
+                Replicas::Templated((*url).to_owned(), placeholder)
             }
             _ => {
-                return Err(format!(
-                    "{REPLICA_PLACEHOLDER} stands for every replica's number: give one URL with \
+                return Err(
+                    "{replica} (or {slot}) stands for every replica's number: give one URL with \
                      it, or list every replica's URL without it"
-                ));
+                        .into(),
+                );
             }
         };
         Ok(UpstreamUrl {
@@ -751,8 +790,19 @@ mod tests {
             (one.listed(), one.replica(0).as_deref()),
             (Some(1), Some("http://stock:50052"))
         );
+        // As a Swarm stack writes them: task slots count from 1.
+        let slots = UpstreamUrl::from_str("http://stock-{slot}:50052").unwrap();
+        assert_eq!(slots.listed(), None);
+        assert_eq!(slots.replica(0).as_deref(), Some("http://stock-1:50052"));
+        assert_eq!(slots.replica(2).as_deref(), Some("http://stock-3:50052"));
         for (bad, why) in [
             ("http://s-{replica}-{replica}:1", "once"),
+            ("http://s-{slot}-{slot}:1", "once"),
+            ("http://s-{slot}-{replica}:1", "not both"),
+            (
+                "http://s-{slot}:1,http://t:1",
+                "every replica's URL without it",
+            ),
             (
                 "http://s-{replica}:1,http://t:1",
                 "every replica's URL without it",
