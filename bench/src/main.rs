@@ -10,7 +10,10 @@
 //!    5,000 orders/s unless `--rate` says otherwise);
 //! 5. each stage's peak RSS with the notifier stopped and a backlog of events waiting for it (the
 //!    peak is reset when this phase starts; the peak under the earlier full load is reported too);
-//! 6. the notifier's catch-up rate (events/s) when it comes back.
+//! 6. the notifier's catch-up rate (events/s) when it comes back;
+//! 7. end to end again with the pipeline scaled out: `--scaled-partitions` partitions (4) with
+//!    `--scaled-replicas` replicas (2) of every stage, each its own process, the load entering at
+//!    one receiver replica (which forwards what the other owns), against phase 3's one partition.
 //!
 //! Next to each throughput figure it measures CPU time per order ((utime + stime) from
 //! `/proc/<pid>/stat` of each server process, and the load client's own rusage, divided by the
@@ -74,6 +77,12 @@ struct Args {
     /// one call each; the echo baseline stays one call per order
     #[arg(long)]
     bulk: bool,
+    /// Partitions of the scaled-out pipeline (phase 7)
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    scaled_partitions: u32,
+    /// Replicas of every stage in the scaled-out pipeline (phase 7), at most its partitions
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
+    scaled_replicas: u32,
     /// Where the JSON results go
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
@@ -525,6 +534,105 @@ impl Pipeline {
     }
 }
 
+/// The four stages scaled out: every stage `replicas` processes over `partitions` partitions, each
+/// replica with its own data dir and fsync'd stores, knowing its peers and the other stages'
+/// replicas by list.
+struct Scaled {
+    /// Every process, stage by stage in pipeline order.
+    procs: Vec<Proc>,
+    /// The notifier replicas' URLs, comma-separated, in replica order.
+    notifiers: String,
+}
+
+impl Scaled {
+    async fn start(
+        bin: &Path,
+        dir: &Path,
+        env: &[(String, String)],
+        partitions: u32,
+        replicas: u32,
+    ) -> anyhow::Result<Self> {
+        if replicas > partitions {
+            bail!("--scaled-replicas {replicas} exceeds --scaled-partitions {partitions}");
+        }
+        std::fs::create_dir_all(dir)?;
+        let catalog = dir.join("catalog.toml");
+        bench_catalog(&catalog)?;
+        let ports = orderflow_e2e::free_ports::<32>();
+        let n = replicas as usize;
+        // Stage s's replica r listens on ports[s * n + r].
+        let urls = |stage: usize| {
+            ports[stage * n..(stage + 1) * n]
+                .iter()
+                .map(|port| format!("http://127.0.0.1:{port}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let stages = ["receiver", "stock", "invoice", "notifier"];
+        let mut procs = Vec::new();
+        for (s, stage) in stages.iter().enumerate() {
+            let links = match *stage {
+                "receiver" => args(&[
+                    "--http-listen",
+                    "none",
+                    "--max-backlog",
+                    "100000000",
+                    "--stock-url",
+                    &urls(1),
+                    "--invoice-url",
+                    &urls(2),
+                    "--notifier-url",
+                    &urls(3),
+                ]),
+                "stock" => args(&[
+                    "--upstream",
+                    &urls(0),
+                    "--invoice-url",
+                    &urls(2),
+                    "--catalog",
+                    &catalog.to_string_lossy(),
+                ]),
+                "invoice" => args(&["--upstream", &urls(1), "--tax-rate-bps", "2000"]),
+                _ => args(&["--upstream", &urls(2)]),
+            };
+            for replica in 0..n {
+                let name = format!("{stage}-{replica}");
+                let mut stage_args = args(&[
+                    "--listen",
+                    &format!("127.0.0.1:{}", ports[s * n + replica]),
+                    "--data-dir",
+                    &dir.join(&name).to_string_lossy(),
+                    "--metrics-listen",
+                    "none",
+                    "--partitions",
+                    &partitions.to_string(),
+                    "--replicas",
+                    &replicas.to_string(),
+                    "--replica",
+                    &replica.to_string(),
+                    "--peers",
+                    &urls(s),
+                ]);
+                stage_args.extend(links.iter().cloned());
+                let binary = bin.join(format!("orderflow-{stage}"));
+                let log = dir.join(format!("{name}.log"));
+                procs.push(Proc::start(&name, &binary, &stage_args, env, &log).await?);
+            }
+        }
+        Ok(Scaled {
+            procs,
+            notifiers: urls(3),
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        for proc in self.procs.into_iter().rev() {
+            proc.stop().await?;
+        }
+        Ok(())
+    }
+}
+
 fn get(v: &Value, path: &[&str]) -> f64 {
     let mut v = v;
     for key in path {
@@ -563,7 +671,7 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
     eprintln!("machine: {machine}");
 
     // 1. The baseline.
-    eprintln!("1/6 echo baseline ({concurrency} in flight, {duration})");
+    eprintln!("1/7 echo baseline ({concurrency} in flight, {duration})");
     let echo = Proc::start(
         "echo",
         &std::env::current_exe()?,
@@ -579,7 +687,7 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
     results.insert("echo", echo_run);
 
     // 2. PlaceOrder alone.
-    eprintln!("2/6 PlaceOrder throughput, receiver alone");
+    eprintln!("2/7 PlaceOrder throughput, receiver alone");
     let dir = work.join("intake");
     std::fs::create_dir_all(&dir)?;
     let receiver = Proc::start(
@@ -644,8 +752,8 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
         ("OTEL_TRACES_SAMPLER_ARG".into(), "0.01".into()),
         ("RUST_LOG".into(), "info".into()),
     ];
-    let mut pipeline = Pipeline::start(&bin, &work.join("pipeline"), env).await?;
-    eprintln!("3/6 end to end, accepted → notified ({concurrency} in flight, {duration})");
+    let mut pipeline = Pipeline::start(&bin, &work.join("pipeline"), env.clone()).await?;
+    eprintln!("3/7 end to end, accepted → notified ({concurrency} in flight, {duration})");
     let e2e = {
         let p = &pipeline;
         let stages = [&p.receiver, &p.stock, &p.invoice];
@@ -665,7 +773,7 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
 
     let rates: Vec<String> = a.rate.iter().map(f64::to_string).collect();
     eprintln!(
-        "4/6 latency at {} orders/s (open loop, {duration} each)",
+        "4/7 latency at {} orders/s (open loop, {duration} each)",
         rates.join(" and ")
     );
     let mut fixed = serde_json::Map::new();
@@ -685,7 +793,7 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
     results.insert("fixed_rate", Value::Object(fixed));
 
     eprintln!(
-        "5/6 backlog of {} events with the notifier stopped",
+        "5/7 backlog of {} events with the notifier stopped",
         a.backlog
     );
     let loaded_rss = json!({
@@ -704,7 +812,7 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
     }
     let invoice_url = pipeline.invoice.url();
     let (head_before, _) = log_position(&invoice_url, "notifier").await?;
-    let orders = a.backlog.to_string();
+    let backlog_orders = a.backlog.to_string();
     let filled = load(
         &orderflow,
         &pipeline.receiver.url(),
@@ -713,7 +821,7 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
             "--concurrency",
             &concurrency,
             "--orders",
-            &orders,
+            &backlog_orders,
             "--duration",
             "1h",
             "--skus",
@@ -739,7 +847,7 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
         "fill": filled,
     });
 
-    eprintln!("6/6 catch-up of {backlog} events");
+    eprintln!("6/7 catch-up of {backlog} events");
     let started = Instant::now();
     let receiver_cpu_before = pipeline.receiver.cpu();
     pipeline.start_notifier().await?;
@@ -783,6 +891,39 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
         }),
     );
     pipeline.stop().await?;
+
+    // 7. The same end-to-end load on the pipeline scaled out.
+    let (partitions, replicas) = (a.scaled_partitions, a.scaled_replicas);
+    eprintln!(
+        "7/7 end to end over {partitions} partitions, {replicas} replicas per stage \
+         ({concurrency} in flight, {duration})"
+    );
+    let scaled = Scaled::start(&bin, &work.join("scaled"), &env, partitions, replicas).await?;
+    let mut scaled_run = {
+        let procs: Vec<&Proc> = scaled.procs.iter().collect();
+        load_measured(
+            &orderflow,
+            &scaled.procs[0].url(),
+            Some(&scaled.notifiers),
+            &orders,
+            &procs,
+            "notified",
+        )
+        .await?
+    };
+    // Each stage's CPU per order, its replicas summed.
+    for stage in ["receiver", "stock", "invoice", "notifier"] {
+        let cpu = &scaled_run["cpu_us_per_order"];
+        let sum: f64 = (0..replicas)
+            .map(|r| get(cpu, &[&format!("{stage}-{r}")]))
+            .sum();
+        scaled_run["cpu_us_per_order"][stage] = json!(sum);
+    }
+    scaled_run["partitions"] = json!(partitions);
+    scaled_run["replicas"] = json!(replicas);
+    results.insert("scaled_out", scaled_run);
+    scaled.stop().await?;
+
     tokio::time::sleep(Duration::from_secs(1)).await;
     shutdown.cancel();
     results.insert("spans_exported", json!(spans.load(Ordering::Relaxed)));
@@ -921,6 +1062,28 @@ fn table(report: &Value, baseline: f64) -> String {
     ] {
         let v = get(r, &[path[0], "cpu_us_per_order", path[1]]);
         rows.push([row.into(), us(v), of_echo(v), target.into()]);
+    }
+    let scaled = &r["scaled_out"];
+    let layout = format!(
+        "{} partitions × {} replicas",
+        get(scaled, &["partitions"]),
+        get(scaled, &["replicas"])
+    );
+    rows.push([
+        format!("scaled out, {layout} (orders/s)"),
+        format!("{:.0}", get(scaled, &["notified_per_second"])),
+        ratio(get(scaled, &["notified_per_second"])),
+        String::new(),
+    ]);
+    for (row, stage) in [
+        ("  stages CPU per order, scaled out", "servers"),
+        ("  receiver", "receiver"),
+        ("  stock", "stock"),
+        ("  invoice", "invoice"),
+        ("  notifier", "notifier"),
+    ] {
+        let v = get(scaled, &["cpu_us_per_order", stage]);
+        rows.push([row.into(), us(v), of_echo(v), String::new()]);
     }
     rows.push([
         "catch-up (events/s)".into(),

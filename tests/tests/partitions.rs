@@ -1414,6 +1414,50 @@ async fn a_whole_pipeline_over_partitions_loses_doubles_and_oversells_nothing() 
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+
+    // `orderflow load` at one receiver replica follows the notifier's log in every partition when
+    // `--notifier` names both replicas, and sees each order it placed end; with one of them named
+    // it says what to give instead of waiting for what it cannot see.
+    let load = |notifier: String| {
+        let skus: Vec<String> = skus.iter().map(|(sku, _)| sku.clone()).collect();
+        Command::new(orderflow_e2e::binary("orderflow"))
+            .args(["--receiver", &receivers[1].url(), "--notifier", &notifier])
+            .args(["load", "--orders", "120", "--concurrency", "8"])
+            .args([
+                "--customers",
+                "50",
+                "--skus",
+                &skus[..12].join(","),
+                "--json",
+            ])
+            .output()
+    };
+    let output = load(urls(&ports.notifiers)).await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["accepted"], 120, "{report}");
+    assert_eq!(report["notified"], 120, "{report}");
+    let ended: u64 = report["outcomes"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(ended, 120, "{report}");
+    for (named, why) in [
+        (notifiers[0].url(), "the notifier runs 2 replicas"),
+        (notifiers[1].url(), "not replica 0"),
+    ] {
+        let output = load(named).await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success()
+                && stderr.contains(why)
+                && stderr.contains("every replica's URL in replica order"),
+            "{stderr}"
+        );
+    }
     drop((receivers, notifiers));
 }
 

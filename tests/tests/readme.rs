@@ -947,3 +947,33 @@ fn readme_kubernetes_lines_run_or_name_what_exists() {
         }
     }
 }
+
+/// The benchmark's paragraph (section "Load and benchmark", from its `cargo run` line) names only
+/// flags `orderflow-bench` takes. A full run takes many minutes, so the run itself is not part of
+/// the suite; BENCHMARKS.md records its results with their command.
+#[test]
+fn the_benchmark_takes_every_flag_readme_names() {
+    let section = section("## Load and benchmark");
+    let paragraph = section
+        .split("\n\n")
+        .find(|p| p.contains("cargo run --release -p orderflow-bench"))
+        .expect("README says how to run the benchmark");
+    let flags: BTreeSet<&str> = code_spans(paragraph)
+        .into_iter()
+        .flat_map(|span| span.split('/'))
+        .filter(|word| word.starts_with("--"))
+        .collect();
+    assert!(flags.len() >= 4, "{flags:?}");
+    let help = Command::new(binary("orderflow-bench"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in flags {
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+            "README names {flag}; orderflow-bench --help:\n{help}"
+        );
+    }
+}

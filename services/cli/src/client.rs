@@ -1,16 +1,18 @@
 //! Reaching the stages from the command line: their URLs, TLS trust, the admin token, and errors
 //! that say what went wrong in the words of the server.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, str::FromStr};
 
 use anyhow::{Context, anyhow};
 use clap::Args;
 use orderflow_proto::v1::event_log_client::EventLogClient;
-use orderflow_runtime::{AdminToken, LinkAuth, LinkToken, tls};
+use orderflow_runtime::{AdminToken, LinkAuth, LinkToken, UpstreamUrl, tls};
 use tonic::{Request, Status, service::interceptor::InterceptedService, transport::Channel};
 use tonic_types::StatusExt;
 
-/// Where the stages are and how to talk to them (every subcommand accepts these).
+/// Where the stages are and how to talk to them (every subcommand accepts these). A stage that runs
+/// replicas may be named by any one of them, which forwards or gathers what the others hold, or by
+/// all of them as its links name them (`load` follows the notifier's log at each replica).
 #[derive(Args, Debug, Clone)]
 pub struct Connect {
     /// Receiver URL (http:// or https://)
@@ -40,7 +42,8 @@ pub struct Connect {
         value_name = "URL"
     )]
     pub invoice: String,
-    /// Notifier URL
+    /// Notifier URL; with replicas, `load` needs every replica's URL in replica order
+    /// (comma-separated, or one URL with `{replica}` or `{slot}`) to follow each one's log
     #[arg(
         long,
         global = true,
@@ -114,9 +117,24 @@ impl Connect {
         }
     }
 
-    /// A connected channel to `stage`.
+    /// A connected channel to `stage` (its first replica, when its URL names several).
     pub async fn channel(&self, stage: Stage) -> anyhow::Result<Channel> {
+        self.channel_to(stage, 0).await
+    }
+
+    /// The replicas `stage`'s URL names: one URL, a comma-separated list, or one URL with
+    /// `{replica}` or `{slot}`.
+    pub fn replicas(&self, stage: Stage) -> anyhow::Result<UpstreamUrl> {
         let (url, flag) = self.url(stage);
+        UpstreamUrl::from_str(url).map_err(|e| anyhow!("{flag}: {e}"))
+    }
+
+    /// A connected channel to replica `replica` (counted from 0) of `stage`.
+    pub async fn channel_to(&self, stage: Stage, replica: u32) -> anyhow::Result<Channel> {
+        let (_, flag) = self.url(stage);
+        let url = self.replicas(stage)?.replica(replica).ok_or_else(|| {
+            anyhow!("{flag} names no replica {replica}: list every replica's URL, in replica order")
+        })?;
         let identity = self
             .tls_client_cert
             .as_deref()
@@ -128,16 +146,17 @@ impl Connect {
                 key_flag: "--tls-client-key / ORDERFLOW_TLS_CLIENT_KEY",
             });
         let tls = tls::client_config(self.tls_ca.as_deref(), identity).map_err(|e| anyhow!(e))?;
-        let endpoint = tls::endpoint(url, &tls).map_err(|e| anyhow!("{flag}: {e}"))?;
+        let endpoint = tls::endpoint(&url, &tls).map_err(|e| anyhow!("{flag}: {e}"))?;
         endpoint
             .connect()
             .await
             .with_context(|| format!("cannot reach {url} ({flag})"))
     }
 
-    /// A client of `stage`'s log, carrying the link token when one is given.
-    pub async fn log(&self, stage: Stage) -> anyhow::Result<LogClient> {
-        let channel = self.channel(stage).await?;
+    /// A client of the log of replica `replica` of `stage`, carrying the link token when one is
+    /// given.
+    pub async fn log(&self, stage: Stage, replica: u32) -> anyhow::Result<LogClient> {
+        let channel = self.channel_to(stage, replica).await?;
         Ok(EventLogClient::with_interceptor(
             channel,
             LinkAuth::new(self.link_token.as_ref()),

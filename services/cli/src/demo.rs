@@ -269,7 +269,7 @@ async fn watch(
             consumer: DEMO_CONSUMER.into(),
             stop_at_head: false,
             from_first: false,
-            // The pipeline's one partition: `--partitions` takes only 1 until scale-out.
+            // The demo's own pipeline runs one partition.
             partition: 0,
             // The demo keeps nothing of its own: it takes no part in fencing.
             owner: None,

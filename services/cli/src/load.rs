@@ -10,8 +10,8 @@
 //! latency counted the same way.
 //!
 //! Placed→notified latency comes from following the notifier's own log (`EventLog/Subscribe` from
-//! its head): the time from an order's due time to the moment its `CustomerNotified` (or
-//! `NotificationDeadLettered`) entry reaches this process.
+//! its head, every partition at the replica that owns it): the time from an order's due time to
+//! the moment its `CustomerNotified` (or `NotificationDeadLettered`) entry reaches this process.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -40,7 +40,7 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::client::{Connect, LogClient, Stage};
+use crate::client::{Connect, Stage};
 
 /// How often a load whose stderr is not a terminal logs its progress.
 const LOG_PROGRESS_EVERY: Duration = Duration::from_secs(10);
@@ -481,28 +481,88 @@ fn refuse_unanswered(
     }
 }
 
-/// Follows the notifier's log from its head, reporting every terminal notification.
-async fn follow_notifier(mut log: LogClient, state: Arc<State>) -> anyhow::Result<()> {
-    let head = log
-        .head(HeadRequest::default())
-        .await
-        .map_err(|s| crate::client::refused("EventLog/Head of the notifier (--notifier)", s))?
-        .into_inner()
-        .next_offset;
-    let mut stream = log
-        .subscribe(SubscribeRequest {
-            from_offset: head,
-            max_batch: 1000,
-            consumer: String::new(),
-            stop_at_head: false,
-            from_first: false,
-            // The pipeline's one partition: `--partitions` takes only 1 until scale-out.
-            partition: 0,
-            owner: None,
-        })
-        .await
-        .map_err(|s| crate::client::refused("EventLog/Subscribe to the notifier (--notifier)", s))?
-        .into_inner();
+/// Subscribes to the notifier's log from its head in every partition, each at the replica that
+/// owns it (partition p at replica p mod replicas, as `Head` says), before any order is sent; the
+/// task it returns reports every terminal notification until one stream ends.
+async fn follow_notifier(
+    connect: &Connect,
+    state: Arc<State>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let refused = |what: &str, status| {
+        crate::client::refused(
+            &format!("EventLog/{what} of the notifier (--notifier)"),
+            status,
+        )
+    };
+    const NAME_THEM_ALL: &str = "give --notifier every replica's URL in replica order \
+        (comma-separated, or one URL with {replica} or {slot}), or pass --no-notified";
+    let mut first = connect.log(Stage::Notifier, 0).await?;
+    let layout = match first.head(HeadRequest::default()).await {
+        Ok(head) => head.into_inner(),
+        // Another replica than the first, which serves partition 0.
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            return Err(anyhow!(
+                "--notifier names first a notifier replica that is not replica 0 ({}): to \
+                 follow every partition's log, {NAME_THEM_ALL}",
+                status.message()
+            ));
+        }
+        Err(status) => return Err(refused("Head", status)),
+    };
+    // 0 from a notifier that predates replicas and partitions: it runs one of each.
+    let (partitions, replicas) = (layout.partitions.max(1), layout.replicas.max(1));
+    if connect
+        .replicas(Stage::Notifier)?
+        .listed()
+        .is_some_and(|listed| listed < replicas)
+    {
+        return Err(anyhow!(
+            "the notifier runs {replicas} replicas and --notifier names fewer: to follow every \
+             partition's log, {NAME_THEM_ALL}"
+        ));
+    }
+    let mut streams = Vec::new();
+    for partition in 0..partitions {
+        let replica = partition % replicas;
+        let mut log = match replica {
+            0 => first.clone(),
+            _ => connect.log(Stage::Notifier, replica).await?,
+        };
+        let head = log
+            .head(HeadRequest { partition })
+            .await
+            .map_err(|s| refused("Head", s))?
+            .into_inner()
+            .next_offset;
+        let stream = log
+            .subscribe(SubscribeRequest {
+                from_offset: head,
+                max_batch: 1000,
+                consumer: String::new(),
+                stop_at_head: false,
+                from_first: false,
+                partition,
+                // A reader that keeps nothing takes no part in fencing.
+                owner: None,
+            })
+            .await
+            .map_err(|s| refused("Subscribe", s))?
+            .into_inner();
+        streams.push(stream);
+    }
+    Ok(tokio::spawn(async move {
+        let readers = streams
+            .into_iter()
+            .map(|stream| read_notifications(stream, state.clone()));
+        futures::future::try_join_all(readers).await.map(|_| ())
+    }))
+}
+
+/// Reports every terminal notification of one partition's log until the stream ends.
+async fn read_notifications(
+    mut stream: tonic::Streaming<orderflow_proto::v1::EventBatch>,
+    state: Arc<State>,
+) -> anyhow::Result<()> {
     while let Some(batch) = stream.message().await? {
         let at = Instant::now();
         for entry in batch.entries {
@@ -535,9 +595,7 @@ pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyho
         .max_decoding_message_size(16 * 1024 * 1024);
     let state = Arc::new(State::new()?);
     let follower = if follow {
-        let log = connect.log(Stage::Notifier).await?;
-        let state = state.clone();
-        Some(tokio::spawn(follow_notifier(log, state)))
+        Some(follow_notifier(connect, state.clone()).await?)
     } else {
         None
     };
