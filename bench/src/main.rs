@@ -13,7 +13,8 @@
 //! 6. the notifier's catch-up rate (events/s) when it comes back;
 //! 7. end to end again with the pipeline scaled out: `--scaled-partitions` partitions (4) with
 //!    `--scaled-replicas` replicas (2) of every stage, each its own process, the load entering at
-//!    one receiver replica (which forwards what the other owns), against phase 3's one partition.
+//!    one receiver replica (which forwards what the other owns), closed loop and at the fixed
+//!    rates, against phases 3 and 4 on one partition.
 //!
 //! Next to each throughput figure it measures CPU time per order ((utime + stime) from
 //! `/proc/<pid>/stat` of each server process, and the load client's own rusage, divided by the
@@ -776,16 +777,26 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
         "4/7 latency at {} orders/s (open loop, {duration} each)",
         rates.join(" and ")
     );
+    // Open loop at each rate, with CPU per order: at a fixed rate it compares layouts (phase 7)
+    // at the same load, where batches are as full in both.
+    let at_rate = |rate: &str| {
+        args(&["--rate", rate, "--duration", &duration, "--skus", SKUS])
+            .into_iter()
+            .chain(a.bulk.then(|| "--bulk".to_owned()))
+            .collect::<Vec<_>>()
+    };
     let mut fixed = serde_json::Map::new();
     for rate in &rates {
-        let measured = load(
+        let p = &pipeline;
+        let mut stages = vec![&p.receiver, &p.stock, &p.invoice];
+        stages.extend(p.notifier.as_ref());
+        let measured = load_measured(
             &orderflow,
-            &pipeline.receiver.url(),
-            pipeline.notifier_url().as_deref(),
-            &args(&["--rate", rate, "--duration", &duration, "--skus", SKUS])
-                .into_iter()
-                .chain(a.bulk.then(|| "--bulk".to_owned()))
-                .collect::<Vec<_>>(),
+            &p.receiver.url(),
+            p.notifier_url().as_deref(),
+            &at_rate(rate),
+            &stages,
+            "notified",
         )
         .await?;
         fixed.insert(rate.clone(), measured);
@@ -899,26 +910,33 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
          ({concurrency} in flight, {duration})"
     );
     let scaled = Scaled::start(&bin, &work.join("scaled"), &env, partitions, replicas).await?;
-    let mut scaled_run = {
-        let procs: Vec<&Proc> = scaled.procs.iter().collect();
-        load_measured(
+    let procs: Vec<&Proc> = scaled.procs.iter().collect();
+    let measure = async |shape: &[String]| -> anyhow::Result<Value> {
+        let mut run = load_measured(
             &orderflow,
             &scaled.procs[0].url(),
             Some(&scaled.notifiers),
-            &orders,
+            shape,
             &procs,
             "notified",
         )
-        .await?
+        .await?;
+        // Each stage's CPU per order, its replicas summed.
+        for stage in ["receiver", "stock", "invoice", "notifier"] {
+            let cpu = &run["cpu_us_per_order"];
+            let sum: f64 = (0..replicas)
+                .map(|r| get(cpu, &[&format!("{stage}-{r}")]))
+                .sum();
+            run["cpu_us_per_order"][stage] = json!(sum);
+        }
+        Ok(run)
     };
-    // Each stage's CPU per order, its replicas summed.
-    for stage in ["receiver", "stock", "invoice", "notifier"] {
-        let cpu = &scaled_run["cpu_us_per_order"];
-        let sum: f64 = (0..replicas)
-            .map(|r| get(cpu, &[&format!("{stage}-{r}")]))
-            .sum();
-        scaled_run["cpu_us_per_order"][stage] = json!(sum);
+    let mut scaled_run = measure(&orders).await?;
+    let mut fixed = serde_json::Map::new();
+    for rate in &rates {
+        fixed.insert(rate.clone(), measure(&at_rate(rate)).await?);
     }
+    scaled_run["fixed_rate"] = Value::Object(fixed);
     scaled_run["partitions"] = json!(partitions);
     scaled_run["replicas"] = json!(replicas);
     results.insert("scaled_out", scaled_run);
@@ -1084,6 +1102,24 @@ fn table(report: &Value, baseline: f64) -> String {
     ] {
         let v = get(scaled, &["cpu_us_per_order", stage]);
         rows.push([row.into(), us(v), of_echo(v), String::new()]);
+    }
+    // CPU per order at each fixed rate, one partition against scaled out: the same load, so
+    // batches as full in both.
+    for rate in rates.iter().filter_map(Value::as_f64) {
+        let key = rate.to_string();
+        for (row, run) in [
+            (
+                format!("stages CPU per order at {key}/s"),
+                &r["fixed_rate"][&key],
+            ),
+            (
+                format!("  scaled out, at {key}/s"),
+                &scaled["fixed_rate"][&key],
+            ),
+        ] {
+            let v = get(run, &["cpu_us_per_order", "servers"]);
+            rows.push([row, us(v), of_echo(v), String::new()]);
+        }
     }
     rows.push([
         "catch-up (events/s)".into(),

@@ -290,7 +290,7 @@ async fn fill_and_recover(stage: &'static str, size: &str, stalled: Option<&'sta
         metrics
             .value(
                 "orderflow_store_faults_total",
-                &[("stage", stage), ("kind", "disk_full")]
+                &[("stage", stage), ("kind", "disk_full"), ("partition", "0")]
             )
             .is_some_and(|n| n >= 1.0),
         "{}",

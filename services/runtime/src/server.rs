@@ -490,16 +490,18 @@ pub fn store_path(data_dir: &Path, stage: &str, partition: Partition) -> PathBuf
 
 /// A change to one store's condition or to the upstream logs refusing it.
 enum StoreChange {
-    Condition(Condition),
+    /// The store of this partition changed condition.
+    Condition(Condition, u32),
     Refusals,
 }
 
 /// Every change to `store`'s condition and refusals from now on.
 fn store_changes(store: &Store) -> futures::stream::BoxStream<'static, StoreChange> {
-    let conditions = futures::stream::unfold(store.condition(), |mut rx| async move {
+    let partition = store.partition().index;
+    let conditions = futures::stream::unfold(store.condition(), move |mut rx| async move {
         rx.changed().await.ok()?;
         let condition = rx.borrow_and_update().clone();
-        Some((StoreChange::Condition(condition), rx))
+        Some((StoreChange::Condition(condition, partition), rx))
     });
     let refusals = futures::stream::unfold(store.refusals(), |mut rx| async move {
         rx.changed().await.ok()?;
@@ -556,10 +558,15 @@ async fn report_store_condition(
         tokio::select! {
             change = changes.next() => match change {
                 None => return,
-                Some(StoreChange::Condition(condition)) => {
+                Some(StoreChange::Condition(condition, partition)) => {
                     if let Condition::Failing(fault) = condition {
-                        metrics::counter!(crate::metrics::STORE_FAULTS, "stage" => stage, "kind" => fault.kind.as_str())
-                            .increment(1);
+                        metrics::counter!(
+                            crate::metrics::STORE_FAULTS,
+                            "stage" => stage,
+                            "kind" => fault.kind.as_str(),
+                            "partition" => partition.to_string()
+                        )
+                        .increment(1);
                     }
                     healthy(if all_healthy() { 1.0 } else { 0.0 });
                 }

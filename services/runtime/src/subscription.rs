@@ -677,10 +677,12 @@ impl<A: Apply> Subscription<A> {
         };
         acked.send_replace(done.next);
         backoff.reset();
-        let stage = self.stage.clone();
-        metrics::histogram!(names::BATCH_COMMIT_SECONDS, "stage" => stage.clone())
-            .record(done.took.as_secs_f64());
-        metrics::histogram!(names::BATCH_ENTRIES, "stage" => stage).record(done.count as f64);
+        let labels = [
+            ("stage", self.stage.clone()),
+            ("partition", self.store.partition().index.to_string()),
+        ];
+        metrics::histogram!(names::BATCH_COMMIT_SECONDS, &labels).record(done.took.as_secs_f64());
+        metrics::histogram!(names::BATCH_ENTRIES, &labels).record(done.count as f64);
         Ok(())
     }
 }
