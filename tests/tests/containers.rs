@@ -1544,7 +1544,12 @@ impl Cut {
     }
 
     fn iptables(&self, action: &str, rule: &[&str]) -> anyhow::Result<String> {
-        let mut args = vec!["-t", &self.pid, "-n", "iptables", action];
+        // Where Debian keeps it, which a PATH without the sbin directories would miss.
+        let iptables = ["/usr/sbin/iptables", "/sbin/iptables"]
+            .into_iter()
+            .find(|path| Path::new(path).exists())
+            .unwrap_or("iptables");
+        let mut args = vec!["-t", &self.pid, "-n", iptables, action];
         args.extend(rule);
         args.push("DROP");
         run("nsenter", &args, &[])
