@@ -1048,6 +1048,20 @@ pub struct Placed {
     pub result: Result<String, tonic::Status>,
 }
 
+/// The partition an order id names (`<uuid>-p<index>`), read as a client reads it; `None` for an
+/// id that names none (one partition).
+pub fn partition_of(order_id: &str) -> Option<u32> {
+    order_id.rsplit_once("-p")?.1.parse().ok()
+}
+
+/// The partitions the accepted orders of `placed` fell in.
+pub fn partitions_of(placed: &[Placed]) -> std::collections::BTreeSet<u32> {
+    placed
+        .iter()
+        .filter_map(|p| partition_of(p.result.as_ref().ok()?))
+        .collect()
+}
+
 /// Places `orders` with at most `concurrency` calls in flight; a failed call is recorded, not retried.
 pub async fn place_all(
     client: OrderReceiverClient<Channel>,

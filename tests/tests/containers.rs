@@ -1181,10 +1181,7 @@ async fn kubernetes_scaled_pods_run_as_rendered() {
     placed.extend(place_spread(&receiver, "k8s", 105..175).await);
     docker(&["start", &pods.containers["stock-1"]]).unwrap();
     pods.wait_ready("stock-1", grpc("stock")).await;
-    let partitions: HashSet<&str> = placed
-        .iter()
-        .filter_map(|p| p.result.as_ref().ok()?.rsplit_once("-p").map(|(_, p)| p))
-        .collect();
+    let partitions = orderflow_e2e::partitions_of(&placed);
     assert_eq!(partitions.len(), 4, "orders fell in {partitions:?}");
     let confirmed =
         assert_each_order_ended_once(&receiver, &stock, &notifier, &placed, &initial).await;
@@ -1648,10 +1645,7 @@ async fn swarm_stack_scales_out_and_restarts_a_killed_task_on_its_volume() {
     let after_restart = placed.len();
     placed.extend(place_spread(&receiver, "swarm", 175..210).await);
 
-    let partitions: HashSet<&str> = placed
-        .iter()
-        .filter_map(|p| p.result.as_ref().ok()?.rsplit_once("-p").map(|(_, p)| p))
-        .collect();
+    let partitions = orderflow_e2e::partitions_of(&placed);
     assert_eq!(partitions.len(), 4, "orders fell in {partitions:?}");
     let confirmed =
         assert_each_order_ended_once(&receiver, &stock, &notifier, &placed, &initial).await;

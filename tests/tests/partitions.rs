@@ -66,8 +66,7 @@ fn order(customer: &str, key: &str) -> PlaceOrderRequest {
 
 /// The partition an order id names (`<uuid>-p<index>`).
 fn partition_of(order_id: &str) -> u32 {
-    let (_, index) = order_id.rsplit_once("-p").unwrap();
-    index.parse().unwrap()
+    orderflow_e2e::partition_of(order_id).unwrap()
 }
 
 /// Any replica accepts any order, over gRPC and HTTP, and keeps it in its customer's home
