@@ -84,6 +84,14 @@ impl Apply for Pricing {
     type Event = Event;
     type Prepared = FirstAttempts<Payments<SimulatedGateway>>;
 
+    /// All but reservations and rejections: releases, and the holds shards ask of each other.
+    fn ignores(&self, event: &Event) -> bool {
+        !matches!(
+            event.kind,
+            Some(Kind::StockReserved(_) | Kind::OrderRejected(_))
+        )
+    }
+
     async fn prepare(&self, entries: &[Entry<Event>]) -> Self::Prepared {
         let payments = entries
             .iter()

@@ -61,6 +61,9 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// At most one acknowledgement upstream per this interval.
 const ACK_INTERVAL: Duration = Duration::from_millis(200);
+/// How long the offset past a run of batches the stage ignores ([`Apply::ignores`]) may stay
+/// unrecorded: until then upstream keeps those entries, and a restart reads them again.
+pub const IGNORED_COMMIT_INTERVAL: Duration = ACK_INTERVAL;
 
 /// One upstream log entry as a stage reads it: its offset and the stage's view of its event.
 #[derive(Clone, Debug, PartialEq)]
@@ -116,6 +119,16 @@ pub trait Apply: Send + Sync + 'static {
         entry: &Entry<Self::Event>,
         prepared: &mut Self::Prepared,
     ) -> Result<(), StoreError>;
+
+    /// Whether `event` is one this stage has nothing to do with: [`Apply::apply`] would leave the
+    /// store as it is (a payment that went through, to the stock's releases). A batch of such
+    /// events alone is not committed at once: its offset is recorded with the next batch that is
+    /// (or after [`IGNORED_COMMIT_INTERVAL`] at most), which spares a commit, and with it an fsync,
+    /// per batch the stage ignores. A crash in between reads those events again and ignores them
+    /// again.
+    fn ignores(&self, _event: &Self::Event) -> bool {
+        false
+    }
 
     /// Applies a whole batch, in offset order, in one transaction: [`Apply::apply`] for each entry
     /// unless the stage does it at once (opening its tables once per batch, say).
@@ -519,6 +532,11 @@ impl<A: Apply> Subscription<A> {
         // The batch whose transaction runs on a blocking thread while the next one is read,
         // decoded and prepared here: at most one, and they commit in offset order.
         let mut in_flight: Option<InFlight> = None;
+        // The consumed offset the store holds once the batch in flight has committed: behind
+        // `next` while the batches read since were all ignored, which is recorded only later.
+        let mut recorded = next;
+        // When the first ignored batch not yet recorded was read.
+        let mut ignored_since: Option<Instant> = None;
         loop {
             if let Some(admission) = &self.admission {
                 tokio::select! {
@@ -530,10 +548,24 @@ impl<A: Apply> Subscription<A> {
                     () = shutdown.cancelled() => return self.drain(&mut in_flight, acked, backoff).await,
                 }
             }
+            let record_ignored = async {
+                match ignored_since {
+                    Some(since) => {
+                        tokio::time::sleep_until((since + IGNORED_COMMIT_INTERVAL).into()).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             let batch = tokio::select! {
                 batch = stream.message() => batch,
                 done = self.drain(&mut in_flight, acked, backoff), if in_flight.is_some() => {
                     done?;
+                    continue;
+                }
+                () = record_ignored, if in_flight.is_none() => {
+                    // Nothing more came: record how far the ignored batches reach.
+                    in_flight = Some(self.start_commit(recorded, next, Vec::new(), A::Prepared::default(), Instant::now()));
+                    (recorded, ignored_since) = (next, None);
                     continue;
                 }
                 () = shutdown.cancelled() => return self.drain(&mut in_flight, acked, backoff).await,
@@ -578,12 +610,21 @@ impl<A: Apply> Subscription<A> {
                 Ok(entries) => entries,
                 Err(e) => return self.fail(&mut in_flight, e, acked, backoff).await,
             };
+            let ignored = entries.iter().all(|e| self.applier.ignores(&e.event));
+            let record_now =
+                ignored_since.is_none_or(|since| since.elapsed() >= IGNORED_COMMIT_INTERVAL);
             if entries.is_empty() {
                 // Only a batch that took effect (or needed none) shows the link is healthy again: a
                 // stage that cannot commit backs off like one that cannot connect.
                 if in_flight.is_none() {
                     backoff.reset();
                 }
+            } else if ignored && !record_now {
+                next += entries.len() as u64;
+            } else if ignored && ignored_since.is_none() {
+                // The first of a run of ignored batches: recorded with whatever follows it.
+                next += entries.len() as u64;
+                ignored_since = Some(Instant::now());
             } else {
                 let started = Instant::now();
                 let prepared = self.applier.prepare(&entries).await;
@@ -592,7 +633,8 @@ impl<A: Apply> Subscription<A> {
                 self.drain(&mut in_flight, acked, backoff).await?;
                 let count = entries.len();
                 next += count as u64;
-                in_flight = Some(self.start_commit(entries, prepared, started));
+                in_flight = Some(self.start_commit(recorded, next, entries, prepared, started));
+                (recorded, ignored_since) = (next, None);
                 // Only a full batch says more is waiting. Otherwise what arrives during this
                 // commit joins the next batch, as large as it can be, rather than a small one
                 // prepared at once: under a steady load, smaller batches would cost more per event.
@@ -613,18 +655,20 @@ impl<A: Apply> Subscription<A> {
         }
     }
 
-    /// Starts the transaction that applies `entries` (dense from the consumed offset) with what
-    /// [`Apply::prepare`] made of them, and records the new offset; it runs on a blocking thread
-    /// whether or not the result is awaited.
+    /// Starts the transaction that applies `entries` with what [`Apply::prepare`] made of them and
+    /// records `new_next` as consumed, once it has found the store at `recorded` (the entries in
+    /// between, if any, were all ignored); it runs on a blocking thread whether or not the result
+    /// is awaited.
     fn start_commit(
         &self,
+        recorded: u64,
+        new_next: u64,
         entries: Vec<Entry<A::Event>>,
         mut prepared: A::Prepared,
         started: Instant,
     ) -> InFlight {
         let count = entries.len();
-        let next = entries.first().map_or(0, |e| e.offset);
-        let new_next = next + count as u64;
+        let next = recorded;
         let store = self.store.clone();
         let applier = self.applier.clone();
         let key = self.upstream_name.clone();
@@ -646,6 +690,7 @@ impl<A: Apply> Subscription<A> {
         InFlight {
             task,
             next,
+            end: new_next,
             count,
             started,
         }
@@ -681,8 +726,12 @@ impl<A: Apply> Subscription<A> {
             ("stage", self.stage.clone()),
             ("partition", self.store.partition().index.to_string()),
         ];
-        metrics::histogram!(names::BATCH_COMMIT_SECONDS, &labels).record(done.took.as_secs_f64());
-        metrics::histogram!(names::BATCH_ENTRIES, &labels).record(done.count as f64);
+        // A commit that only records how far the ignored batches reach applied no batch.
+        if done.count > 0 {
+            metrics::histogram!(names::BATCH_COMMIT_SECONDS, &labels)
+                .record(done.took.as_secs_f64());
+            metrics::histogram!(names::BATCH_ENTRIES, &labels).record(done.count as f64);
+        }
         Ok(())
     }
 }
@@ -690,8 +739,11 @@ impl<A: Apply> Subscription<A> {
 /// A batch's transaction under way on a blocking thread.
 struct InFlight {
     task: tokio::task::JoinHandle<Result<(), BatchError>>,
-    /// The batch's first offset.
+    /// The consumed offset the store must hold when it starts.
     next: u64,
+    /// The consumed offset it records.
+    end: u64,
+    /// Entries it applies.
     count: usize,
     /// When its preparation started.
     started: Instant,
@@ -713,6 +765,7 @@ async fn finish(in_flight: &mut Option<InFlight>) -> Result<Option<Committed>, S
     let joined = (&mut batch.task).await;
     let InFlight {
         next,
+        end,
         count,
         started,
         ..
@@ -721,7 +774,7 @@ async fn finish(in_flight: &mut Option<InFlight>) -> Result<Option<Committed>, S
     let committed = joined.map_err(task_failed)?;
     match committed {
         Ok(()) => Ok(Some(Committed {
-            next: next + count as u64,
+            next: end,
             count,
             took: started.elapsed(),
         })),
@@ -1030,6 +1083,111 @@ mod tests {
             shutdown.cancel();
             serving.await.unwrap();
         }
+    }
+
+    /// Passes on what [`PassOn`] does, except the events whose order id starts with "skip".
+    struct SkipSome;
+
+    impl Apply for SkipSome {
+        type Event = Event;
+        type Prepared = ();
+
+        fn ignores(&self, event: &Event) -> bool {
+            event.order_id.starts_with("skip")
+        }
+
+        fn apply(&self, txn: &mut Txn, entry: &Entry<Event>, _: &mut ()) -> Result<(), StoreError> {
+            if !self.ignores(&entry.event) {
+                txn.append(&entry.event);
+            }
+            Ok(())
+        }
+    }
+
+    /// Waits up to 10 s for `done`.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Batches the stage ignores cost no commit each: their offset is recorded once, with what
+    /// follows or on its own when nothing does, and only then acknowledged, so upstream keeps them
+    /// until it is.
+    #[tokio::test]
+    async fn ignored_batches_are_recorded_once_and_acknowledged_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = StageServer::bind(
+            "up",
+            ServerArgs::new("127.0.0.1:0".parse().unwrap(), dir.path().join("up")),
+        )
+        .await
+        .unwrap()
+        .retain_for(&["down"])
+        .await
+        .unwrap();
+        let upstream = up.stores()[0].clone();
+        let url: UpstreamUrl = format!("http://{}", up.local_addr()).parse().unwrap();
+        let serving = serve(up);
+        let args = ServerArgs::new("127.0.0.1:0".parse().unwrap(), dir.path().join("down"));
+        let link = args.link(&url).unwrap();
+        let down = StageServer::bind("down", args).await.unwrap();
+        let store = down.stores()[0].clone();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(
+            Subscription::new("down", "up", link, store.clone(), Arc::new(SkipSome))
+                .run(shutdown.clone()),
+        );
+        until("the subscription records the upstream log", || {
+            store.upstream_log_id("up").unwrap().is_some()
+        })
+        .await;
+        let append = |order_id: &str| {
+            upstream
+                .write(|txn| {
+                    txn.append(&Event {
+                        order_id: order_id.into(),
+                        ..Default::default()
+                    });
+                    Ok::<_, StoreError>(())
+                })
+                .unwrap();
+        };
+
+        // Three ignored entries, each committed upstream on its own, and nothing after them.
+        let commits = store.commits();
+        for n in 0..3 {
+            append(&format!("skip-{n}"));
+        }
+        until("the ignored entries are recorded as consumed", || {
+            store.consumed_offset("up").unwrap() == 3
+        })
+        .await;
+        assert!(
+            store.commits() - commits <= 2,
+            "{} commits for 3 ignored entries",
+            store.commits() - commits
+        );
+        assert_eq!(store.outbox().next_offset(), 0);
+        until("upstream learns they were consumed", || {
+            upstream.outbox().acked("down").unwrap() == Some(3)
+        })
+        .await;
+
+        // Ignored entries followed by one the stage applies: recorded together with it.
+        append("skip-3");
+        append("order-4");
+        until("the order is applied", || store.outbox().next_offset() == 1).await;
+        assert_eq!(store.consumed_offset("up").unwrap(), 5);
+        let passed = store.outbox().events(0, 10).unwrap();
+        assert_eq!(passed[0].order_id, "order-4");
+
+        shutdown.cancel();
+        running.await.unwrap();
+        serving.0.cancel();
+        serving.1.await.unwrap();
     }
 
     #[test]

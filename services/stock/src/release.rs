@@ -51,6 +51,11 @@ impl Apply for Releaser {
     type Event = InvoiceLogEvent;
     type Prepared = ();
 
+    /// Every event but a failed payment: nearly all of the invoice log.
+    fn ignores(&self, event: &InvoiceLogEvent) -> bool {
+        event.0.is_none()
+    }
+
     fn apply(
         &self,
         txn: &mut Txn,

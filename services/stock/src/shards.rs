@@ -179,6 +179,18 @@ impl Apply for ShardTraffic {
     type Event = TrafficEvent;
     type Prepared = ();
 
+    /// Everything not addressed to this shard: the other shard's own reservations, and the holds
+    /// it asks of (or answers to, or releases at) a third one.
+    fn ignores(&self, event: &TrafficEvent) -> bool {
+        let me = self.shards.me;
+        match event.0.as_ref().and_then(|event| event.kind.as_ref()) {
+            Some(Kind::HoldRequested(request)) => request.shard != me,
+            Some(Kind::HoldAnswered(answer)) => answer.home != me,
+            Some(Kind::HoldReleased(release)) => release.shard != me,
+            _ => true,
+        }
+    }
+
     fn apply(
         &self,
         txn: &mut Txn,
