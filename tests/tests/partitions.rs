@@ -1363,6 +1363,14 @@ async fn a_whole_pipeline_over_partitions_loses_doubles_and_oversells_nothing() 
         standing.iter().collect::<BTreeSet<_>>().len(),
         confirmed.len()
     );
+    // A capture id names one charge, whichever replica's ledger numbered it.
+    let ids: BTreeSet<&String> = captures.iter().map(|c| &c.capture_id).collect();
+    assert_eq!(
+        ids.len(),
+        captures.len(),
+        "capture ids repeat across replicas"
+    );
+    assert!(ids.iter().any(|id| id.starts_with("cap_r1_")), "{ids:?}");
 
     // SetFaults at one replica changes every replica's gateway.
     other

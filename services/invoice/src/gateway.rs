@@ -15,6 +15,10 @@
 //! (`<data-dir>/gateway.redb`), outside the invoice stage's transactions, as a real provider's would;
 //! each answer is durable before it is given (group commit). `ListCaptures` reads it, so tests and
 //! operators can count the charges.
+//!
+//! Each invoice replica has a gateway (and ledger) of its own, numbering its captures: replica 0's
+//! are `cap_0000000001`, `cap_0000000002`, …, replica r's `cap_r<r>_0000000001`, …, so a capture id
+//! names one charge across all replicas.
 
 use std::{
     future::Future,
@@ -159,15 +163,29 @@ pub struct SimulatedGateway {
 }
 
 impl SimulatedGateway {
-    /// Opens (or creates) the ledger at `path`; the returned task ends once the gateway is dropped.
+    /// Opens (or creates) the ledger at `path` of invoice replica 0; the returned task ends once
+    /// the gateway is dropped.
     pub fn open(path: &Path, faults: Faults) -> Result<(Self, JoinHandle<()>), StoreError> {
+        Self::open_for_replica(path, faults, 0)
+    }
+
+    /// [`SimulatedGateway::open`] for invoice replica `replica`, whose capture ids say so.
+    pub fn open_for_replica(
+        path: &Path,
+        faults: Faults,
+        replica: u32,
+    ) -> Result<(Self, JoinHandle<()>), StoreError> {
         let store = Store::open_with_cache(path, LEDGER_CACHE_BYTES)?;
         store.write(|txn| {
             txn.redb().open_table(BY_KEY)?;
             txn.redb().open_table(CAPTURES)?;
             Ok::<_, StoreError>(())
         })?;
-        let (ledger, writer) = GroupCommit::start(store.clone(), LEDGER_WRITER, 1024, record);
+        let prefix = capture_prefix(replica);
+        let (ledger, writer) =
+            GroupCommit::start(store.clone(), LEDGER_WRITER, 1024, move |txn, writes| {
+                record(txn, &prefix, writes)
+            });
         Ok((
             SimulatedGateway {
                 faults: RwLock::new(faults),
@@ -298,15 +316,26 @@ impl PaymentGateway for SimulatedGateway {
     }
 }
 
-/// Records a batch of requests in one transaction: a known key gets its first answer again.
+/// How the capture ids of invoice replica `replica` begin: `cap_` for replica 0, as before there
+/// were replicas, `cap_r<replica>_` for the others.
+fn capture_prefix(replica: u32) -> String {
+    match replica {
+        0 => "cap_".to_owned(),
+        r => format!("cap_r{r}_"),
+    }
+}
+
+/// Records a batch of requests in one transaction: a known key gets its first answer again. New
+/// captures are numbered after `prefix`.
 fn record(
     txn: &mut Txn,
+    prefix: &str,
     writes: Vec<LedgerWrite>,
 ) -> Result<Vec<Result<LedgerAnswer, LedgerError>>, StoreError> {
     let mut answers = Vec::with_capacity(writes.len());
     for write in writes {
         let answer = match write {
-            LedgerWrite::Capture { request, decline } => capture(txn, request, decline)?,
+            LedgerWrite::Capture { request, decline } => capture(txn, prefix, request, decline)?,
             LedgerWrite::Void { key } => void(txn, &key)?,
         };
         answers.push(Ok(answer));
@@ -338,6 +367,7 @@ fn answer(entry: &KeyEntry, replayed: bool) -> LedgerAnswer {
 
 fn capture(
     txn: &mut Txn,
+    prefix: &str,
     request: CaptureRequest,
     decline: bool,
 ) -> Result<LedgerAnswer, StoreError> {
@@ -352,7 +382,7 @@ fn capture(
         let sequence = captures.last()?.map_or(1, |(k, _)| k.value() + 1);
         let capture = Capture {
             sequence,
-            capture_id: format!("cap_{sequence:010}"),
+            capture_id: format!("{prefix}{sequence:010}"),
             idempotency_key: key.clone(),
             order_id: request.order_id,
             amount: Some(request.amount),
@@ -460,6 +490,34 @@ mod tests {
         assert_eq!(gateway.stats().idempotent_replays, 1);
         drop(gateway);
         writer.await.unwrap();
+    }
+
+    /// Two replicas' ledgers number their captures apart: no id names two charges.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_replica_numbers_its_own_captures_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ids = Vec::new();
+        for replica in [0, 1, 2] {
+            let path = dir.path().join(format!("g{replica}.redb"));
+            let (gateway, writer) =
+                SimulatedGateway::open_for_replica(&path, faults(0.0, 0.0), replica).unwrap();
+            for order in ["a", "b"] {
+                ids.push(gateway.capture(request(order)).await.unwrap().capture_id);
+            }
+            drop(gateway);
+            writer.await.unwrap();
+        }
+        assert_eq!(
+            ids,
+            [
+                "cap_0000000001",
+                "cap_0000000002",
+                "cap_r1_0000000001",
+                "cap_r1_0000000002",
+                "cap_r2_0000000001",
+                "cap_r2_0000000002",
+            ]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -194,9 +194,10 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
         config.gateway.transient_failure_rate,
         config.gateway.decline_rate,
     );
+    let replica = server.args().replica_index();
     let opened = tokio::task::spawn_blocking({
         let path = ledger_path.clone();
-        move || SimulatedGateway::open(&path, faults)
+        move || SimulatedGateway::open_for_replica(&path, faults, replica)
     })
     .await?
     .map_err(|e| {
