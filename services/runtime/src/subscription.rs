@@ -610,21 +610,19 @@ impl<A: Apply> Subscription<A> {
                 Ok(entries) => entries,
                 Err(e) => return self.fail(&mut in_flight, e, acked, backoff).await,
             };
-            let ignored = entries.iter().all(|e| self.applier.ignores(&e.event));
-            let record_now =
-                ignored_since.is_none_or(|since| since.elapsed() >= IGNORED_COMMIT_INTERVAL);
+            // A batch the stage ignores waits to be recorded, unless the run it ends has waited
+            // long enough.
+            let wait = entries.iter().all(|e| self.applier.ignores(&e.event))
+                && ignored_since.is_none_or(|since| since.elapsed() < IGNORED_COMMIT_INTERVAL);
             if entries.is_empty() {
                 // Only a batch that took effect (or needed none) shows the link is healthy again: a
                 // stage that cannot commit backs off like one that cannot connect.
                 if in_flight.is_none() {
                     backoff.reset();
                 }
-            } else if ignored && !record_now {
+            } else if wait {
                 next += entries.len() as u64;
-            } else if ignored && ignored_since.is_none() {
-                // The first of a run of ignored batches: recorded with whatever follows it.
-                next += entries.len() as u64;
-                ignored_since = Some(Instant::now());
+                ignored_since.get_or_insert_with(Instant::now);
             } else {
                 let started = Instant::now();
                 let prepared = self.applier.prepare(&entries).await;
@@ -1060,11 +1058,10 @@ mod tests {
                 .collect();
             for store in down.stores() {
                 let p = store.partition().index;
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while store.outbox().next_offset() < 3 {
-                    assert!(Instant::now() < deadline, "{name}: partition {p} not read");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                until(&format!("{name}: partition {p} not read"), || {
+                    store.outbox().next_offset() >= 3
+                })
+                .await;
                 let outbox = store.outbox();
                 let orders: Vec<String> = outbox
                     .read_log(0, 10, usize::MAX)
