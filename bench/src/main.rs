@@ -1027,6 +1027,13 @@ fn table(report: &Value, baseline: f64) -> String {
             String::new(),
             target.into(),
         ]);
+        // The load client's own share of both: how late it sent (its timer wakes on whole ms).
+        rows.push([
+            "  the load client sent late, p99".into(),
+            ms(get(r, &["fixed_rate", &key, "send_lateness_us", "p99"])),
+            String::new(),
+            String::new(),
+        ]);
     }
     for stage in ["receiver", "stock", "invoice", "notifier"] {
         rows.push([

@@ -422,6 +422,8 @@ async fn load_counts_every_order_and_reports_its_latencies() {
     assert_eq!(report["accepted"], 300, "{report}");
     assert_eq!(report["errors"], serde_json::json!({}), "{report}");
     assert_eq!(report["notified"], 300, "{report}");
+    // Closed loop, an order goes out as soon as a call is free: it has no due time to be late for.
+    assert!(report["send_lateness_us"].is_null(), "{report}");
     for histogram in ["accept_latency_us", "placed_to_notified_us"] {
         let h = &report[histogram];
         assert_eq!(h["count"], 300, "{histogram}: {report}");
@@ -501,6 +503,13 @@ async fn load_counts_every_order_and_reports_its_latencies() {
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["accepted"], 100, "{report}");
     assert!(report["notified"].is_null(), "{report}");
+    // How late the client sent each order is its own figure, beside the latencies it is part of.
+    let late = &report["send_lateness_us"];
+    assert_eq!(late["count"], 100, "{report}");
+    assert!(
+        late["p50"].as_u64().unwrap() <= late["max"].as_u64().unwrap(),
+        "{report}"
+    );
     // Without a terminal (a container's log) progress is a line on stderr every 10 s.
     let (ok, out, err) = orderflow(
         &pipeline,
@@ -517,6 +526,7 @@ async fn load_counts_every_order_and_reports_its_latencies() {
     );
     assert!(ok, "{err}");
     assert!(out.contains("accepted"), "{out}");
+    assert!(out.contains("sent late by"), "{out}");
     let progress = err.lines().find(|l| l.starts_with("load: 10 s  sent "));
     assert!(progress.is_some_and(|l| l.contains("accepted")), "{err}");
     let (ok, _, err) = orderflow(&pipeline, &["load", "--rate", "0", "--orders", "1"]);

@@ -157,6 +157,9 @@ pub struct Summary {
     /// Accepted orders per second while sending.
     pub accepted_per_second: f64,
     pub accept_latency_us: Percentiles,
+    /// Open loop: how long after its due time each order went out, the client's own share of the
+    /// latencies (its timer, and a wait for a free slot once `--max-in-flight` are unanswered).
+    pub send_lateness_us: Option<Percentiles>,
     /// Accepted orders whose notification was seen.
     pub notified: Option<u64>,
     /// How those orders ended, from the notifier's events.
@@ -210,6 +213,8 @@ impl Outcomes {
 /// Shared between the senders, the log follower and the progress bar.
 struct State {
     accept_us: Mutex<Histogram<u64>>,
+    /// Open loop: from each order's due time to the moment it went out.
+    late_us: Mutex<Histogram<u64>>,
     notified_us: Mutex<Histogram<u64>>,
     /// Accepted orders not yet seen notified: id → due time.
     waiting: Mutex<HashMap<String, Instant>>,
@@ -230,6 +235,7 @@ impl State {
         let histogram = || Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3);
         Ok(State {
             accept_us: Mutex::new(histogram()?),
+            late_us: Mutex::new(histogram()?),
             notified_us: Mutex::new(histogram()?),
             waiting: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
@@ -242,6 +248,13 @@ impl State {
             in_flight: AtomicU64::new(0),
             last_notified: Mutex::new(None),
         })
+    }
+
+    /// Records that an order due at `due` goes out now.
+    fn going_out(&self, due: Instant) {
+        if let Ok(mut h) = self.late_us.lock() {
+            h.saturating_record(micros(due.elapsed()));
+        }
     }
 
     fn record_notified(&self, due: Instant, at: Instant, outcome: Outcome) {
@@ -414,6 +427,9 @@ impl BulkStream {
         };
         slot.forget();
         state.sent.fetch_add(1, Ordering::Relaxed);
+        if let Some(due) = due {
+            state.going_out(due);
+        }
         let due = due.unwrap_or_else(Instant::now);
         if let Ok(mut d) = self.due.lock() {
             d.push_back(due);
@@ -671,6 +687,7 @@ pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyho
                 }
                 tokio::time::sleep_until(due).await;
                 let permit = slots.clone().acquire_owned().await?;
+                state.going_out(due);
                 let (client, request, state) = (receiver.clone(), shape.order(), state.clone());
                 state.sent.fetch_add(1, Ordering::Relaxed);
                 tasks.spawn(async move {
@@ -772,6 +789,12 @@ pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyho
     let accepted = state.accepted.load(Ordering::Relaxed);
     let accept_latency_us =
         Percentiles::of(&*state.accept_us.lock().map_err(|_| anyhow!("poisoned"))?);
+    let send_lateness_us = match args.rate {
+        Some(_) => Some(Percentiles::of(
+            &*state.late_us.lock().map_err(|_| anyhow!("poisoned"))?,
+        )),
+        None => None,
+    };
     let outcomes = follow
         .then(|| state.outcomes.lock().map(|o| *o).ok())
         .flatten();
@@ -801,6 +824,7 @@ pub async fn measure(connect: &Connect, args: LoadArgs, progress: bool) -> anyho
         send_seconds,
         accepted_per_second: accepted as f64 / send_seconds.max(1e-9),
         accept_latency_us,
+        send_lateness_us,
         notified,
         outcomes,
         notified_per_second,
@@ -847,6 +871,9 @@ pub fn render(s: &Summary) -> String {
         out.push_str(&format!("{:<18} {count}\n", format!("refused {code}")));
     }
     out.push_str(&latency_line("accept latency", &s.accept_latency_us));
+    if let Some(late) = &s.send_lateness_us {
+        out.push_str(&latency_line("sent late by", late));
+    }
     if let (Some(notified), Some(p)) = (s.notified, &s.placed_to_notified_us) {
         let rate = s
             .notified_per_second
