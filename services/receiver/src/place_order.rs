@@ -74,7 +74,7 @@ async fn place(
     if receiver.free_space.is_low() {
         return Err(volume_low(&receiver.free_space));
     }
-    let span = tracing::Span::current();
+    let span = telemetry::current_order_span();
     let order_id =
         orderflow_runtime::order_id(uuid::Uuid::now_v7().to_string(), home.store.partition());
     let placed_at = orderflow_runtime::now_timestamp();
@@ -105,7 +105,7 @@ async fn place(
         customer_id,
         at: Some(placed_at),
         placed_at: Some(placed_at),
-        trace_context: telemetry::inject(&span),
+        trace_context: telemetry::current_context(),
         kind: Some(event::Kind::OrderPlaced(OrderPlaced {
             lines: request.lines,
         })),

@@ -12,11 +12,11 @@ use futures::{StreamExt, stream::FuturesOrdered};
 use orderflow_proto::v1::{
     FieldViolation, OrderRefusal, PlaceOrderRequest, PlaceOrdersResponse, place_orders_response,
 };
+use orderflow_runtime::telemetry;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tonic_types::StatusExt;
-use tracing::Instrument;
 
 use crate::{Receiver, STAGE, http::code_name, place_order::place_order};
 
@@ -82,25 +82,26 @@ async fn answer_all(
     }
 }
 
-/// Places request number `index` of a stream in its own order span.
+/// Places request number `index` of a stream in its own order span: a root, decided by the
+/// sampler before it is built, so that an unsampled order costs no span at all.
 async fn place_one(
     receiver: Arc<Receiver>,
     index: u64,
     request: PlaceOrderRequest,
 ) -> PlaceOrdersResponse {
-    let span = tracing::info_span!(
-        parent: None,
-        "rpc",
-        otel.name = "orderflow.v1.OrderReceiver/PlaceOrders order",
-        otel.kind = "server",
-        orderflow.stage = STAGE,
-        order.id = tracing::field::Empty,
-        customer.id = tracing::field::Empty,
-        rpc.grpc.status_code = tracing::field::Empty,
-    );
-    let result = place_order(&receiver, request, None)
-        .instrument(span.clone())
-        .await;
+    let span = telemetry::OrderSpan::root(|| {
+        tracing::info_span!(
+            parent: None,
+            "rpc",
+            otel.name = "orderflow.v1.OrderReceiver/PlaceOrders order",
+            otel.kind = "server",
+            orderflow.stage = STAGE,
+            order.id = tracing::field::Empty,
+            customer.id = tracing::field::Empty,
+            rpc.grpc.status_code = tracing::field::Empty,
+        )
+    });
+    let result = span.run(place_order(&receiver, request, None)).await;
     let result = match result {
         Ok(accepted) => {
             span.record("rpc.grpc.status_code", 0);

@@ -94,7 +94,7 @@ impl Peers {
             metadata.insert("authorization", token.clone());
         }
         metadata.insert(FORWARDED, MetadataValue::from(self.me));
-        for (key, value) in telemetry::inject(&tracing::Span::current()) {
+        for (key, value) in telemetry::current_context() {
             if let (Ok(key), Ok(value)) = (
                 MetadataKey::from_bytes(key.as_bytes()),
                 MetadataValue::try_from(value.as_str()),

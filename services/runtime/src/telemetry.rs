@@ -22,13 +22,17 @@
 //! The W3C trace context of an order travels inside its events ([`inject`], [`set_parent`]), so each
 //! stage's span for an order is a child of the previous stage's span: one trace per order. With a
 //! parent-based sampler (the default), an order whose trace is not sampled costs no spans after the
-//! one that decided it: the stages pass its context on untouched ([`OrderSpan`]).
+//! one that decided it: the stages pass its context on untouched ([`OrderSpan`]). An order placed
+//! on a `PlaceOrders` stream costs none at all: its root is decided before it is built
+//! ([`OrderSpan::root`]), on the trace id the span then takes.
 
 use std::{
+    cell::Cell,
     collections::HashMap,
+    future::Future,
     io::Write,
     sync::{
-        Mutex,
+        Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -37,13 +41,16 @@ use std::{
 use opentelemetry::{
     KeyValue,
     propagation::{Extractor, Injector, TextMapPropagator},
-    trace::TracerProvider as _,
+    trace::{SpanId, SpanKind, TraceId, TracerProvider as _},
 };
 use opentelemetry_sdk::{
     Resource,
     error::OTelSdkResult,
     propagation::TraceContextPropagator,
-    trace::{SdkTracerProvider, SpanData, SpanExporter},
+    trace::{
+        Config, IdGenerator, RandomIdGenerator, SamplingDecision, SdkTracerProvider, ShouldSample,
+        SpanData, SpanExporter,
+    },
 };
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
@@ -163,6 +170,8 @@ pub struct Telemetry {
 pub fn init(config: &TelemetryConfig) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     PARENT_DECIDES.store(sampler_follows_parent(), Ordering::Relaxed);
+    // The sampler the provider builds from the same variables, to decide roots before they exist.
+    let _ = ROOT_SAMPLER.set(Config::default().sampler);
     let (provider, exporting, export_error) = tracer_provider(config);
     let tracer = provider.tracer("orderflow");
     let filter = EnvFilter::try_from_default_env()
@@ -238,7 +247,9 @@ fn tracer_provider(config: &TelemetryConfig) -> (SdkTracerProvider, bool, Option
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(config.service_name.clone());
     }
-    let builder = SdkTracerProvider::builder().with_resource(resource.build());
+    let builder = SdkTracerProvider::builder()
+        .with_resource(resource.build())
+        .with_id_generator(ChosenTraceIds::default());
     if otlp_endpoint().is_none() {
         return (builder.build(), false, None);
     }
@@ -408,6 +419,107 @@ impl OrderSpan {
     }
 }
 
+impl OrderSpan {
+    /// The root span of an order that starts in this process: decided by the configured sampler
+    /// before it is built, so that an order whose trace is not sampled costs no span here either.
+    /// Such an order's context is a fresh `traceparent` with the sampled flag off, which the later
+    /// stages pass on untouched. A sampled order's span is built at once on the trace id the
+    /// decision was made on, so the provider's sampler, deciding again, agrees.
+    pub fn root(make: impl FnOnce() -> tracing::Span) -> Self {
+        match ROOT_SAMPLER.get() {
+            Some(sampler) => Self::root_sampled_by(sampler.as_ref(), make),
+            // No telemetry installed: spans as `make` builds them.
+            None => OrderSpan {
+                span: make(),
+                passed_on: None,
+            },
+        }
+    }
+
+    /// [`OrderSpan::root`] with `sampler` deciding.
+    fn root_sampled_by(sampler: &dyn ShouldSample, make: impl FnOnce() -> tracing::Span) -> Self {
+        let ids = RandomIdGenerator::default();
+        let trace_id = ids.new_trace_id();
+        let decision = sampler
+            .should_sample(None, trace_id, "order", &SpanKind::Server, &[], &[])
+            .decision;
+        if decision == SamplingDecision::Drop {
+            let traceparent = format!("00-{trace_id}-{}-00", ids.new_span_id());
+            return OrderSpan {
+                span: tracing::Span::none(),
+                passed_on: Some(HashMap::from([("traceparent".to_owned(), traceparent)])),
+            };
+        }
+        CHOSEN_TRACE_ID.with(|chosen| chosen.set(Some(trace_id)));
+        let span = make();
+        // Started now, on this thread, where the chosen id waits for it.
+        let _ = span.context();
+        CHOSEN_TRACE_ID.with(|chosen| chosen.set(None));
+        OrderSpan {
+            span,
+            passed_on: None,
+        }
+    }
+
+    /// Runs `work` as this order's: inside its span, or, when it has none, with its context as
+    /// what [`current_context`] gives (the current span being some other's, a stream's say).
+    pub async fn run<F: Future>(&self, work: F) -> F::Output {
+        use tracing::Instrument;
+        match &self.passed_on {
+            None => work.instrument(self.span.clone()).await,
+            Some(context) => UNSPANNED_ORDER.scope(context.clone(), work).await,
+        }
+    }
+}
+
+/// The trace context that events and calls about the order at hand carry: that of the current
+/// span, or of the order [`OrderSpan::run`] runs without a span of its own.
+pub fn current_context() -> HashMap<String, String> {
+    UNSPANNED_ORDER
+        .try_with(Clone::clone)
+        .unwrap_or_else(|_| inject(&tracing::Span::current()))
+}
+
+/// The span of the order at hand: the current span, or none while [`OrderSpan::run`] runs an
+/// order that has no span of its own (the current span is then another's, which must not take
+/// the order's fields).
+pub fn current_order_span() -> tracing::Span {
+    match UNSPANNED_ORDER.try_with(|_| ()) {
+        Ok(()) => tracing::Span::none(),
+        Err(_) => tracing::Span::current(),
+    }
+}
+
+tokio::task_local! {
+    /// The context of an unsampled order [`OrderSpan::run`] runs.
+    static UNSPANNED_ORDER: HashMap<String, String>;
+}
+
+/// The sampler of the tracer provider, as [`init`] read it from the environment.
+static ROOT_SAMPLER: OnceLock<Box<dyn ShouldSample>> = OnceLock::new();
+
+thread_local! {
+    /// The trace id the next root span started on this thread takes ([`OrderSpan::root`]).
+    static CHOSEN_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
+}
+
+/// Ids drawn at random like the SDK's, except a root order span's trace id, drawn before it was
+/// built ([`OrderSpan::root`]).
+#[derive(Debug, Default)]
+struct ChosenTraceIds(RandomIdGenerator);
+
+impl IdGenerator for ChosenTraceIds {
+    fn new_trace_id(&self) -> TraceId {
+        CHOSEN_TRACE_ID
+            .with(Cell::take)
+            .unwrap_or_else(|| self.0.new_trace_id())
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        self.0.new_span_id()
+    }
+}
+
 impl std::ops::Deref for OrderSpan {
     type Target = tracing::Span;
 
@@ -566,6 +678,7 @@ mod tests {
         let telemetry = init(&TelemetryConfig::stage("test", LogFormat::Text));
         context_round_trips_through_an_event_map();
         an_unsampled_order_gets_no_span_and_passes_its_context_on();
+        a_root_is_decided_before_it_is_built_and_keeps_the_trace_id_decided_on();
         telemetry.shutdown().await;
     }
 
@@ -606,5 +719,51 @@ mod tests {
         PARENT_DECIDES.store(false, Ordering::Relaxed);
         assert!(!OrderSpan::child_of(&carrier("00"), make).is_none());
         PARENT_DECIDES.store(true, Ordering::Relaxed);
+    }
+
+    fn a_root_is_decided_before_it_is_built_and_keeps_the_trace_id_decided_on() {
+        use opentelemetry::trace::TraceContextExt;
+        use opentelemetry_sdk::trace::Sampler;
+        let make = || tracing::info_span!(target: "orderflow_test", parent: None, "root");
+        // The provider's ids: a root started where a trace id was chosen takes it.
+        let chosen = TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736_u128);
+        CHOSEN_TRACE_ID.with(|c| c.set(Some(chosen)));
+        let span = make();
+        let _ = span.context();
+        assert_eq!(trace_id(&span), Some(chosen.to_string()));
+        assert_eq!(
+            CHOSEN_TRACE_ID.with(Cell::get),
+            None,
+            "the chosen id was used once"
+        );
+        // The default sampler (parent-based, always on) builds every root.
+        assert!(!OrderSpan::root(make).is_none());
+        // Dropped: no span, and a context that tells the later stages so.
+        let dropped = OrderSpan::root_sampled_by(&Sampler::AlwaysOff, make);
+        assert!(dropped.is_none());
+        let context = dropped.context();
+        assert!(unsampled(&context), "{context:?}");
+        let traceparent = &context["traceparent"];
+        assert_eq!(traceparent.len(), 55, "{traceparent}");
+        // At a ratio, every root built is one the ratio keeps on its own trace id: the decision
+        // was made on the id the span got (an id drawn anew would be dropped half the time).
+        let ratio = Sampler::TraceIdRatioBased(0.5);
+        let mut built = 0;
+        for _ in 0..64 {
+            let root = OrderSpan::root_sampled_by(&ratio, make);
+            if root.is_none() {
+                assert!(unsampled(&root.context()));
+                continue;
+            }
+            built += 1;
+            let id = root.span().context().span().span_context().trace_id();
+            let again = ratio.should_sample(None, id, "root", &SpanKind::Server, &[], &[]);
+            assert_ne!(
+                again.decision,
+                SamplingDecision::Drop,
+                "built on another id"
+            );
+        }
+        assert!((1..64).contains(&built), "{built} of 64 built at 50 %");
     }
 }
