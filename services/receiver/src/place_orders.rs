@@ -1,7 +1,8 @@
 //! `PlaceOrders`: many orders on one stream, each placed exactly as `PlaceOrder` places it.
 //!
-//! Each request becomes its own order span (a root, like a separate `PlaceOrder` call's, so every
-//! order is still one trace) and goes through [`crate::place_order::place_order`]. Up to
+//! Each request is its own trace (a root, like a separate `PlaceOrder` call's), with a span only
+//! when the sampler keeps it (`OrderSpan::root`), and goes through
+//! [`crate::place_order::place_order`]. Up to
 //! [`MAX_IN_FLIGHT`] orders of one stream are placed at once, so they share the intake's group
 //! commits; answers leave in the order of the requests. Per order, a stream costs the receiver less
 //! than a call: no HTTP/2 stream, headers or call span of its own.
