@@ -15,6 +15,10 @@ pub struct StoredEventBatch {
     /// The log's next offset when this batch was read.
     #[prost(uint64, tag = "2")]
     pub head: u64,
+    /// Where the next batch starts (one past the last entry read for this one, sent or filtered
+    /// out).
+    #[prost(uint64, tag = "3")]
+    pub next_offset: u64,
 }
 
 /// [`v1::LogEntry`](crate::v1::LogEntry) with its event already encoded.
@@ -76,6 +80,7 @@ mod tests {
                 })
                 .collect(),
             head: 7,
+            next_offset: 2,
         };
         let stored = StoredEventBatch {
             entries: generated
@@ -87,6 +92,7 @@ mod tests {
                 })
                 .collect(),
             head: generated.head,
+            next_offset: generated.next_offset,
         };
         assert_eq!(stored.encode_to_vec(), generated.encode_to_vec());
         assert_eq!(

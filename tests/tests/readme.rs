@@ -383,6 +383,15 @@ fn grpcurl_line(tools: &Tools, cwd: &Path, line: &str, answers: &mut Answers) {
                     .is_some_and(|c| c.iter().any(|c| c["consumer"] == "invoice"))
         }
         // What a quiet log still holds may be nothing; every batch sent holds entries.
+        // Filtered, only reservations, and a batch with none says how far the log was read.
+        "Subscribe" if line.contains("filter") => values.iter().all(|batch| match batch["entries"]
+            .as_array()
+        {
+            Some(entries) => entries
+                .iter()
+                .all(|entry| entry["event"]["stockReserved"].is_object()),
+            None => batch["nextOffset"].is_string(),
+        }),
         "Subscribe" => values.iter().all(|batch| {
             batch["entries"]
                 .as_array()

@@ -273,6 +273,7 @@ async fn watch(
             partition: 0,
             // The demo keeps nothing of its own: it takes no part in fencing.
             owner: None,
+            filter: None,
         })
         .await
     else {

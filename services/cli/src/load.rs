@@ -560,6 +560,7 @@ async fn follow_notifier(
                 partition,
                 // A reader that keeps nothing takes no part in fencing.
                 owner: None,
+                filter: None,
             })
             .await
             .map_err(|s| refused("Subscribe", s))?

@@ -16,8 +16,8 @@ use crate::{
 };
 use orderflow_proto::v1::{Event, Invoice, OrderRejected, StockReserved, event::Kind};
 use orderflow_runtime::{
-    Apply, Entry, FirstAttempt, FirstAttempts, NewTask, RetryQueue, Store, StoreError, Txn,
-    follow_up, record_processed, telemetry,
+    Apply, Entry, EventFilter, FirstAttempt, FirstAttempts, NewTask, RetryQueue, Store, StoreError,
+    Txn, follow_up, record_processed, telemetry,
 };
 
 /// The stage's payment queue.
@@ -39,6 +39,8 @@ pub(crate) struct Pricing {
     pub tax_rate_bps: u32,
     /// The partition this store holds: its invoices are numbered in its series.
     pub partition: u32,
+    /// How many partitions the pipeline has.
+    pub partitions: u32,
     pub payments: PaymentQueue,
 }
 
@@ -90,6 +92,12 @@ impl Apply for Pricing {
             event.kind,
             Some(Kind::StockReserved(_) | Kind::OrderRejected(_))
         )
+    }
+
+    /// With several partitions, the holds between stock shards are left out before they are sent.
+    /// With one there are none, and the rare release is not worth reading every event's kind for.
+    fn filter(&self) -> Option<EventFilter> {
+        (self.partitions > 1).then(|| EventFilter::kinds(&["stock_reserved", "order_rejected"]))
     }
 
     async fn prepare(&self, entries: &[Entry<Event>]) -> Self::Prepared {

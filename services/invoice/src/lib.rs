@@ -254,6 +254,7 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
             Arc::new(invoicing::Pricing {
                 tax_rate_bps: config.tax_rate_bps,
                 partition: store.partition().index,
+                partitions: store.partition().count,
                 payments: payments.clone(),
             }),
         )

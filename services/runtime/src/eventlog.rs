@@ -14,6 +14,11 @@
 //! ([`Outbox::read_recent`]), without a read on a blocking thread per batch. A failed
 //! send means the subscriber left, and the producer stops.
 //!
+//! A subscriber may ask for a filter ([`EventFilter`]): the producer then reads as before but sends
+//! only the entries the filter keeps, and each batch's `next_offset` says how far it read. A
+//! stretch it keeps nothing of is reported by an empty batch once it is [`FILTERED_REPORT_AFTER`]
+//! old, so that a consumer's position, its acknowledgements and retention move past it.
+//!
 //! `Ack` can make retention delete entries, so it is guarded twice: the caller must carry the link
 //! credential when one is configured ([`LinkGuard`]), and a consumer may only acknowledge what its
 //! own subscriptions (those that name it in `consumer`) were sent, without a gap from its last
@@ -36,7 +41,7 @@ use orderflow_proto::{
     stored::{StoredEventBatch, event_log_server::EventLog},
     v1::{AckRequest, AckResponse, ConsumerPosition, HeadRequest, HeadResponse, SubscribeRequest},
 };
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -44,7 +49,8 @@ use tonic::{Request, Response, Status};
 use crate::{
     auth::LinkGuard,
     fencing::{self, Owners},
-    outbox::Outbox,
+    filter::EventFilter,
+    outbox::{Outbox, Scan},
     status::{FieldViolations, check_name},
     store::blocking,
 };
@@ -60,6 +66,9 @@ pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Batches buffered between a subscriber's producer task and its HTTP/2 stream.
 pub const SUBSCRIBE_CHANNEL_DEPTH: usize = 2;
+/// How long a filtered subscription may have read past entries it left out before it reports how
+/// far it read (an empty batch), when nothing kept has reported it since.
+pub const FILTERED_REPORT_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 /// The EventLog service over the outboxes of the partitions a replica owns.
 #[derive(Clone)]
 pub struct EventLogService {
@@ -174,6 +183,7 @@ impl EventLog for EventLogService {
         if let Some(consumer) = &consumer {
             check_consumer_field(consumer, &mut violations);
         }
+        let filter = EventFilter::from_request(request.filter.as_ref(), "filter", &mut violations);
         if let Some(owner) = &request.owner {
             if consumer.is_none() {
                 violations.add("owner", "an owner reads as a consumer: name it in consumer");
@@ -224,6 +234,7 @@ impl EventLog for EventLogService {
                 consumer,
                 stop_at,
                 from_first,
+                filter,
                 _claim: claim,
             },
             tx,
@@ -292,6 +303,8 @@ struct Feed {
     stop_at: Option<u64>,
     /// Follow retention: when it deletes the next entry, go on from the first one kept.
     from_first: bool,
+    /// Send only what this keeps.
+    filter: Option<EventFilter>,
     /// For an owner: its hold on the consumer, for as long as this stream lives.
     _claim: Option<fencing::Claim>,
 }
@@ -305,67 +318,96 @@ async fn produce(
 ) {
     let mut head_rx = outbox.watch_head();
     let mut next = feed.from;
+    // Filtered: since when the reads have gone past entries left out without a batch that says so
+    // (the subscriber was last told a `next_offset` below `next`).
+    let mut unreported: Option<Instant> = None;
     loop {
-        if feed.stop_at.is_some_and(|stop| next >= stop) {
-            return;
-        }
         let head = *head_rx.borrow_and_update();
-        if next < head {
-            let max_batch = match feed.stop_at {
-                Some(stop) => feed.max_batch.min((stop - next) as usize),
-                None => feed.max_batch,
-            };
-            // A subscriber that keeps up is served the newest entries from memory, up to the
-            // published head (the tail may already hold a commit not yet published); one behind
-            // them reads the store on a blocking thread.
-            let published = usize::try_from(head - next).unwrap_or(usize::MAX);
-            let recent = outbox.read_recent(next, max_batch.min(published), MAX_BATCH_BYTES);
-            let read = match recent {
-                Some(entries) => Ok(Ok(entries)),
-                None => {
-                    let reader = outbox.clone();
-                    blocking(move || reader.read_log(next, max_batch, MAX_BATCH_BYTES)).await
-                }
-            };
-            let batch = match read {
-                Ok(Ok(entries)) => entries,
-                Ok(Err(crate::store::StoreError::Truncated { first, .. })) if feed.from_first => {
+        let stopped = feed.stop_at.is_some_and(|stop| next >= stop);
+        let due = |since: Instant| stopped || since.elapsed() >= FILTERED_REPORT_AFTER;
+        let entries = if next < head && !stopped {
+            let scan = match read(&outbox, &feed, next, head).await {
+                Ok(scan) => scan,
+                Err(crate::store::StoreError::Truncated { first, .. }) if feed.from_first => {
                     // Not contiguous with what was sent: a consumer's reach restarts from here.
                     feed.from = first;
                     next = first;
+                    unreported = None;
                     continue;
-                }
-                Ok(Err(e)) => {
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
                 }
                 Err(e) => {
                     let _ = tx.send(Err(e.into())).await;
                     return;
                 }
             };
-            let Some(last) = batch.last() else {
+            if scan.end == next {
                 // Only possible if retention raced past us; the next read reports it.
                 continue;
-            };
-            next = last.offset + 1;
-            let batch = StoredEventBatch {
-                entries: batch,
-                head,
+            }
+            next = scan.end;
+            if scan.entries.is_empty() {
+                // All of it left out: said with the next entry kept, or on its own once due.
+                let since = *unreported.get_or_insert_with(Instant::now);
+                let stopped = feed.stop_at.is_some_and(|stop| next >= stop);
+                if !stopped && since.elapsed() < FILTERED_REPORT_AFTER {
+                    continue;
+                }
+            }
+            scan.entries
+        } else if unreported.is_some_and(due) {
+            Vec::new()
+        } else if stopped {
+            return;
+        } else {
+            let report = async {
+                match unreported {
+                    Some(since) => tokio::time::sleep_until(since + FILTERED_REPORT_AFTER).await,
+                    None => std::future::pending().await,
+                }
             };
             tokio::select! {
-                sent = tx.send(Ok(batch)) => if sent.is_err() { return },
+                changed = head_rx.changed() => if changed.is_err() { return },
+                () = report => {}
+                () = tx.closed() => return,
                 () = shutdown.cancelled() => return,
             }
-            if let Some(consumer) = &feed.consumer {
-                outbox.note_sent(consumer, feed.from, next);
-            }
             continue;
-        }
+        };
+        unreported = None;
+        let batch = StoredEventBatch {
+            entries,
+            head,
+            next_offset: next,
+        };
         tokio::select! {
-            changed = head_rx.changed() => if changed.is_err() { return },
-            () = tx.closed() => return,
+            sent = tx.send(Ok(batch)) => if sent.is_err() { return },
             () = shutdown.cancelled() => return,
         }
+        if let Some(consumer) = &feed.consumer {
+            outbox.note_sent(consumer, feed.from, next);
+        }
     }
+}
+
+/// The next batch from `next` for `feed`, below the published `head`: from the in-memory tail for a
+/// subscriber that keeps up (the tail may already hold a commit not yet published), from the store
+/// on a blocking thread for one behind it.
+async fn read(
+    outbox: &Outbox,
+    feed: &Feed,
+    next: u64,
+    head: u64,
+) -> Result<Scan, crate::store::StoreError> {
+    let max_batch = match feed.stop_at {
+        Some(stop) => feed.max_batch.min((stop - next) as usize),
+        None => feed.max_batch,
+    };
+    let published = usize::try_from(head - next).unwrap_or(usize::MAX);
+    let filter = feed.filter.as_ref();
+    if let Some(scan) = outbox.scan_recent(next, max_batch.min(published), MAX_BATCH_BYTES, filter)
+    {
+        return Ok(scan);
+    }
+    let (reader, filter) = (outbox.clone(), feed.filter);
+    blocking(move || reader.scan_log(next, max_batch, MAX_BATCH_BYTES, filter.as_ref())).await?
 }

@@ -19,6 +19,8 @@
 //!   a replica answers for itself and where the others are ([`Owner`]).
 //! - `disk`: the data volume's [`FreeSpace`] against `--min-free-space` ([`MinFreeSpace`]).
 //! - `eventlog`: [`EventLogService`] — `Subscribe`/`Ack`/`Head` over the outbox.
+//! - `filter`: [`EventFilter`] — which entries a subscription is sent (its event kinds, and the
+//!   stock shards' holds only to the shard they are addressed to).
 //! - `fencing`: which process may apply a log as a consumer, from which store ([`Refusal`]).
 //! - `retention`: deleting what every consumer has acknowledged, and the outbox's metrics.
 //! - `subscription`: [`Subscription`] — a downstream stage's loop over its upstream's log, applying
@@ -50,6 +52,7 @@ pub mod dead_letters;
 mod disk;
 mod eventlog;
 mod fencing;
+mod filter;
 mod group_commit;
 mod health;
 pub mod metrics;
@@ -75,8 +78,9 @@ pub use config::{
 pub use disk::{FreeSpace, MinFreeSpace};
 pub use eventlog::EventLogService;
 pub use fencing::Refusal;
+pub use filter::EventFilter;
 pub use group_commit::{GroupCommit, WriterName};
-pub use outbox::Outbox;
+pub use outbox::{Outbox, Scan};
 pub use paging::{NumericPage, PageFill, PagedList, PartitionedPage};
 pub use partition::{MAX_PARTITIONS, Partition, home_partition, order_id, order_partition};
 pub use peers::{FORWARDED, Owner, Partitions, Peers, forward_to, forwarded_by};

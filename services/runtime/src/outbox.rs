@@ -55,7 +55,10 @@ use redb::{
 };
 use tokio::sync::watch;
 
-use crate::store::{META, Store, StoreError, decode_record};
+use crate::{
+    filter::EventFilter,
+    store::{META, Store, StoreError, decode_record},
+};
 
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const CONSUMERS: TableDefinition<&str, u64> = TableDefinition::new("consumers");
@@ -145,24 +148,71 @@ impl Recent {
         self.bytes = 0;
     }
 
-    /// Entries from `from` as [`Outbox::read_log`] gives them, if the tail holds `from` and
+    /// Entries from `from` as [`Outbox::scan_log`] gives them, if the tail holds `from` and
     /// entries after it.
-    fn read(&self, from: u64, max: usize, max_bytes: usize) -> Option<Vec<StoredLogEntry>> {
+    fn scan(
+        &self,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+        filter: Option<&EventFilter>,
+    ) -> Option<Scan> {
         let first = self.entries.front()?.offset;
         let skip = usize::try_from(from.checked_sub(first)?).ok()?;
         if skip >= self.entries.len() || max == 0 {
             return None;
         }
-        let mut entries = Vec::with_capacity(max.min(self.entries.len() - skip));
-        let mut size = 0usize;
+        let mut scan = Scan::new(from, filter, max.min(self.entries.len() - skip));
         for entry in self.entries.range(skip..).take(max) {
-            size = size.saturating_add(entry.event.len());
-            if size > max_bytes && !entries.is_empty() {
+            if !scan.add(entry.offset, &entry.event, max_bytes, filter) {
                 break;
             }
-            entries.push(entry.clone());
         }
-        Some(entries)
+        Some(scan)
+    }
+}
+
+/// What one read of the log found: the entries its filter kept, and where the next read starts.
+#[derive(Debug, PartialEq)]
+pub struct Scan {
+    pub entries: Vec<StoredLogEntry>,
+    /// One past the last entry read, kept or not.
+    pub end: u64,
+    size: usize,
+}
+
+impl Scan {
+    fn new(from: u64, filter: Option<&EventFilter>, max: usize) -> Self {
+        // Unfiltered, every entry read is kept.
+        let capacity = if filter.is_none() { max } else { 0 };
+        Scan {
+            entries: Vec::with_capacity(capacity),
+            end: from,
+            size: 0,
+        }
+    }
+
+    /// Reads the entry at `offset`: keeps it if `filter` does, unless its bytes would take the
+    /// kept ones past `max_bytes` (the first one kept is always kept). Whether to read on.
+    fn add(
+        &mut self,
+        offset: u64,
+        event: &[u8],
+        max_bytes: usize,
+        filter: Option<&EventFilter>,
+    ) -> bool {
+        if filter.is_none_or(|filter| filter.keeps(event)) {
+            self.size = self.size.saturating_add(event.len());
+            if self.size > max_bytes && !self.entries.is_empty() {
+                return false;
+            }
+            self.entries.push(StoredLogEntry {
+                offset,
+                event: event.to_vec(),
+            });
+        }
+        self.end = offset + 1;
+        true
     }
 }
 
@@ -353,6 +403,18 @@ impl Outbox {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredLogEntry>, StoreError> {
+        Ok(self.scan_log(from, max, max_bytes, None)?.entries)
+    }
+
+    /// [`Outbox::read_log`] through `filter`: reads at most `max` entries and keeps those the
+    /// filter keeps, within `max_bytes`.
+    pub fn scan_log(
+        &self,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+        filter: Option<&EventFilter>,
+    ) -> Result<Scan, StoreError> {
         self.store.read(|read| {
             let (first, next) = log_bounds(read)?;
             if from < first {
@@ -368,20 +430,14 @@ impl Outbox {
                 });
             }
             let outbox = read.open_table(OUTBOX)?;
-            let mut entries = Vec::with_capacity(max.min((next - from) as usize));
-            let mut size = 0usize;
+            let mut scan = Scan::new(from, filter, max.min((next - from) as usize));
             for row in outbox.range(from..)?.take(max) {
                 let (offset, bytes) = row?;
-                size = size.saturating_add(bytes.value().len());
-                if size > max_bytes && !entries.is_empty() {
+                if !scan.add(offset.value(), bytes.value(), max_bytes, filter) {
                     break;
                 }
-                entries.push(StoredLogEntry {
-                    offset: offset.value(),
-                    event: bytes.value().to_vec(),
-                });
             }
-            Ok(entries)
+            Ok(scan)
         })
     }
 
@@ -393,7 +449,23 @@ impl Outbox {
         max: usize,
         max_bytes: usize,
     ) -> Option<Vec<StoredLogEntry>> {
-        self.state().recent.lock().ok()?.read(from, max, max_bytes)
+        self.scan_recent(from, max, max_bytes, None)
+            .map(|scan| scan.entries)
+    }
+
+    /// [`Outbox::scan_log`] from memory, as [`Outbox::read_recent`] is [`Outbox::read_log`].
+    pub fn scan_recent(
+        &self,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+        filter: Option<&EventFilter>,
+    ) -> Option<Scan> {
+        self.state()
+            .recent
+            .lock()
+            .ok()?
+            .scan(from, max, max_bytes, filter)
     }
 
     /// Up to `max` events from `from` on, decoded: what the stage has announced, for tools and
@@ -647,6 +719,17 @@ mod tests {
             outbox.read_recent(2, 10, 1),
             Some(outbox.read_log(2, 10, 1).unwrap())
         );
+        // Through a filter that keeps none of them: nothing, and how far it read.
+        let none = EventFilter::kinds(&["order_placed"]);
+        for from in 0..7 {
+            for max in [1, 2, 10] {
+                let recent = outbox.scan_recent(from, max, usize::MAX, Some(&none));
+                let stored = outbox.scan_log(from, max, usize::MAX, Some(&none)).unwrap();
+                assert!(stored.entries.is_empty());
+                assert_eq!(stored.end, (from + max as u64).min(7));
+                assert_eq!(recent, Some(stored));
+            }
+        }
         // At the head and beyond it, the store answers.
         assert_eq!(outbox.read_recent(7, 10, usize::MAX), None);
         assert_eq!(outbox.read_recent(8, 10, usize::MAX), None);

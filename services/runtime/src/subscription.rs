@@ -19,6 +19,10 @@
 //! exponential backoff and jitter, resuming from the committed offset. A batch is applied entirely or
 //! not at all, so a crash or reconnect at any point neither loses nor repeats an effect.
 //!
+//! A stage that reads little of a log asks upstream to leave the rest out ([`Apply::filter`]):
+//! offsets then have gaps, and each batch says how far upstream read for it, which is the offset
+//! recorded with it.
+//!
 //! A stage whose own work queue is full (payments waiting for the gateway, say) gives its
 //! subscription an [`Admission`]: the loop reads the next batch only while there is room, so the
 //! stream stalls, HTTP/2 flow control stops the upstream producer, and the backlog waits on the
@@ -32,7 +36,7 @@ use std::{
 
 use futures::FutureExt;
 use orderflow_proto::{
-    stored::{StoredLogEntry, event_log_client::EventLogClient},
+    stored::{StoredEventBatch, StoredLogEntry, event_log_client::EventLogClient},
     v1::{AckRequest, HeadRequest, Owner, SubscribeRequest},
 };
 use rand::Rng;
@@ -47,6 +51,7 @@ use crate::{
     auth::LinkAuth,
     config::Link,
     fencing::Refusal,
+    filter::EventFilter,
     metrics as names,
     store::{Commit, Store, StoreError, Txn, blocking, task_failed},
 };
@@ -128,6 +133,13 @@ pub trait Apply: Send + Sync + 'static {
     /// again.
     fn ignores(&self, _event: &Self::Event) -> bool {
         false
+    }
+
+    /// The entries upstream need not send at all (`SubscribeRequest.filter`): a stage that ignores
+    /// most of a log names what it does not, and upstream leaves the rest out before sending. Only
+    /// a saving: what comes through still goes through [`Apply::ignores`]. `None`: every entry.
+    fn filter(&self) -> Option<EventFilter> {
+        None
     }
 
     /// Applies a whole batch, in offset order, in one transaction: [`Apply::apply`] for each entry
@@ -505,6 +517,7 @@ impl<A: Apply> Subscription<A> {
             Some(acked) if next >= head.first_offset => acked.min(next).max(head.first_offset),
             _ => next,
         };
+        let filter = self.applier.filter();
         let mut stream = client
             .subscribe(SubscribeRequest {
                 from_offset: from,
@@ -518,6 +531,7 @@ impl<A: Apply> Subscription<A> {
                     consumed_offset: next,
                     log_id: recorded_log_id.unwrap_or(0),
                 }),
+                filter: filter.map(EventFilter::to_request),
             })
             .await?
             .into_inner();
@@ -584,6 +598,8 @@ impl<A: Apply> Subscription<A> {
                 }
             };
             let mut head = batch.head;
+            // How far upstream read for these entries (past those a filter left out).
+            let mut end = batch_end(&batch, next).max(next);
             let mut entries = batch.entries;
             // Whatever is already waiting joins this commit: one fsync for all of it.
             let mut deferred_error = None;
@@ -591,6 +607,7 @@ impl<A: Apply> Subscription<A> {
                 match stream.message().now_or_never() {
                     Some(Ok(Some(more))) => {
                         head = head.max(more.head);
+                        end = end.max(batch_end(&more, next));
                         entries.extend(more.entries);
                     }
                     Some(Ok(None)) => {
@@ -606,7 +623,8 @@ impl<A: Apply> Subscription<A> {
             }
             entries.retain(|e| e.offset >= next);
             // The encoded entries share the stream's receive buffer; they go as soon as decoded.
-            let entries = match decode_dense::<A::Event>(entries, next) {
+            let dense = filter.is_none();
+            let entries = match decode_batch::<A::Event>(entries, next, end, dense) {
                 Ok(entries) => entries,
                 Err(e) => return self.fail(&mut in_flight, e, acked, backoff).await,
             };
@@ -614,14 +632,14 @@ impl<A: Apply> Subscription<A> {
             // long enough.
             let wait = entries.iter().all(|e| self.applier.ignores(&e.event))
                 && ignored_since.is_none_or(|since| since.elapsed() < IGNORED_COMMIT_INTERVAL);
-            if entries.is_empty() {
+            if end == next {
                 // Only a batch that took effect (or needed none) shows the link is healthy again: a
                 // stage that cannot commit backs off like one that cannot connect.
                 if in_flight.is_none() {
                     backoff.reset();
                 }
             } else if wait {
-                next += entries.len() as u64;
+                next = end;
                 ignored_since.get_or_insert_with(Instant::now);
             } else {
                 let started = Instant::now();
@@ -630,7 +648,7 @@ impl<A: Apply> Subscription<A> {
                 // before it has committed.
                 self.drain(&mut in_flight, acked, backoff).await?;
                 let count = entries.len();
-                next += count as u64;
+                next = end;
                 in_flight = Some(self.start_commit(recorded, next, entries, prepared, started));
                 (recorded, ignored_since) = (next, None);
                 // Only a full batch says more is waiting. Otherwise what arrives during this
@@ -784,15 +802,33 @@ async fn finish(in_flight: &mut Option<InFlight>) -> Result<Option<Committed>, S
     }
 }
 
-/// `entries`, which must be dense from `next`, each decoded into the stage's view of its event.
-fn decode_dense<E: Decode>(
+/// Where the entries of `batch` end: its `next_offset`, or, from a server that predates filters,
+/// one past its last entry; `next` for an empty one.
+fn batch_end(batch: &StoredEventBatch, next: u64) -> u64 {
+    match (batch.next_offset, batch.entries.last()) {
+        (0, Some(last)) => last.offset + 1,
+        (0, None) => next,
+        (end, _) => end,
+    }
+}
+
+/// `entries`, each decoded into the stage's view of its event: ascending from `next` and below
+/// `end`, and `dense` (every offset in turn) unless the subscription is filtered.
+fn decode_batch<E: Decode>(
     entries: Vec<StoredLogEntry>,
     next: u64,
+    end: u64,
+    dense: bool,
 ) -> Result<Vec<Entry<E>>, SubscriptionError> {
     let mut decoded = Vec::with_capacity(entries.len());
-    for (i, entry) in entries.into_iter().enumerate() {
-        let expected = next + i as u64;
-        if entry.offset != expected {
+    let mut expected = next;
+    for entry in entries {
+        let in_order = if dense {
+            entry.offset == expected
+        } else {
+            entry.offset >= expected
+        };
+        if !in_order || entry.offset >= end {
             return Err(SubscriptionError::Gap {
                 expected,
                 got: entry.offset,
@@ -807,6 +843,10 @@ fn decode_dense<E: Decode>(
             offset: entry.offset,
             event,
         });
+        expected = entry.offset + 1;
+    }
+    if dense && end != expected {
+        return Err(SubscriptionError::Gap { expected, got: end });
     }
     Ok(decoded)
 }
@@ -944,7 +984,7 @@ mod tests {
 
     use std::{net::SocketAddr, path::Path};
 
-    use orderflow_proto::v1::Event;
+    use orderflow_proto::v1::{Event, event::Kind};
 
     use super::*;
     use crate::{ServerArgs, StageServer, UpstreamUrl, config::Replica};
@@ -1101,6 +1141,29 @@ mod tests {
         }
     }
 
+    /// An upstream stage of one partition in `dir`, its log kept for "down", served: its store,
+    /// its address and what stops it.
+    async fn upstream_for_down(
+        dir: &Path,
+    ) -> (
+        Store,
+        String,
+        (CancellationToken, tokio::task::JoinHandle<()>),
+    ) {
+        let up = StageServer::bind(
+            "up",
+            ServerArgs::new("127.0.0.1:0".parse().unwrap(), dir.join("up")),
+        )
+        .await
+        .unwrap()
+        .retain_for(&["down"])
+        .await
+        .unwrap();
+        let store = up.stores()[0].clone();
+        let address = format!("http://{}", up.local_addr());
+        (store, address, serve(up))
+    }
+
     /// Waits up to 10 s for `done`.
     async fn until(what: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1116,18 +1179,8 @@ mod tests {
     #[tokio::test]
     async fn ignored_batches_are_recorded_once_and_acknowledged_after() {
         let dir = tempfile::tempdir().unwrap();
-        let up = StageServer::bind(
-            "up",
-            ServerArgs::new("127.0.0.1:0".parse().unwrap(), dir.path().join("up")),
-        )
-        .await
-        .unwrap()
-        .retain_for(&["down"])
-        .await
-        .unwrap();
-        let upstream = up.stores()[0].clone();
-        let url: UpstreamUrl = format!("http://{}", up.local_addr()).parse().unwrap();
-        let serving = serve(up);
+        let (upstream, address, serving) = upstream_for_down(dir.path()).await;
+        let url: UpstreamUrl = address.parse().unwrap();
         let args = ServerArgs::new("127.0.0.1:0".parse().unwrap(), dir.path().join("down"));
         let link = args.link(&url).unwrap();
         let down = StageServer::bind("down", args).await.unwrap();
@@ -1180,6 +1233,139 @@ mod tests {
         assert_eq!(store.consumed_offset("up").unwrap(), 5);
         let passed = store.outbox().events(0, 10).unwrap();
         assert_eq!(passed[0].order_id, "order-4");
+
+        shutdown.cancel();
+        running.await.unwrap();
+        serving.0.cancel();
+        serving.1.await.unwrap();
+    }
+
+    /// Passes on failed payments only, and asks upstream to send nothing else.
+    struct FailedPaymentsOnly;
+
+    impl Apply for FailedPaymentsOnly {
+        type Event = Event;
+        type Prepared = ();
+
+        fn ignores(&self, event: &Event) -> bool {
+            !matches!(event.kind, Some(Kind::PaymentFailed(_)))
+        }
+
+        fn filter(&self) -> Option<EventFilter> {
+            Some(EventFilter::kinds(&["payment_failed"]))
+        }
+
+        fn apply(&self, txn: &mut Txn, entry: &Entry<Event>, _: &mut ()) -> Result<(), StoreError> {
+            assert!(
+                !self.ignores(&entry.event),
+                "sent what the filter leaves out"
+            );
+            txn.append(&entry.event);
+            Ok(())
+        }
+    }
+
+    /// A filtered subscription is sent only what its filter keeps; the batches say how far the log
+    /// was read, so the consumer records, and acknowledges, the offsets past the entries left out,
+    /// also when a stretch of the log holds nothing it keeps.
+    #[tokio::test]
+    async fn a_filtered_subscription_is_sent_what_it_keeps_and_moves_past_the_rest() {
+        use orderflow_proto::v1::{
+            EntryFilter, PaymentFailed, StockReserved, event_log_client::EventLogClient as Client,
+        };
+
+        let dir = tempfile::tempdir().unwrap();
+        let (upstream, address, serving) = upstream_for_down(dir.path()).await;
+        let append = |kinds: &[Kind]| {
+            upstream
+                .write(|txn| {
+                    for kind in kinds {
+                        txn.append(&Event {
+                            order_id: "p0-o".into(),
+                            kind: Some(kind.clone()),
+                            ..Default::default()
+                        });
+                    }
+                    Ok::<_, StoreError>(())
+                })
+                .unwrap();
+        };
+        let reserved = Kind::StockReserved(StockReserved::default());
+        let failed = Kind::PaymentFailed(PaymentFailed::default());
+        append(&[reserved.clone(), reserved.clone(), reserved.clone(), failed]);
+        append(&[reserved.clone(), reserved.clone()]);
+
+        // What the log sends: the one failed payment, and how far it read.
+        let mut client = Client::connect(address.clone()).await.unwrap();
+        let request = SubscribeRequest {
+            stop_at_head: true,
+            filter: Some(EventFilter::kinds(&["payment_failed"]).to_request()),
+            ..Default::default()
+        };
+        let mut stream = client
+            .subscribe(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        let mut batches = Vec::new();
+        while let Some(batch) = stream.message().await.unwrap() {
+            batches.push(batch);
+        }
+        let offsets: Vec<u64> = batches
+            .iter()
+            .flat_map(|b| b.entries.iter().map(|e| e.offset))
+            .collect();
+        assert_eq!(offsets, [3]);
+        assert_eq!(batches.last().unwrap().next_offset, 6);
+        // A kind that is not one is refused, and named.
+        let bad = SubscribeRequest {
+            filter: Some(EntryFilter {
+                kinds: vec!["payment_failed".into(), "PaymentFailed".into()],
+                addressed_to: None,
+            }),
+            ..request
+        };
+        let refused = client.subscribe(bad).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains("filter.kinds[1]"), "{refused:?}");
+
+        // A consumer reading through the filter.
+        let args = ServerArgs::new("127.0.0.1:0".parse().unwrap(), dir.path().join("down"));
+        let link = args.link(&address.parse().unwrap()).unwrap();
+        let down = StageServer::bind("down", args).await.unwrap();
+        let store = down.stores()[0].clone();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(
+            Subscription::new(
+                "down",
+                "up",
+                link,
+                store.clone(),
+                Arc::new(FailedPaymentsOnly),
+            )
+            .run(shutdown.clone()),
+        );
+        until(
+            "the failed payment is applied and the rest read past",
+            || store.consumed_offset("up").unwrap() == 6,
+        )
+        .await;
+        assert_eq!(store.outbox().next_offset(), 1);
+        until("upstream learns all six were consumed", || {
+            upstream.outbox().acked("down").unwrap() == Some(6)
+        })
+        .await;
+        // A stretch with nothing the filter keeps is still read past, and acknowledged.
+        append(&[reserved.clone(), reserved.clone(), reserved]);
+        until("the stretch left out is recorded as consumed", || {
+            store.consumed_offset("up").unwrap() == 9
+        })
+        .await;
+        until("and acknowledged", || {
+            upstream.outbox().acked("down").unwrap() == Some(9)
+        })
+        .await;
+        assert_eq!(store.outbox().next_offset(), 1);
 
         shutdown.cancel();
         running.await.unwrap();

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 
 use orderflow_proto::v1::{Event, HoldReleased, ReservedLine, StockReleased, event::Kind};
 use orderflow_runtime::{
-    Apply, Decode, Entry, Skipped, StoreError, Txn, follow_up, record_processed, telemetry,
+    Apply, Decode, Entry, EventFilter, Skipped, StoreError, Txn, follow_up, record_processed,
+    telemetry,
 };
 use prost::Message;
 
@@ -54,6 +55,11 @@ impl Apply for Releaser {
     /// Every event but a failed payment: nearly all of the invoice log.
     fn ignores(&self, event: &InvoiceLogEvent) -> bool {
         event.0.is_none()
+    }
+
+    /// Only failed payments are sent, not the whole invoice log.
+    fn filter(&self) -> Option<EventFilter> {
+        Some(EventFilter::kinds(&["payment_failed"]))
     }
 
     fn apply(

@@ -25,8 +25,8 @@ use orderflow_proto::v1::{
     ReservedLine, event::Kind,
 };
 use orderflow_runtime::{
-    Apply, Decode, Entry, Skipped, StoreError, Txn, decode_record, follow_up, home_partition,
-    metrics as names, record_processed, telemetry,
+    Apply, Decode, Entry, EventFilter, Skipped, StoreError, Txn, decode_record, follow_up,
+    home_partition, metrics as names, record_processed, telemetry,
 };
 use prost::Message;
 use redb::{ReadableTable, ReadableTableMetadata, Table, TableDefinition};
@@ -189,6 +189,14 @@ impl Apply for ShardTraffic {
             Some(Kind::HoldReleased(release)) => release.shard != me,
             _ => true,
         }
+    }
+
+    /// Only what is addressed to this shard is sent, not the other shard's whole log.
+    fn filter(&self) -> Option<EventFilter> {
+        Some(
+            EventFilter::kinds(&["hold_requested", "hold_answered", "hold_released"])
+                .addressed_to(self.shards.me),
+        )
     }
 
     fn apply(
