@@ -264,7 +264,11 @@ pub async fn bind(config: Config) -> Result<StageServer, ServeError> {
                         format!("progress.{name}"),
                         link,
                         store.clone(),
-                        Arc::new(progress::Progress::new(name, watchers.clone())),
+                        Arc::new(progress::Progress::new(
+                            name,
+                            watchers.clone(),
+                            store.partition().count,
+                        )),
                     )
                     // Progress is derived from the other stages' logs: a crash may roll it back
                     // with its offsets, to be derived again, so it need not cost an fsync per

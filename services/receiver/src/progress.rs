@@ -31,7 +31,7 @@ use orderflow_proto::{
     },
     views::{InvoiceCreatedView, PaymentFailedView},
 };
-use orderflow_runtime::{Apply, Entry, Skipped, StoreError, Txn, decode_record};
+use orderflow_runtime::{Apply, Entry, EventFilter, Skipped, StoreError, Txn, decode_record};
 use prost::Message;
 use redb::{ReadTransaction, TableDefinition};
 use tokio::sync::watch;
@@ -124,17 +124,35 @@ pub(crate) struct DeadLetterView {
 pub(crate) struct Progress {
     stage: &'static str,
     watchers: Arc<Watchers>,
+    /// How many partitions the pipeline has: with several, the stock log also carries the holds
+    /// between its shards.
+    partitions: u32,
 }
 
 impl Progress {
-    pub(crate) fn new(stage: &'static str, watchers: Arc<Watchers>) -> Self {
-        Progress { stage, watchers }
+    pub(crate) fn new(stage: &'static str, watchers: Arc<Watchers>, partitions: u32) -> Self {
+        Progress {
+            stage,
+            watchers,
+            partitions,
+        }
     }
 }
 
 impl Apply for Progress {
     type Event = StepEvent;
     type Prepared = ();
+
+    /// Events of no kind that moves an order: the holds between stock shards.
+    fn ignores(&self, event: &StepEvent) -> bool {
+        event.kind.is_none()
+    }
+
+    /// With several partitions, the holds between stock shards are left out before they are sent.
+    fn filter(&self) -> Option<EventFilter> {
+        (self.stage == "stock" && self.partitions > 1)
+            .then(|| EventFilter::kinds(&["stock_reserved", "order_rejected", "stock_released"]))
+    }
 
     fn apply(
         &self,
@@ -475,7 +493,9 @@ mod tests {
         let mut woken = watchers.watch("o1");
         woken.mark_unchanged();
         store
-            .write(|txn| Progress::new(stage, watchers.clone()).apply_batch(txn, entries, &mut ()))
+            .write(|txn| {
+                Progress::new(stage, watchers.clone(), 1).apply_batch(txn, entries, &mut ())
+            })
             .unwrap();
         if woken.has_changed().unwrap() {
             vec!["o1".into()]
