@@ -47,7 +47,6 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 use tower::Service;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
-use tracing::Instrument;
 
 use crate::{Receiver, STAGE};
 
@@ -267,19 +266,24 @@ struct LineBody {
     quantity: u32,
 }
 
-/// A server span for an HTTP call, child of the caller's `traceparent` if any.
-fn http_span(name: &'static str, headers: &HeaderMap) -> tracing::Span {
-    let span = tracing::info_span!(
-        "http",
-        otel.name = name,
-        otel.kind = "server",
-        orderflow.stage = STAGE,
-        order.id = tracing::field::Empty,
-        customer.id = tracing::field::Empty,
-        http.response.status_code = tracing::field::Empty,
-    );
-    telemetry::set_parent_from_headers(&span, headers);
-    span
+/// A server span for an HTTP call, child of the caller's `traceparent` if any, decided before it
+/// is built as a gRPC call's is: a call whose trace is not sampled has none.
+fn http_span(name: &'static str, headers: &HeaderMap) -> telemetry::OrderSpan {
+    let make = || {
+        tracing::info_span!(
+            "http",
+            otel.name = name,
+            otel.kind = "server",
+            orderflow.stage = STAGE,
+            order.id = tracing::field::Empty,
+            customer.id = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+        )
+    };
+    match telemetry::context_from_headers(headers) {
+        Some(parent) => telemetry::OrderSpan::child_of(&parent, make),
+        None => telemetry::OrderSpan::root(make),
+    }
 }
 
 async fn post_order(
@@ -288,65 +292,64 @@ async fn post_order(
     body: Result<Json<PlaceOrderBody>, JsonRejection>,
 ) -> Response {
     let span = http_span("POST /v1/orders", &headers);
-    let recorder = span.clone();
-    let response = async move {
-        let Json(body) = body.map_err(|rejection| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "INVALID_ARGUMENT",
-                rejection.body_text(),
+    let response = span
+        .run(async move {
+            let Json(body) = body.map_err(|rejection| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "INVALID_ARGUMENT",
+                    rejection.body_text(),
+                )
+            })?;
+            let header_key = headers
+                .get("idempotency-key")
+                .map(|v| {
+                    v.to_str().map(str::to_owned).map_err(|_| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "INVALID_ARGUMENT",
+                            "the Idempotency-Key header must be visible ASCII",
+                        )
+                    })
+                })
+                .transpose()?;
+            let request = PlaceOrderRequest {
+                customer_id: body.customer_id,
+                lines: body
+                    .lines
+                    .into_iter()
+                    .map(|l| OrderLine {
+                        sku: l.sku,
+                        quantity: l.quantity,
+                    })
+                    .collect(),
+                idempotency_key: body.idempotency_key.or(header_key).unwrap_or_default(),
+            };
+            let placed = crate::place_order::place_order(&receiver, request, None).await?;
+            let code = if placed.replayed {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            let location = HeaderValue::from_str(&format!("/v1/orders/{}", placed.order_id)).ok();
+            let mut response = (
+                code,
+                Json(json!({
+                    "order_id": placed.order_id,
+                    "status": status_name(placed.status()),
+                    "offset": placed.offset,
+                    "replayed": placed.replayed,
+                })),
             )
-        })?;
-        let header_key = headers
-            .get("idempotency-key")
-            .map(|v| {
-                v.to_str().map(str::to_owned).map_err(|_| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "INVALID_ARGUMENT",
-                        "the Idempotency-Key header must be visible ASCII",
-                    )
-                })
-            })
-            .transpose()?;
-        let request = PlaceOrderRequest {
-            customer_id: body.customer_id,
-            lines: body
-                .lines
-                .into_iter()
-                .map(|l| OrderLine {
-                    sku: l.sku,
-                    quantity: l.quantity,
-                })
-                .collect(),
-            idempotency_key: body.idempotency_key.or(header_key).unwrap_or_default(),
-        };
-        let placed = crate::place_order::place_order(&receiver, request, None).await?;
-        let code = if placed.replayed {
-            StatusCode::OK
-        } else {
-            StatusCode::CREATED
-        };
-        let location = HeaderValue::from_str(&format!("/v1/orders/{}", placed.order_id)).ok();
-        let mut response = (
-            code,
-            Json(json!({
-                "order_id": placed.order_id,
-                "status": status_name(placed.status()),
-                "offset": placed.offset,
-                "replayed": placed.replayed,
-            })),
-        )
-            .into_response();
-        if let Some(location) = location {
-            response.headers_mut().insert(header::LOCATION, location);
-        }
-        Ok::<_, ApiError>(response)
-    }
-    .instrument(span)
-    .await
-    .unwrap_or_else(IntoResponse::into_response);
-    recorder.record("http.response.status_code", response.status().as_u16());
+                .into_response();
+            if let Some(location) = location {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            Ok::<_, ApiError>(response)
+        })
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    span.record("http.response.status_code", response.status().as_u16());
     response
 }
 
@@ -357,17 +360,17 @@ async fn get_order(
 ) -> Response {
     let span = http_span("GET /v1/orders/{id}", &headers);
     span.record("order.id", id.as_str());
-    let recorder = span.clone();
-    let response = async move {
-        let found =
-            crate::get_order::get_order(&receiver, GetOrderRequest { order_id: id }, None).await?;
-        let order = found.order.unwrap_or_default();
-        Ok::<_, ApiError>(Json(order_json(&order)).into_response())
-    }
-    .instrument(span)
-    .await
-    .unwrap_or_else(IntoResponse::into_response);
-    recorder.record("http.response.status_code", response.status().as_u16());
+    let response = span
+        .run(async move {
+            let found =
+                crate::get_order::get_order(&receiver, GetOrderRequest { order_id: id }, None)
+                    .await?;
+            let order = found.order.unwrap_or_default();
+            Ok::<_, ApiError>(Json(order_json(&order)).into_response())
+        })
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    span.record("http.response.status_code", response.status().as_u16());
     response
 }
 

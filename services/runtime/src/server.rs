@@ -9,13 +9,17 @@
 //! complete the batch they hold.
 //!
 //! Every call to the stage's own service runs in a server span named after the method, a child of
-//! the caller's span when the request carries `traceparent`. Health, reflection and `EventLog` calls
-//! (the pipeline's own plumbing) are not traced.
+//! the caller's span when the request carries `traceparent` ([`CallSpans`]). The span is decided
+//! before it is built: a call whose trace is not sampled runs without one, its context passed on
+//! ([`telemetry::OrderSpan`]). Health, reflection and `EventLog` calls (the pipeline's own
+//! plumbing) are not traced.
 
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -427,7 +431,7 @@ impl StageServer {
         let server = builder
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .trace_fn(move |request| rpc_span(stage, request))
+            .layer(CallSpans { stage })
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, drain);
         let grace = async {
@@ -577,31 +581,85 @@ async fn report_store_condition(
     }
 }
 
-/// The server span of one call to the stage's own service: `otel.name` is the full method name,
-/// the parent is the caller's span when the request carries `traceparent`. Plumbing is not traced.
-fn rpc_span(stage: &'static str, request: &http::Request<()>) -> tracing::Span {
-    let path = request.uri().path();
-    let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
-        return tracing::Span::none();
-    };
-    if service.starts_with("grpc.") || service == EVENT_LOG_SERVICE {
-        return tracing::Span::none();
+/// Runs each call to the stage's own service in its span ([`call_span`]), or, when its trace is not
+/// sampled, with no span and its context passed on.
+#[derive(Clone, Copy)]
+struct CallSpans {
+    stage: &'static str,
+}
+
+impl<S> tower::Layer<S> for CallSpans {
+    type Service = CallSpanService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CallSpanService {
+            inner,
+            stage: self.stage,
+        }
     }
-    let span = tracing::info_span!(
-        "rpc",
-        otel.name = %format_args!("{service}/{method}"),
-        otel.kind = "server",
-        otel.status_description = tracing::field::Empty,
-        rpc.system = "grpc",
-        rpc.service = service,
-        rpc.method = method,
-        rpc.grpc.status_code = tracing::field::Empty,
-        orderflow.stage = stage,
-        order.id = tracing::field::Empty,
-        customer.id = tracing::field::Empty,
-    );
-    telemetry::set_parent_from_headers(&span, request.headers());
-    span
+}
+
+/// The service [`CallSpans`] wraps around the stage's routes.
+#[derive(Clone)]
+struct CallSpanService<S> {
+    inner: S,
+    stage: &'static str,
+}
+
+type CallFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for CallSpanService<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = CallFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let span = call_span(self.stage, &request);
+        let call = self.inner.call(request);
+        match span {
+            None => Box::pin(call),
+            Some(span) => Box::pin(async move { span.run(call).await }),
+        }
+    }
+}
+
+/// The server span of one call to the stage's own service: `otel.name` is the full method name,
+/// the parent is the caller's span when the request carries `traceparent`, and the sampler decides
+/// before it is built (a root's on a trace id drawn first, a child's by its parent's flag).
+/// Plumbing is not traced: `None`.
+fn call_span<B>(stage: &'static str, request: &http::Request<B>) -> Option<telemetry::OrderSpan> {
+    let path = request.uri().path();
+    let (service, method) = path.trim_start_matches('/').split_once('/')?;
+    if service.starts_with("grpc.") || service == EVENT_LOG_SERVICE {
+        return None;
+    }
+    let make = || {
+        tracing::info_span!(
+            "rpc",
+            otel.name = %format_args!("{service}/{method}"),
+            otel.kind = "server",
+            otel.status_description = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = service,
+            rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            orderflow.stage = stage,
+            order.id = tracing::field::Empty,
+            customer.id = tracing::field::Empty,
+        )
+    };
+    Some(match telemetry::context_from_headers(request.headers()) {
+        Some(parent) => telemetry::OrderSpan::child_of(&parent, make),
+        None => telemetry::OrderSpan::root(make),
+    })
 }
 
 /// Wraps an RPC's result into a response, recording its gRPC status code on the call's span. Server

@@ -466,8 +466,12 @@ impl OrderSpan {
     pub async fn run<F: Future>(&self, work: F) -> F::Output {
         use tracing::Instrument;
         match &self.passed_on {
-            None => work.instrument(self.span.clone()).await,
-            Some(context) => UNSPANNED_ORDER.scope(context.clone(), work).await,
+            None => {
+                UNSPANNED_ORDER
+                    .scope(None, work.instrument(self.span.clone()))
+                    .await
+            }
+            Some(context) => UNSPANNED_ORDER.scope(Some(context.clone()), work).await,
         }
     }
 }
@@ -477,22 +481,25 @@ impl OrderSpan {
 pub fn current_context() -> HashMap<String, String> {
     UNSPANNED_ORDER
         .try_with(Clone::clone)
-        .unwrap_or_else(|_| inject(&tracing::Span::current()))
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| inject(&tracing::Span::current()))
 }
 
 /// The span of the order at hand: the current span, or none while [`OrderSpan::run`] runs an
 /// order that has no span of its own (the current span is then another's, which must not take
 /// the order's fields).
 pub fn current_order_span() -> tracing::Span {
-    match UNSPANNED_ORDER.try_with(|_| ()) {
-        Ok(()) => tracing::Span::none(),
-        Err(_) => tracing::Span::current(),
+    match UNSPANNED_ORDER.try_with(Option::is_some) {
+        Ok(true) => tracing::Span::none(),
+        _ => tracing::Span::current(),
     }
 }
 
 tokio::task_local! {
-    /// The context of an unsampled order [`OrderSpan::run`] runs.
-    static UNSPANNED_ORDER: HashMap<String, String>;
+    /// The context of an unsampled order [`OrderSpan::run`] runs; `None` inside a sampled order's
+    /// span, which may run within an unsampled one's work (a call's, say).
+    static UNSPANNED_ORDER: Option<HashMap<String, String>>;
 }
 
 /// The sampler of the tracer provider, as [`init`] read it from the environment.
@@ -572,13 +579,18 @@ pub fn set_parent(span: &tracing::Span, carrier: &HashMap<String, String>) {
     let _ = span.set_parent(parent);
 }
 
-/// Makes `span` a child of the caller's span when the request carries `traceparent` metadata.
-pub fn set_parent_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
-    if !headers.contains_key("traceparent") {
-        return;
-    }
-    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
-    let _ = span.set_parent(parent);
+/// The trace context a request's headers carry (`traceparent`, and `tracestate` if any); `None`
+/// without a readable `traceparent`.
+pub fn context_from_headers(headers: &http::HeaderMap) -> Option<HashMap<String, String>> {
+    let value = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(|value| (name.to_owned(), value.to_owned()))
+    };
+    let mut context = HashMap::from([value("traceparent")?]);
+    context.extend(value("tracestate"));
+    Some(context)
 }
 
 /// The trace id of `span`, when it has one (for tests and messages).
@@ -608,18 +620,6 @@ impl Extractor for MapExtractor<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(String::as_str).collect()
-    }
-}
-
-struct HeaderExtractor<'a>(&'a http::HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
     }
 }
 
@@ -668,6 +668,8 @@ pub fn init_logging_with_default(default: &str) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     /// The subscriber and the tracer provider are process-wide, and shutting one down ends its
@@ -679,7 +681,55 @@ mod tests {
         context_round_trips_through_an_event_map();
         an_unsampled_order_gets_no_span_and_passes_its_context_on();
         a_root_is_decided_before_it_is_built_and_keeps_the_trace_id_decided_on();
+        an_order_run_within_another_takes_its_own_context().await;
         telemetry.shutdown().await;
+    }
+
+    /// A call whose trace is not sampled runs with its context passed on; a sampled order run
+    /// within it (a stream's, say) has its own span and context, not the call's.
+    async fn an_order_run_within_another_takes_its_own_context() {
+        let carrier = |flags: &str| {
+            HashMap::from([(
+                "traceparent".to_owned(),
+                format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}"),
+            )])
+        };
+        let make = || tracing::info_span!(target: "orderflow_test", parent: None, "order");
+        let call = OrderSpan::child_of(&carrier("00"), make);
+        let order = OrderSpan::child_of(&carrier("01"), make);
+        let own = order.context();
+        let (in_call, in_order, order_span) = call
+            .run(async {
+                let in_call = (current_context(), current_order_span().is_none());
+                let in_order = order
+                    .run(async { (current_context(), current_order_span().is_none()) })
+                    .await;
+                (in_call, in_order.0, in_order.1)
+            })
+            .await;
+        assert_eq!(in_call, (carrier("00"), true));
+        assert_eq!(in_order, own);
+        assert!(!order_span, "the order's own span is current");
+    }
+
+    #[test]
+    fn a_requests_trace_context_is_read_from_its_headers() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(context_from_headers(&headers), None);
+        headers.insert("tracestate", "k=v".parse().unwrap());
+        assert_eq!(context_from_headers(&headers), None, "no traceparent");
+        headers.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+                .parse()
+                .unwrap(),
+        );
+        let context = context_from_headers(&headers).unwrap();
+        assert_eq!(
+            context["traceparent"],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+        );
+        assert_eq!(context["tracestate"], "k=v");
     }
 
     fn context_round_trips_through_an_event_map() {
