@@ -2,7 +2,7 @@
 # Instructions one stage spends per order, counted by callgrind: repeatable where CPU time on a
 # shared machine is not (BENCHMARKS.md, "2026-12-04, afternoon").
 #
-# usage: bench/instructions.sh notifier|receiver BIN_DIR N
+# usage: bench/instructions.sh notifier|receiver BIN_DIR N [calls]
 #
 # Starts the four release stages of BIN_DIR on loopback ports 17001-17004, as the bench starts
 # them (1 % of traces sampled, no exporter), with the named stage under
@@ -10,13 +10,15 @@
 # - notifier: N orders placed with the notifier stopped, then the notifier started and timed
 #   until it has caught up: its instructions for N notifications;
 # - receiver: N orders placed over one `PlaceOrders` stream (`orderflow load --bulk`), then the
-#   pipeline left to finish: the receiver's instructions for N orders, their progress included.
+#   pipeline left to finish: the receiver's instructions for N orders, their progress included;
+#   with `calls`, one `PlaceOrder` call per order instead.
 # Prints the stage's total instructions and keeps callgrind's file (for `callgrind_annotate`)
 # as callgrind.<stage>.<N>.out in the current directory. Needs valgrind, grpcurl and python3.
 # Startup costs ≈ 15 M instructions: compare runs of the same N.
 set -euo pipefail
-STAGE=$1 BIN=$2 N=$3
-case $STAGE in notifier | receiver) ;; *) echo "usage: $0 notifier|receiver BIN_DIR N" >&2; exit 2 ;; esac
+STAGE=$1 BIN=$2 N=$3 HOW=${4:-stream}
+case $STAGE in notifier | receiver) ;; *) echo "usage: $0 notifier|receiver BIN_DIR N [calls]" >&2; exit 2 ;; esac
+case $HOW in stream) BULK=(--bulk) ;; calls) BULK=() ;; *) echo "usage: $0 notifier|receiver BIN_DIR N [calls]" >&2; exit 2 ;; esac
 D=$(mktemp -d)
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$D"' EXIT
@@ -56,7 +58,7 @@ start invoice 2 --upstream "$(url 1)" --tax-rate-bps 2000
 wait_until 0 stock 1 0
 sleep 3
 "$BIN/orderflow" --receiver "$(url 0)" load --concurrency 128 --orders "$N" --duration 1h \
-  --skus SKU-0,SKU-1,SKU-2,SKU-3,SKU-4,SKU-5,SKU-6,SKU-7 --bulk --no-notified > "$D/load.txt"
+  --skus SKU-0,SKU-1,SKU-2,SKU-3,SKU-4,SKU-5,SKU-6,SKU-7 "${BULK[@]}" --no-notified > "$D/load.txt"
 if [ "$STAGE" = notifier ]; then
   wait_until 2 notifier 1 "$N"
   start notifier 3 --upstream "$(url 2)"
