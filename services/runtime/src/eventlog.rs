@@ -183,7 +183,12 @@ impl EventLog for EventLogService {
         if let Some(consumer) = &consumer {
             check_consumer_field(consumer, &mut violations);
         }
-        let filter = EventFilter::from_request(request.filter.as_ref(), "filter", &mut violations);
+        let filter = EventFilter::from_request(
+            request.filter.as_ref(),
+            "filter",
+            outbox.partition().count,
+            &mut violations,
+        );
         if let Some(owner) = &request.owner {
             if consumer.is_none() {
                 violations.add("owner", "an owner reads as a consumer: name it in consumer");

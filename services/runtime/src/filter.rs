@@ -55,10 +55,11 @@ impl EventFilter {
     }
 
     /// The filter a request asks for (`None`: every entry), or the violations of its fields, named
-    /// under `field`.
+    /// under `field`, for a pipeline of `partitions` partitions (its shards).
     pub fn from_request(
         request: Option<&EntryFilter>,
         field: &str,
+        partitions: u32,
         violations: &mut FieldViolations,
     ) -> Option<Self> {
         let request = request?;
@@ -66,6 +67,18 @@ impl EventFilter {
             kinds: 0,
             addressed_to: request.addressed_to,
         };
+        if request
+            .addressed_to
+            .is_some_and(|shard| shard >= partitions)
+        {
+            violations.add(
+                format!("{field}.addressed_to"),
+                format!(
+                    "the pipeline has {partitions} partitions (shards 0 to {})",
+                    partitions.saturating_sub(1)
+                ),
+            );
+        }
         for (i, name) in request.kinds.iter().enumerate() {
             match kind_number(name) {
                 Some(number) => filter.kinds |= 1 << number,
@@ -325,17 +338,17 @@ mod tests {
     }
 
     #[test]
-    fn a_request_names_kinds_and_every_unknown_one_is_a_violation() {
+    fn a_request_names_kinds_and_a_shard_and_every_bad_one_is_a_violation() {
         let mut violations = FieldViolations::new();
         assert_eq!(
-            EventFilter::from_request(None, "filter", &mut violations),
+            EventFilter::from_request(None, "filter", 4, &mut violations),
             None
         );
         let asked = EventFilter::kinds(&["stock_reserved", "order_rejected"]).addressed_to(3);
         let request = asked.to_request();
         assert_eq!(request.kinds, ["stock_reserved", "order_rejected"]);
         assert_eq!(
-            EventFilter::from_request(Some(&request), "filter", &mut violations),
+            EventFilter::from_request(Some(&request), "filter", 4, &mut violations),
             Some(asked)
         );
         assert!(violations.check().is_ok());
@@ -343,12 +356,16 @@ mod tests {
         let mut violations = FieldViolations::new();
         let bad = EntryFilter {
             kinds: vec!["stock_reserved".into(), "StockReserved".into()],
-            addressed_to: None,
+            addressed_to: Some(4),
         };
-        EventFilter::from_request(Some(&bad), "filter", &mut violations);
+        EventFilter::from_request(Some(&bad), "filter", 4, &mut violations);
         let status = violations.check().unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains("filter.kinds[1]"), "{status:?}");
+        assert!(
+            status.message().contains("filter.addressed_to"),
+            "{status:?}"
+        );
     }
 
     #[test]
