@@ -11,7 +11,7 @@
 //! [`MAX_BATCH_BYTES`]. When the producer has caught up it waits on the store's head watch for the
 //! next commit (live tail), or ends the stream if the subscriber asked to stop at the head. A
 //! subscriber that keeps up is served the newest entries from the outbox's in-memory tail
-//! ([`Outbox::read_recent`]), without a read on a blocking thread per batch. A failed
+//! ([`Outbox::scan_recent`]), without a read on a blocking thread per batch. A failed
 //! send means the subscriber left, and the producer stops.
 //!
 //! A subscriber may ask for a filter ([`EventFilter`]): the producer then reads as before but sends

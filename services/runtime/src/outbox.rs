@@ -31,7 +31,7 @@
 //!    caller can make retention delete what a consumer has not received.
 //!
 //! The newest committed entries (up to 8,192, about 4 MiB) are also kept in memory, so that a
-//! subscriber keeping up is served without a read transaction ([`Outbox::read_recent`]): filled
+//! subscriber keeping up is served without a read transaction ([`Outbox::scan_recent`]): filled
 //! after each commit and before the new head is published, cut by retention, emptied when the
 //! database is opened again.
 //!
@@ -441,19 +441,8 @@ impl Outbox {
         })
     }
 
-    /// [`Outbox::read_log`] from memory, when `from` is among the newest committed entries (a
-    /// subscriber keeping up); `None` otherwise, and then `read_log` answers. Cheap.
-    pub fn read_recent(
-        &self,
-        from: u64,
-        max: usize,
-        max_bytes: usize,
-    ) -> Option<Vec<StoredLogEntry>> {
-        self.scan_recent(from, max, max_bytes, None)
-            .map(|scan| scan.entries)
-    }
-
-    /// [`Outbox::scan_log`] from memory, as [`Outbox::read_recent`] is [`Outbox::read_log`].
+    /// [`Outbox::scan_log`] from memory, when `from` is among the newest committed entries (a
+    /// subscriber keeping up); `None` otherwise, and then `scan_log` answers. Cheap.
     pub fn scan_recent(
         &self,
         from: u64,
@@ -696,27 +685,38 @@ mod tests {
             .unwrap();
     }
 
+    /// What the tail serves unfiltered.
+    fn recent(
+        outbox: &Outbox,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Option<Vec<StoredLogEntry>> {
+        outbox
+            .scan_recent(from, max, max_bytes, None)
+            .map(|scan| scan.entries)
+    }
+
     #[test]
     fn the_tail_serves_what_the_store_holds() {
         let (_dir, store) = store();
         let outbox = store.outbox();
-        assert_eq!(outbox.read_recent(0, 10, usize::MAX), None);
+        assert_eq!(recent(&outbox, 0, 10, usize::MAX), None);
         append(&store, 3, 10);
         append(&store, 4, 10);
         for from in 0..7 {
             for max in [1, 2, 10] {
-                let recent = outbox.read_recent(from, max, usize::MAX);
                 assert_eq!(
-                    recent,
+                    recent(&outbox, from, max, usize::MAX),
                     Some(outbox.read_log(from, max, usize::MAX).unwrap())
                 );
             }
         }
         // The byte bound as `read_log` has it: at least one entry, then no more than fits.
-        let one = outbox.read_recent(0, 10, 1).unwrap();
+        let one = recent(&outbox, 0, 10, 1).unwrap();
         assert_eq!(one.len(), 1);
         assert_eq!(
-            outbox.read_recent(2, 10, 1),
+            recent(&outbox, 2, 10, 1),
             Some(outbox.read_log(2, 10, 1).unwrap())
         );
         // Through a filter that keeps none of them: nothing, and how far it read.
@@ -731,8 +731,8 @@ mod tests {
             }
         }
         // At the head and beyond it, the store answers.
-        assert_eq!(outbox.read_recent(7, 10, usize::MAX), None);
-        assert_eq!(outbox.read_recent(8, 10, usize::MAX), None);
+        assert_eq!(recent(&outbox, 7, 10, usize::MAX), None);
+        assert_eq!(recent(&outbox, 8, 10, usize::MAX), None);
     }
 
     #[test]
@@ -740,18 +740,18 @@ mod tests {
         let (_dir, store) = store();
         let outbox = store.outbox();
         append(&store, RECENT_MAX_ENTRIES + 10, 1);
-        assert_eq!(outbox.read_recent(9, 1, usize::MAX), None);
-        let oldest = outbox.read_recent(10, 1, usize::MAX).unwrap();
+        assert_eq!(recent(&outbox, 9, 1, usize::MAX), None);
+        let oldest = recent(&outbox, 10, 1, usize::MAX).unwrap();
         assert_eq!(oldest[0].offset, 10);
 
         assert_eq!(outbox.trim(20, u64::MAX).unwrap(), 20);
-        assert_eq!(outbox.read_recent(19, 1, usize::MAX), None);
+        assert_eq!(recent(&outbox, 19, 1, usize::MAX), None);
         assert!(matches!(
             outbox.read_log(19, 1, usize::MAX),
             Err(StoreError::Truncated { first: 20, .. })
         ));
         assert_eq!(
-            outbox.read_recent(20, 5, usize::MAX),
+            recent(&outbox, 20, 5, usize::MAX),
             Some(outbox.read_log(20, 5, usize::MAX).unwrap())
         );
 
@@ -759,10 +759,10 @@ mod tests {
         // Five of a quarter each (plus a few bytes of encoding): the newest three are kept.
         append(&store, 5, RECENT_MAX_BYTES / 4);
         let next = outbox.next_offset();
-        assert!(outbox.read_recent(next - 4, 1, usize::MAX).is_none());
-        assert!(outbox.read_recent(next - 3, 1, usize::MAX).is_some());
+        assert!(recent(&outbox, next - 4, 1, usize::MAX).is_none());
+        assert!(recent(&outbox, next - 3, 1, usize::MAX).is_some());
         append(&store, 1, RECENT_MAX_BYTES * 2);
-        assert!(outbox.read_recent(next, 1, usize::MAX).is_some());
-        assert!(outbox.read_recent(next - 1, 1, usize::MAX).is_none());
+        assert!(recent(&outbox, next, 1, usize::MAX).is_some());
+        assert!(recent(&outbox, next - 1, 1, usize::MAX).is_none());
     }
 }
