@@ -280,10 +280,7 @@ fn http_span(name: &'static str, headers: &HeaderMap) -> telemetry::OrderSpan {
             http.response.status_code = tracing::field::Empty,
         )
     };
-    match telemetry::context_from_headers(headers) {
-        Some(parent) => telemetry::OrderSpan::child_of(&parent, make),
-        None => telemetry::OrderSpan::root(make),
-    }
+    telemetry::OrderSpan::of_call(headers, make)
 }
 
 async fn post_order(

@@ -656,10 +656,7 @@ fn call_span<B>(stage: &'static str, request: &http::Request<B>) -> Option<telem
             customer.id = tracing::field::Empty,
         )
     };
-    Some(match telemetry::context_from_headers(request.headers()) {
-        Some(parent) => telemetry::OrderSpan::child_of(&parent, make),
-        None => telemetry::OrderSpan::root(make),
-    })
+    Some(telemetry::OrderSpan::of_call(request.headers(), make))
 }
 
 /// Wraps an RPC's result into a response, recording its gRPC status code on the call's span. Server

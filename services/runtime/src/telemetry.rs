@@ -436,6 +436,16 @@ impl OrderSpan {
         }
     }
 
+    /// The server span of a call whose request carries `headers`: a child of the caller's span
+    /// when they hold a `traceparent` ([`OrderSpan::child_of`]), a root otherwise
+    /// ([`OrderSpan::root`]); either way decided before it is built.
+    pub fn of_call(headers: &http::HeaderMap, make: impl FnOnce() -> tracing::Span) -> Self {
+        match context_from_headers(headers) {
+            Some(parent) => Self::child_of(&parent, make),
+            None => Self::root(make),
+        }
+    }
+
     /// [`OrderSpan::root`] with `sampler` deciding.
     fn root_sampled_by(sampler: &dyn ShouldSample, make: impl FnOnce() -> tracing::Span) -> Self {
         let ids = RandomIdGenerator::default();
@@ -581,7 +591,7 @@ pub fn set_parent(span: &tracing::Span, carrier: &HashMap<String, String>) {
 
 /// The trace context a request's headers carry (`traceparent`, and `tracestate` if any); `None`
 /// without a readable `traceparent`.
-pub fn context_from_headers(headers: &http::HeaderMap) -> Option<HashMap<String, String>> {
+fn context_from_headers(headers: &http::HeaderMap) -> Option<HashMap<String, String>> {
     let value = |name: &str| {
         headers
             .get(name)
