@@ -345,6 +345,10 @@ impl Stage {
             .args(["--metrics-listen", "127.0.0.1:0"])
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
+            // What the test gives, not what the shell running the tests happens to export.
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("OTEL_TRACES_SAMPLER")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

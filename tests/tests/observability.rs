@@ -1,5 +1,6 @@
 //! What operators and callers see of a running pipeline: Prometheus metrics that move on every stage,
-//! log lines (text or JSON) carrying the trace ids of the order they are about, each order's
+//! log lines (text or JSON) carrying the trace ids of the order they are about when spans are built
+//! (a sampler set) and none when nothing asks for spans, each order's
 //! progress through the stages (`GetOrder`, and `WatchOrder` pushing each transition live), and the
 //! receiver's HTTP/JSON door exercised with a real HTTP client.
 
@@ -31,6 +32,11 @@ async fn metrics_move_on_every_stage_and_logs_carry_trace_ids() {
         .map(String::from)
         .to_vec(),
         notifier_args: vec!["--log-format".into(), "json".into()],
+        // No OTLP endpoint: a sampler asked for keeps the spans, and so the log lines' ids.
+        env: vec![(
+            "OTEL_TRACES_SAMPLER".to_owned(),
+            "parentbased_always_on".to_owned(),
+        )],
         ..Default::default()
     })
     .await
@@ -132,7 +138,8 @@ async fn metrics_move_on_every_stage_and_logs_carry_trace_ids() {
             .is_some()
     );
 
-    // JSON logs: each delivery's line is one JSON object carrying the order's trace and span ids;
+    // JSON logs: each delivery's line is one JSON object carrying the order's trace and span ids
+    // (with a sampler set; `order_progress_is_reported_and_watched_live` runs without);
     // text logs carry them too.
     let logs = pipeline.stage("notifier").logs();
     let delivered: Vec<Value> = logs
@@ -265,6 +272,16 @@ async fn order_progress_is_reported_and_watched_live() {
     );
     assert_eq!(seen.first(), Some(&OrderStatus::Accepted));
     assert_eq!(last.transitions.len(), 4);
+
+    // No OTLP endpoint and no sampler: no order span was built, so the notifier's lines about
+    // the orders carry no trace ids.
+    let logs = pipeline.stage("notifier").logs();
+    let notified: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("customer notified"))
+        .collect();
+    assert_eq!(notified.len(), 3, "{logs}");
+    assert!(notified.iter().all(|l| !l.contains("trace_id=")), "{logs}");
 
     // Unknown orders are NOT_FOUND for both.
     let missing = receiver

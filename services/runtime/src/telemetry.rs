@@ -9,11 +9,13 @@
 //!
 //! # Traces
 //! OpenTelemetry through `tracing-opentelemetry`, exported with OTLP over gRPC when
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; otherwise spans get
-//! ids (for logs and propagation) but go nowhere. The standard variables apply: `OTEL_SERVICE_NAME`
-//! (default `orderflow-<stage>`), `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` (default
-//! parent-based always-on), `OTEL_BSP_*` for batching. Only spans of orderflow's own code are
-//! exported, never those of its libraries.
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set. The standard
+//! variables apply: `OTEL_SERVICE_NAME` (default `orderflow-<stage>`), `OTEL_TRACES_SAMPLER` /
+//! `OTEL_TRACES_SAMPLER_ARG` (default parent-based always-on), `OTEL_BSP_*` for batching. Only spans
+//! of orderflow's own code are exported, never those of its libraries. With no endpoint and no
+//! `OTEL_TRACES_SAMPLER`, no order span is built at all ([`unsampled`]): nothing would read it, and
+//! building one cost more than the order's work in the notifier. A sampler set without an endpoint
+//! keeps the spans, for the trace ids in log lines.
 //!
 //! A process running several stages (`orderflow demo`, `orderflow up`) still shows four services in
 //! Jaeger: spans carry `orderflow.stage`, and `StageRouter` exports each stage's spans under that
@@ -48,8 +50,8 @@ use opentelemetry_sdk::{
     error::OTelSdkResult,
     propagation::TraceContextPropagator,
     trace::{
-        Config, IdGenerator, RandomIdGenerator, SamplingDecision, SdkTracerProvider, ShouldSample,
-        SpanData, SpanExporter,
+        Config, IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SdkTracerProvider,
+        ShouldSample, SpanData, SpanExporter,
     },
 };
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -173,6 +175,7 @@ pub fn init(config: &TelemetryConfig) -> Telemetry {
     // The sampler the provider builds from the same variables, to decide roots before they exist.
     let _ = ROOT_SAMPLER.set(Config::default().sampler);
     let (provider, exporting, export_error) = tracer_provider(config);
+    SPANS_OFF.store(!exporting && !sampler_set(), Ordering::Relaxed);
     let tracer = provider.tracer("orderflow");
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(&config.default_filter));
@@ -353,10 +356,22 @@ fn sampler_follows_parent() -> bool {
         .unwrap_or(true)
 }
 
-/// Whether the trace whose context `carrier` holds is not sampled, so that no child span of it
-/// would be exported: its `traceparent` (`00-<trace id>-<span id>-<flags>`) has the sampled flag off
-/// and the sampler follows the parent.
+/// Whether `OTEL_TRACES_SAMPLER` names a sampler.
+fn sampler_set() -> bool {
+    std::env::var("OTEL_TRACES_SAMPLER").is_ok_and(|sampler| !sampler.trim().is_empty())
+}
+
+/// Whether this process builds no order spans at all: it exports none (no OTLP endpoint) and no
+/// sampler was asked for, so a span would be built only to be dropped. Set by [`init`].
+static SPANS_OFF: AtomicBool = AtomicBool::new(false);
+
+/// Whether no child span of the trace whose context `carrier` holds would be exported: this process
+/// exports no spans ([`SPANS_OFF`]), or the sampler follows the parent and the `traceparent`
+/// (`00-<trace id>-<span id>-<flags>`) has the sampled flag off.
 pub fn unsampled(carrier: &HashMap<String, String>) -> bool {
+    if SPANS_OFF.load(Ordering::Relaxed) {
+        return true;
+    }
     PARENT_DECIDES.load(Ordering::Relaxed)
         && carrier
             .get("traceparent")
@@ -377,8 +392,8 @@ pub struct OrderSpan {
 }
 
 impl OrderSpan {
-    /// `make()`'s span as a child of the span whose context `parent` holds — or none, when that
-    /// trace is not sampled.
+    /// `make()`'s span as a child of the span whose context `parent` holds — or none, when no
+    /// child of that trace would be exported ([`unsampled`]), and `parent` is passed on as it came.
     pub fn child_of(
         parent: &HashMap<String, String>,
         make: impl FnOnce() -> tracing::Span,
@@ -426,6 +441,9 @@ impl OrderSpan {
     /// stages pass on untouched. A sampled order's span is built at once on the trace id the
     /// decision was made on, so the provider's sampler, deciding again, agrees.
     pub fn root(make: impl FnOnce() -> tracing::Span) -> Self {
+        if SPANS_OFF.load(Ordering::Relaxed) {
+            return Self::root_sampled_by(&Sampler::AlwaysOff, make);
+        }
         match ROOT_SAMPLER.get() {
             Some(sampler) => Self::root_sampled_by(sampler.as_ref(), make),
             // No telemetry installed: spans as `make` builds them.
@@ -688,11 +706,35 @@ mod tests {
     #[tokio::test]
     async fn trace_context_travels_in_events() {
         let telemetry = init(&TelemetryConfig::stage("test", LogFormat::Text));
+        with_nothing_to_export_no_order_span_is_built();
         context_round_trips_through_an_event_map();
         an_unsampled_order_gets_no_span_and_passes_its_context_on();
         a_root_is_decided_before_it_is_built_and_keeps_the_trace_id_decided_on();
         an_order_run_within_another_takes_its_own_context().await;
         telemetry.shutdown().await;
+    }
+
+    /// With no OTLP endpoint and no sampler asked for, no order span is built: a root's context
+    /// says unsampled, and a caller's context is passed on as it came, sampled or not, for a
+    /// later stage that exports. The checks after this one build spans, as with a sampler set.
+    fn with_nothing_to_export_no_order_span_is_built() {
+        assert_eq!(
+            SPANS_OFF.load(Ordering::Relaxed),
+            otlp_endpoint().is_none() && !sampler_set()
+        );
+        SPANS_OFF.store(true, Ordering::Relaxed);
+        let make = || tracing::info_span!(target: "orderflow_test", parent: None, "order");
+        let root = OrderSpan::root(make);
+        assert!(root.is_none());
+        assert!(root.context()["traceparent"].ends_with("-00"));
+        let sampled = HashMap::from([(
+            "traceparent".to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+        )]);
+        let child = OrderSpan::child_of(&sampled, make);
+        assert!(child.is_none());
+        assert_eq!(child.context(), sampled);
+        SPANS_OFF.store(false, Ordering::Relaxed);
     }
 
     /// A call whose trace is not sampled runs with its context passed on; a sampled order run
