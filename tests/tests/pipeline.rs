@@ -699,6 +699,12 @@ async fn sigterm_ends_a_place_orders_stream_after_answering_what_it_read() {
         ending.message().contains("send the rest again"),
         "{ending:?}"
     );
+    assert_eq!(
+        ending.get_details_error_info().map(|info| info.reason),
+        Some("NOT_STORED".to_owned()),
+        "{ending:?}"
+    );
+    assert!(ending.get_details_retry_info().is_some(), "{ending:?}");
     assert!(exited.await.unwrap().unwrap(), "receiver did not exit 0");
     drop(requests);
 }

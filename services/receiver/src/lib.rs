@@ -20,7 +20,8 @@
 //! - `place_order`, `place_orders` (the bulk stream), `get_order` (with `WatchOrder`): one file per
 //!   RPC; `service` only delegates.
 //! - `http`: the HTTP/JSON door over the same functions.
-//! - `peers`: the other replicas of the receiver, where an order another replica owns goes.
+//! - `peers`: the other replicas of the receiver, where an order another replica owns goes;
+//!   `forwarding`: one `PlaceOrders` stream to each, for the orders whose traces are not sampled.
 //!
 //! # Partitions
 //! With several partitions (`--partitions`), an order lives in its home partition,
@@ -30,6 +31,7 @@
 //! replica accepts any order: one of another replica's partitions is forwarded to it (`--peers`),
 //! and so is `GetOrder`/`WatchOrder` of an order that lives there.
 
+mod forwarding;
 mod get_order;
 mod http;
 mod intake;

@@ -1,16 +1,19 @@
 //! The other replicas of the receiver (`--peers`): where an order of a partition this replica does
 //! not own is placed, and where `GetOrder` and `WatchOrder` of such an order are asked. The
 //! forwarding itself (metadata, trace context, loops) is the runtime's [`orderflow_runtime::Peers`];
-//! this says what a failed forward means for an order.
+//! orders whose traces are not sampled go over one stream per replica (`crate::forwarding`). This
+//! says what a failed forward means for an order.
 
 use orderflow_proto::v1::{
     GetOrderRequest, GetOrderResponse, Order, PlaceOrderRequest, PlaceOrderResponse,
     WatchOrderRequest, order_receiver_client::OrderReceiverClient,
 };
-use orderflow_runtime::{Link, status::MAYBE_STORED_REASON};
+use orderflow_runtime::{Link, status::MAYBE_STORED_REASON, telemetry};
 use tonic::{Code, Status, Streaming, transport::Channel};
 
 use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::forwarding::OrderStream;
 
 /// How long a caller whose call found the owning replica unreachable is told to wait.
 const UNREACHABLE_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
@@ -18,12 +21,19 @@ const UNREACHABLE_RETRY_AFTER: std::time::Duration = std::time::Duration::from_s
 /// The receiver's replicas, in replica order.
 pub(crate) struct Peers {
     replicas: orderflow_runtime::Peers,
+    /// One stream of orders to each replica, by replica.
+    streams: Vec<OrderStream>,
 }
 
 impl Peers {
     /// The `replicas` replicas `link` names; this one is replica `me`.
     pub(crate) fn new(link: Link, replicas: u32, me: u32) -> Result<Peers, String> {
-        orderflow_runtime::Peers::new(&link, replicas, me).map(|replicas| Peers { replicas })
+        let replicas = orderflow_runtime::Peers::new(&link, replicas, me)?;
+        let streams = (0..replicas.replicas())
+            .filter_map(|replica| replicas.channel(replica))
+            .map(OrderStream::new)
+            .collect();
+        Ok(Peers { replicas, streams })
     }
 
     /// The replica that owns `partition`, and a client of it.
@@ -74,13 +84,29 @@ impl Peers {
         )
     }
 
-    /// Places `request` at the replica that owns `partition`.
+    /// Places `request` at the replica that owns `partition`: over the stream to it when the
+    /// order's trace is decided unsampled, else in a call of its own, in the order's trace.
     pub(crate) async fn place(
         &self,
         partition: u32,
         request: PlaceOrderRequest,
     ) -> Result<PlaceOrderResponse, Status> {
         let (replica, mut client) = self.owner(partition)?;
+        let mut request = request;
+        if let Some(stream) = self.streams.get(replica as usize)
+            && telemetry::decided_unsampled(&telemetry::current_context())
+        {
+            match stream
+                .place(request, || self.replicas.forwarded_metadata(None))
+                .await
+            {
+                Ok(answer) => {
+                    return answer.map_err(|status| self.failed(replica, partition, status, true));
+                }
+                // The stream is full: this one goes in a call.
+                Err(given_back) => request = given_back,
+            }
+        }
         match client
             .place_order(self.replicas.forwarded(request, None))
             .await

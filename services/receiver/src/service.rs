@@ -40,9 +40,11 @@ impl OrderReceiver for OrderReceiverService {
         &self,
         request: Request<Streaming<PlaceOrderRequest>>,
     ) -> Result<Response<Self::PlaceOrdersStream>, Status> {
+        let from = forwarded_by(&request);
         respond(Ok(crate::place_orders::place_orders(
             self.receiver.clone(),
             request.into_inner(),
+            from,
         )))
     }
 

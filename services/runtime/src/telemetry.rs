@@ -369,15 +369,24 @@ static SPANS_OFF: AtomicBool = AtomicBool::new(false);
 /// exports no spans ([`SPANS_OFF`]), or the sampler follows the parent and the `traceparent`
 /// (`00-<trace id>-<span id>-<flags>`) has the sampled flag off.
 pub fn unsampled(carrier: &HashMap<String, String>) -> bool {
-    if SPANS_OFF.load(Ordering::Relaxed) {
-        return true;
-    }
-    PARENT_DECIDES.load(Ordering::Relaxed)
-        && carrier
-            .get("traceparent")
-            .and_then(|traceparent| traceparent.rsplit_once('-'))
-            .and_then(|(_, flags)| u8::from_str_radix(flags, 16).ok())
-            .is_some_and(|flags| flags & 1 == 0)
+    SPANS_OFF.load(Ordering::Relaxed)
+        || (PARENT_DECIDES.load(Ordering::Relaxed) && sampled_flag(carrier) == Some(false))
+}
+
+/// Whether an order whose context `carrier` holds may go on without it: its trace is decided
+/// unsampled (the `traceparent` says so) and no span of it is built here ([`unsampled`]), so a
+/// process it goes to may place it as an unsampled order of its own ([`OrderSpan::unsampled`]).
+pub fn decided_unsampled(carrier: &HashMap<String, String>) -> bool {
+    sampled_flag(carrier) == Some(false) && unsampled(carrier)
+}
+
+/// The sampled flag of the `traceparent` (`00-<trace id>-<span id>-<flags>`) in `carrier`.
+fn sampled_flag(carrier: &HashMap<String, String>) -> Option<bool> {
+    carrier
+        .get("traceparent")
+        .and_then(|traceparent| traceparent.rsplit_once('-'))
+        .and_then(|(_, flags)| u8::from_str_radix(flags, 16).ok())
+        .map(|flags| flags & 1 == 1)
 }
 
 /// A stage's span for one order, and the trace context its events carry on. For an order whose
@@ -452,6 +461,12 @@ impl OrderSpan {
                 passed_on: None,
             },
         }
+    }
+
+    /// An order whose trace another process decided not to sample ([`decided_unsampled`]): no
+    /// span, and a fresh context that says so.
+    pub fn unsampled() -> Self {
+        Self::root_sampled_by(&Sampler::AlwaysOff, tracing::Span::none)
     }
 
     /// The server span of a call whose request carries `headers`: a child of the caller's span
@@ -734,6 +749,10 @@ mod tests {
         let child = OrderSpan::child_of(&sampled, make);
         assert!(child.is_none());
         assert_eq!(child.context(), sampled);
+        // Only a context that says unsampled goes on without itself.
+        assert!(decided_unsampled(&root.context()));
+        assert!(!decided_unsampled(&sampled));
+        assert!(!decided_unsampled(&HashMap::new()));
         SPANS_OFF.store(false, Ordering::Relaxed);
     }
 
@@ -807,6 +826,12 @@ mod tests {
         assert!(unsampled(&carrier("00")));
         assert!(!unsampled(&carrier("01")));
         assert!(!unsampled(&HashMap::new()));
+        assert!(decided_unsampled(&carrier("00")));
+        assert!(!decided_unsampled(&carrier("01")));
+        let forwarded = OrderSpan::unsampled();
+        assert!(forwarded.is_none());
+        assert!(decided_unsampled(&forwarded.context()));
+        assert_ne!(forwarded.context(), carrier("00"), "a context of its own");
         let skipped = OrderSpan::child_of(&carrier("00"), make);
         assert!(skipped.is_none());
         assert_eq!(skipped.context(), carrier("00"));
@@ -820,6 +845,7 @@ mod tests {
         // A sampler that ignores the parent must build every span.
         PARENT_DECIDES.store(false, Ordering::Relaxed);
         assert!(!OrderSpan::child_of(&carrier("00"), make).is_none());
+        assert!(!decided_unsampled(&carrier("00")));
         PARENT_DECIDES.store(true, Ordering::Relaxed);
     }
 
