@@ -69,6 +69,11 @@ const ACK_INTERVAL: Duration = Duration::from_millis(200);
 /// How long the offset past a run of batches the stage ignores ([`Apply::ignores`]) may stay
 /// unrecorded: until then upstream keeps those entries, and a restart reads them again.
 pub const IGNORED_COMMIT_INTERVAL: Duration = ACK_INTERVAL;
+/// How long a lazily committed subscription ([`Subscription::lazy`]) waits for more entries to
+/// join a batch smaller than [`MAX_ENTRIES_PER_COMMIT`]: a view derived from upstream may lag by
+/// this much, and at a light load it commits once per this interval rather than once per upstream
+/// commit (BENCHMARKS.md, "2026-12-04, late night").
+pub const LAZY_LINGER: Duration = Duration::from_millis(5);
 
 /// One upstream log entry as a stage reads it: its offset and the stage's view of its event.
 #[derive(Clone, Debug, PartialEq)]
@@ -619,6 +624,28 @@ impl<A: Apply> Subscription<A> {
                         break;
                     }
                     None => break,
+                }
+            }
+            // A lazy view waits a little for more, unless catching up fills the batch anyway.
+            if self.commit == Commit::Lazy && deferred_error.is_none() {
+                let linger = tokio::time::Instant::now() + LAZY_LINGER;
+                while entries.len() < MAX_ENTRIES_PER_COMMIT {
+                    match tokio::time::timeout_at(linger, stream.message()).await {
+                        Ok(Ok(Some(more))) => {
+                            head = head.max(more.head);
+                            end = end.max(batch_end(&more, next));
+                            entries.extend(more.entries);
+                        }
+                        Ok(Ok(None)) => {
+                            deferred_error = Some(SubscriptionError::Ended);
+                            break;
+                        }
+                        Ok(Err(status)) => {
+                            deferred_error = Some(status.into());
+                            break;
+                        }
+                        Err(_) => break,
+                    }
                 }
             }
             entries.retain(|e| e.offset >= next);
