@@ -270,6 +270,139 @@ async fn any_receiver_replica_keeps_an_order_in_its_home_partition() {
     }
 }
 
+/// Orders placed at one receiver replica while the other, which owns half of them, is killed -9
+/// and started again: every order forwarded over the stream to the owner ends placed exactly
+/// once. An order answered `NOT_STORED` was not placed (its retry with the same key creates it);
+/// one answered `MAYBE_STORED` may have been (its retry answers what was placed); no other
+/// refusal comes.
+#[tokio::test(flavor = "multi_thread")]
+async fn orders_forwarded_while_their_owner_is_killed_are_each_placed_once() {
+    use futures::StreamExt;
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    use tonic_types::StatusExt;
+
+    const ORDERS: usize = 400;
+    let dir = temp_dir().unwrap();
+    let ports = free_ports::<2>();
+    let mut replicas = [
+        receiver(dir.path(), ports, 0).await,
+        receiver(dir.path(), ports, 1).await,
+    ];
+    let door = OrderReceiverClient::new(replicas[0].channel().await);
+    let key = |n: usize| (format!("customer-{}", n % 90), format!("key-{n}"));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let placing = {
+        let (door, answered) = (door.clone(), answered.clone());
+        tokio::spawn(async move {
+            futures::stream::iter(0..ORDERS)
+                .map(|n| {
+                    let (mut door, answered) = (door.clone(), answered.clone());
+                    let (customer, key) = key(n);
+                    async move {
+                        let answer = door.place_order(order(&customer, &key)).await;
+                        answered.fetch_add(1, Ordering::Relaxed);
+                        (n, answer.map(tonic::Response::into_inner))
+                    }
+                })
+                .buffer_unordered(32)
+                .collect::<Vec<_>>()
+                .await
+        })
+    };
+    while answered.load(Ordering::Relaxed) < ORDERS / 3 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    replicas[1].kill9().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    replicas[1].restart().await.unwrap();
+    let answers = placing.await.unwrap();
+
+    // What each order became: placed, or refused saying whether it may have been.
+    let mut placed: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut not_stored, mut maybe_stored) = (Vec::new(), Vec::new());
+    for (n, answer) in answers {
+        match answer {
+            Ok(accepted) => {
+                assert!(!accepted.replayed);
+                assert!(placed.insert(accepted.order_id, n).is_none());
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                match status
+                    .get_details_error_info()
+                    .map(|info| info.reason)
+                    .as_deref()
+                {
+                    Some("NOT_STORED") => not_stored.push(n),
+                    Some("MAYBE_STORED") => maybe_stored.push(n),
+                    _ => panic!("an answer that says nothing of the order: {status:?}"),
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{} placed, {} NOT_STORED, {} MAYBE_STORED while the owner died",
+        placed.len(),
+        not_stored.len(),
+        maybe_stored.len()
+    );
+    // Each refused order again, with its key, until the owner answers.
+    for (n, was_maybe) in not_stored
+        .iter()
+        .map(|n| (*n, false))
+        .chain(maybe_stored.iter().map(|n| (*n, true)))
+    {
+        let (customer, key) = key(n);
+        let mut door = door.clone();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let accepted = loop {
+            match door.place_order(order(&customer, &key)).await {
+                Ok(accepted) => break accepted.into_inner(),
+                Err(status)
+                    if status.code() == Code::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(status) => panic!("{status:?}"),
+            }
+        };
+        assert!(
+            was_maybe || !accepted.replayed,
+            "order {n} was said NOT_STORED, yet its retry found it placed"
+        );
+        assert!(placed.insert(accepted.order_id, n).is_none());
+    }
+    assert_eq!(placed.len(), ORDERS);
+
+    // The logs hold each order once, and nothing else.
+    let mut logged = BTreeSet::new();
+    for partition in 0..PARTITIONS {
+        let mut log = replicas[(partition % 2) as usize].event_log().await;
+        let mut stream = log
+            .subscribe(SubscribeRequest {
+                partition,
+                from_first: true,
+                stop_at_head: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(batch) = stream.message().await.unwrap() {
+            for entry in batch.entries {
+                let event = entry.event.unwrap();
+                assert!(placed.contains_key(&event.order_id), "{event:?}");
+                assert!(logged.insert(event.order_id), "an order logged twice");
+            }
+        }
+    }
+    assert_eq!(logged.len(), ORDERS);
+}
+
 /// Replicas of the receiver, invoice or notifier without `--peers` say so and exit 1 before
 /// serving, with no data dir made.
 #[tokio::test]
