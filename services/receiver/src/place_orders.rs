@@ -216,3 +216,51 @@ pub(crate) fn status_of(refusal: OrderRefusal) -> Status {
         details,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use orderflow_runtime::status::MAYBE_STORED_REASON;
+
+    use super::*;
+
+    /// A refusal on the stream says all that `PlaceOrder`'s status says: its code, message, field
+    /// violations, retry hint and reason; and turned back into a status (as a forwarding replica
+    /// does), it is that status again.
+    #[test]
+    fn a_refusal_carries_the_whole_status_and_back() {
+        let mut details = tonic_types::ErrorDetails::new();
+        details.add_bad_request_violation("lines[0].sku", "unknown");
+        details.set_retry_info(Some(std::time::Duration::from_secs(2)));
+        details.set_error_info(MAYBE_STORED_REASON, "orderflow", []);
+        let status = Status::with_error_details(tonic::Code::Unavailable, "commit failed", details);
+        let refused = refusal(&status);
+        assert_eq!(refused.code, tonic::Code::Unavailable as i32);
+        assert_eq!(refused.code_name, "UNAVAILABLE");
+        assert_eq!(refused.reason, MAYBE_STORED_REASON);
+        assert_eq!(refused.field_violations[0].field, "lines[0].sku");
+        let again = status_of(refused);
+        assert_eq!(again.code(), tonic::Code::Unavailable);
+        assert_eq!(again.message(), "commit failed");
+        assert_eq!(
+            again.get_details_error_info().unwrap().reason,
+            MAYBE_STORED_REASON
+        );
+        assert_eq!(
+            again.get_details_retry_info().unwrap().retry_delay,
+            Some(std::time::Duration::from_secs(2))
+        );
+        assert_eq!(
+            again.get_details_bad_request().unwrap().field_violations[0].description,
+            "unknown"
+        );
+        // A refusal without a reason has none.
+        assert_eq!(refusal(&Status::invalid_argument("bad")).reason, "");
+        assert!(
+            status_of(refusal(&Status::invalid_argument("bad")))
+                .get_details_error_info()
+                .is_none()
+        );
+    }
+}
