@@ -135,28 +135,15 @@ async fn any_receiver_replica_keeps_an_order_in_its_home_partition() {
             (head.partition, head.partitions, head.replicas),
             (partition, PARTITIONS, 2)
         );
-        let mut stream = log
-            .subscribe(SubscribeRequest {
-                partition,
-                from_first: true,
-                stop_at_head: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        while let Some(batch) = stream.message().await.unwrap() {
-            for entry in batch.entries {
-                let event = entry.event.unwrap();
-                assert_eq!(partition_of(&event.order_id), partition, "{event:?}");
-                assert_eq!(placed.get(&event.order_id), Some(&event.customer_id));
-                assert!(
-                    logged.insert(event.order_id.clone(), partition).is_none(),
-                    "{} logged twice",
-                    event.order_id
-                );
-                used.insert(partition);
-            }
+        for event in log_of(owner, partition).await {
+            assert_eq!(partition_of(&event.order_id), partition, "{event:?}");
+            assert_eq!(placed.get(&event.order_id), Some(&event.customer_id));
+            assert!(
+                logged.insert(event.order_id.clone(), partition).is_none(),
+                "{} logged twice",
+                event.order_id
+            );
+            used.insert(partition);
         }
         // The other replica does not serve it.
         let elsewhere = replicas[((partition + 1) % 2) as usize]
@@ -381,23 +368,9 @@ async fn orders_forwarded_while_their_owner_is_killed_are_each_placed_once() {
     // The logs hold each order once, and nothing else.
     let mut logged = BTreeSet::new();
     for partition in 0..PARTITIONS {
-        let mut log = replicas[(partition % 2) as usize].event_log().await;
-        let mut stream = log
-            .subscribe(SubscribeRequest {
-                partition,
-                from_first: true,
-                stop_at_head: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        while let Some(batch) = stream.message().await.unwrap() {
-            for entry in batch.entries {
-                let event = entry.event.unwrap();
-                assert!(placed.contains_key(&event.order_id), "{event:?}");
-                assert!(logged.insert(event.order_id), "an order logged twice");
-            }
+        for event in log_of(&replicas[(partition % 2) as usize], partition).await {
+            assert!(placed.contains_key(&event.order_id), "{event:?}");
+            assert!(logged.insert(event.order_id), "an order logged twice");
         }
     }
     assert_eq!(logged.len(), ORDERS);

@@ -606,10 +606,17 @@ impl<A: Apply> Subscription<A> {
             // How far upstream read for these entries (past those a filter left out).
             let mut end = batch_end(&batch, next).max(next);
             let mut entries = batch.entries;
-            // Whatever is already waiting joins this commit: one fsync for all of it.
+            // Whatever is already waiting joins this commit: one fsync for all of it. A lazy view
+            // also waits a little for more, unless catching up fills the batch anyway.
             let mut deferred_error = None;
+            let linger =
+                (self.commit == Commit::Lazy).then(|| tokio::time::Instant::now() + LAZY_LINGER);
             while entries.len() < MAX_ENTRIES_PER_COMMIT {
-                match stream.message().now_or_never() {
+                let more = match linger {
+                    None => stream.message().now_or_never(),
+                    Some(until) => tokio::time::timeout_at(until, stream.message()).await.ok(),
+                };
+                match more {
                     Some(Ok(Some(more))) => {
                         head = head.max(more.head);
                         end = end.max(batch_end(&more, next));
@@ -624,28 +631,6 @@ impl<A: Apply> Subscription<A> {
                         break;
                     }
                     None => break,
-                }
-            }
-            // A lazy view waits a little for more, unless catching up fills the batch anyway.
-            if self.commit == Commit::Lazy && deferred_error.is_none() {
-                let linger = tokio::time::Instant::now() + LAZY_LINGER;
-                while entries.len() < MAX_ENTRIES_PER_COMMIT {
-                    match tokio::time::timeout_at(linger, stream.message()).await {
-                        Ok(Ok(Some(more))) => {
-                            head = head.max(more.head);
-                            end = end.max(batch_end(&more, next));
-                            entries.extend(more.entries);
-                        }
-                        Ok(Ok(None)) => {
-                            deferred_error = Some(SubscriptionError::Ended);
-                            break;
-                        }
-                        Ok(Err(status)) => {
-                            deferred_error = Some(status.into());
-                            break;
-                        }
-                        Err(_) => break,
-                    }
                 }
             }
             entries.retain(|e| e.offset >= next);
