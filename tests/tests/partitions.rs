@@ -744,6 +744,25 @@ async fn stock_shards_reserve_every_order_all_or_nothing_across_replicas() {
     }
     assert!(held > 0.0, "no hold counted");
 
+    // A replica's log lines say which of its partitions they are about: replica 1 (shard 1)
+    // subscribed to partition 1 of the receivers' log and to the other shards' logs, as shard 1.
+    let logs = stocks[1].logs();
+    let subscribed: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("subscribed upstream"))
+        .collect();
+    assert!(
+        subscribed.iter().all(|line| line.contains(" partition=1 ")),
+        "{subscribed:#?}"
+    );
+    for upstream in 0..PARTITIONS {
+        let read = format!(" upstream_partition={upstream} ");
+        assert!(
+            subscribed.iter().any(|line| line.contains(&read)),
+            "no subscription to partition {upstream}: {subscribed:#?}"
+        );
+    }
+
     // Each sku's stock, asked of a replica that mostly does not hold it: the initial stock less
     // what the reserved orders took, all of it reserved; no hold outlived its order.
     check_levels(&stocks[1], &skus, &taken).await;

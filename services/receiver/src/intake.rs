@@ -209,12 +209,13 @@ pub(crate) async fn sweep_idempotency_keys(
             () = shutdown.cancelled() => return,
         }
         let cutoff = now_unix_ms().saturating_sub(window.as_millis() as u64);
+        let partition = store.partition().index;
         let store = store.clone();
         let swept = tokio::task::spawn_blocking(move || sweep(&store, cutoff)).await;
         match swept {
             Ok(Ok(0)) | Err(_) => {}
-            Ok(Ok(n)) => tracing::debug!(keys = n, "expired idempotency keys deleted"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "idempotency key sweep failed"),
+            Ok(Ok(n)) => tracing::debug!(partition, keys = n, "expired idempotency keys deleted"),
+            Ok(Err(e)) => tracing::warn!(partition, error = %e, "idempotency key sweep failed"),
         }
     }
 }

@@ -106,8 +106,8 @@ impl EventLogService {
             served: outboxes
                 .into_iter()
                 .map(|outbox| Served {
+                    owners: Owners::of_partition(outbox.partition().index),
                     outbox,
-                    owners: Owners::default(),
                 })
                 .collect(),
             replicas,

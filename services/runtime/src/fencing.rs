@@ -133,9 +133,12 @@ pub(crate) fn check_store(outbox: &Outbox, consumer: &str, owner: &Owner) -> Res
     Ok(())
 }
 
-/// The process reading as each consumer, and the ones it fenced. Cheap to clone.
+/// The process reading as each consumer of one partition's log, and the ones it fenced. Cheap to
+/// clone.
 #[derive(Clone, Default)]
 pub(crate) struct Owners {
+    /// The partition whose log this is, for the log lines.
+    partition: u32,
     held: Arc<Mutex<HashMap<String, Holder>>>,
 }
 
@@ -165,6 +168,14 @@ impl Drop for Claim {
 }
 
 impl Owners {
+    /// No consumer held yet, of the log of `partition`.
+    pub(crate) fn of_partition(partition: u32) -> Self {
+        Owners {
+            partition,
+            held: Arc::default(),
+        }
+    }
+
     /// Opens a stream of `incarnation` reading as `consumer`: it holds the consumer unless another
     /// process has a stream open (HELD). Taking over from a process whose streams have all ended
     /// fences that one for good.
@@ -190,6 +201,7 @@ impl Owners {
             }
             tracing::warn!(
                 consumer,
+                partition = self.partition,
                 fenced = format_args!("{:016x}", holder.incarnation),
                 by = format_args!("{incarnation:016x}"),
                 "another process reads as this consumer now; the one before it is fenced"

@@ -569,7 +569,11 @@ impl Outbox {
                 }
             }
             for name in &forgotten {
-                tracing::info!(consumer = %name, "no longer keeping the log for this consumer");
+                tracing::info!(
+                    consumer = %name,
+                    partition = self.partition().index,
+                    "no longer keeping the log for this consumer"
+                );
                 table.remove(name.as_str())?;
             }
             for consumer in consumers {

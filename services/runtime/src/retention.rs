@@ -61,8 +61,8 @@ pub async fn run_retention(
         .await;
         match trimmed {
             Ok(Ok(0)) | Err(_) => {}
-            Ok(Ok(n)) => tracing::debug!(entries = n, "retention trimmed the outbox"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
+            Ok(Ok(n)) => tracing::debug!(%partition, entries = n, "retention trimmed the outbox"),
+            Ok(Err(e)) => tracing::warn!(%partition, error = %e, "retention failed"),
         }
         let outbox = store.outbox();
         let reader = outbox.clone();

@@ -537,11 +537,11 @@ impl<H: RetryWork> RetryQueue<H> {
         let shared = self.shared;
         match shared.load().await {
             Ok(count) if count > 0 => {
-                tracing::info!(work = shared.work, pending = count, "resuming pending work")
+                tracing::info!(work = shared.work, partition = %shared.partition, pending = count, "resuming pending work")
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::error!(work = shared.work, error = %e, "cannot read pending work; not started");
+                tracing::error!(work = shared.work, partition = %shared.partition, error = %e, "cannot read pending work; not started");
                 return;
             }
         }
@@ -674,7 +674,7 @@ impl<H: RetryWork> QueueState<H> {
                 .collect(),
             failed => {
                 if let Ok(Err(e)) = failed {
-                    tracing::error!(work = self.work, error = %e, "cannot read pending work; retrying in 1 s");
+                    tracing::error!(work = self.work, partition = %self.partition, error = %e, "cannot read pending work; retrying in 1 s");
                 }
                 for key in keys {
                     self.finish_running(&key);
@@ -756,7 +756,7 @@ impl<H: RetryWork> QueueState<H> {
         let task = match H::Task::decode(row.task.as_slice()) {
             Ok(task) => task,
             Err(e) => {
-                tracing::error!(work = self.work, key, error = %e, "pending task cannot be decoded; left in place");
+                tracing::error!(work = self.work, partition = %self.partition, key, error = %e, "pending task cannot be decoded; left in place");
                 self.finish_running(key);
                 return None;
             }
@@ -910,7 +910,7 @@ async fn settle_results<H: RetryWork>(
         // rows are as before: attempt them again.
         if !matches!(settled, Ok(Ok(()))) {
             if let Ok(Err(e)) = &settled {
-                tracing::error!(work = shared.work, error = %e, tasks = keys.len(), "cannot settle attempts; they will be made again");
+                tracing::error!(work = shared.work, partition = %shared.partition, error = %e, tasks = keys.len(), "cannot settle attempts; they will be made again");
             }
             for key in keys {
                 shared.finish_running(&key);

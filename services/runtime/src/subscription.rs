@@ -344,7 +344,7 @@ impl<A: Apply> Subscription<A> {
         let committed = match self.committed_offset().await {
             Ok(offset) => offset,
             Err(e) => {
-                tracing::error!(error = %e, "cannot read the consumed offset; subscription not started");
+                tracing::error!(partition = self.store.partition().index, error = %e, "cannot read the consumed offset; subscription not started");
                 return;
             }
         };
@@ -386,7 +386,9 @@ impl<A: Apply> Subscription<A> {
                     // Loud once per reason; the health check says it for as long as it lasts.
                     if last_refusal != Some(refusal) {
                         tracing::error!(
+                            partition = self.store.partition().index,
                             upstream = %self.upstream.url,
+                            upstream_partition = self.partition,
                             reason = refusal.as_str(),
                             error = %message,
                             "upstream refuses this stage's store; not serving"
@@ -412,19 +414,25 @@ impl<A: Apply> Subscription<A> {
                     if e.is_truncated() {
                         // Retrying cannot help until an operator intervenes; say so loudly.
                         tracing::error!(
+                            partition = self.store.partition().index,
                             upstream = %self.upstream.url,
+                            upstream_partition = self.partition,
                             error = %e,
                             "upstream no longer has the entries this stage needs"
                         );
                     } else if matches!(e, SubscriptionError::Partitions { .. }) {
                         tracing::error!(
+                            partition = self.store.partition().index,
                             upstream = %self.upstream.url,
+                            upstream_partition = self.partition,
                             error = %e,
                             "not consuming a log partitioned differently"
                         );
                     } else {
                         tracing::warn!(
+                            partition = self.store.partition().index,
                             upstream = %self.upstream.url,
+                            upstream_partition = self.partition,
                             error = %e,
                             retry_in_ms = pause.as_millis() as u64,
                             "upstream subscription interrupted"
@@ -547,7 +555,13 @@ impl<A: Apply> Subscription<A> {
             blocking(move || store.record_upstream_log_id(&upstream_name, log_id)).await??;
         }
         self.store.lift_refusal(&self.upstream_name);
-        tracing::info!(upstream = %self.upstream.url, from_offset = next, "subscribed upstream");
+        tracing::info!(
+            partition = partition.index,
+            upstream = %self.upstream.url,
+            upstream_partition = self.partition,
+            from_offset = next,
+            "subscribed upstream"
+        );
         // The batch whose transaction runs on a blocking thread while the next one is read,
         // decoded and prepared here: at most one, and they commit in offset order.
         let mut in_flight: Option<InFlight> = None;
@@ -932,7 +946,7 @@ async fn acknowledge(
                     {
                         // A configuration problem an operator must see, once per distinct answer.
                         if last_refusal.as_deref() != Some(status.message()) {
-                            tracing::warn!(code = ?status.code(), message = status.message(), "upstream refused the acknowledgement");
+                            tracing::warn!(consumer = %consumer, upstream_partition = partition, code = ?status.code(), message = status.message(), "upstream refused the acknowledgement");
                             last_refusal = Some(status.message().to_owned());
                         }
                     }
