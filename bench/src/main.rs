@@ -14,7 +14,9 @@
 //! 7. end to end again with the pipeline scaled out: `--scaled-partitions` partitions (4) with
 //!    `--scaled-replicas` replicas (2) of every stage, each its own process, the load entering at
 //!    one receiver replica (which forwards what the other owns), closed loop and at the fixed
-//!    rates, against phases 3 and 4 on one partition.
+//!    rates, against phases 3 and 4 on one partition; and the stock stage's CPU per order for
+//!    orders of one customer with one line, its sku in the customer's home shard against in
+//!    another shard: what an order across shards costs against one within a shard.
 //!
 //! Next to each throughput figure it measures CPU time per order ((utime + stime) from
 //! `/proc/<pid>/stat` of each server process, and the load client's own rusage, divided by the
@@ -416,6 +418,19 @@ fn bench_catalog(path: &Path) -> anyhow::Result<()> {
 }
 
 const SKUS: &str = "SKU-0,SKU-1,SKU-2,SKU-3,SKU-4,SKU-5,SKU-6,SKU-7";
+
+/// The customer of every order `orderflow load --customers 1` places.
+const ONE_CUSTOMER: &str = "load-0";
+
+/// A sku of the bench catalog in [`ONE_CUSTOMER`]'s home shard of `partitions` (`across` false)
+/// or in another shard (`across` true); `None` if there is no such sku (one partition has no
+/// other shard).
+fn shard_sku(partitions: u32, across: bool) -> Option<String> {
+    let home = orderflow_runtime::home_partition(ONE_CUSTOMER, partitions);
+    SKUS.split(',')
+        .find(|sku| (orderflow_runtime::home_partition(sku, partitions) != home) == across)
+        .map(str::to_owned)
+}
 
 /// The four stages, started in order, each with its own data dir and fsync'd store.
 struct Pipeline {
@@ -937,6 +952,39 @@ async fn run(mut a: Args) -> anyhow::Result<()> {
         fixed.insert(rate.clone(), measure(&at_rate(rate)).await?);
     }
     scaled_run["fixed_rate"] = Value::Object(fixed);
+    // What an order across stock shards costs the stock stage, against one within its customer's
+    // home shard: one customer, one line, its sku in that shard or in another, closed loop each.
+    let mut shards = serde_json::Map::new();
+    for (name, across) in [("home_shard", false), ("other_shard", true)] {
+        let Some(sku) = shard_sku(partitions, across) else {
+            continue;
+        };
+        let shape: Vec<String> = args(&[
+            "--concurrency",
+            &concurrency,
+            "--duration",
+            &duration,
+            "--customers",
+            "1",
+            "--lines",
+            "1",
+            "--skus",
+            &sku,
+        ])
+        .into_iter()
+        .chain(a.bulk.then(|| "--bulk".to_owned()))
+        .collect();
+        let run = measure(&shape).await?;
+        shards.insert(
+            name.into(),
+            json!({
+                "sku": sku,
+                "notified_per_second": get(&run, &["notified_per_second"]),
+                "stock_cpu_us_per_order": get(&run, &["cpu_us_per_order", "stock"]),
+            }),
+        );
+    }
+    scaled_run["shards"] = Value::Object(shards);
     scaled_run["partitions"] = json!(partitions);
     scaled_run["replicas"] = json!(replicas);
     results.insert("scaled_out", scaled_run);
@@ -1110,6 +1158,15 @@ fn table(report: &Value, baseline: f64) -> String {
         let v = get(scaled, &["cpu_us_per_order", stage]);
         rows.push([row.into(), us(v), of_echo(v), String::new()]);
     }
+    for (row, name) in [
+        ("  stock per order, sku in home shard", "home_shard"),
+        ("  stock per order, sku in other shard", "other_shard"),
+    ] {
+        if scaled["shards"].get(name).is_some() {
+            let v = get(scaled, &["shards", name, "stock_cpu_us_per_order"]);
+            rows.push([row.into(), us(v), of_echo(v), String::new()]);
+        }
+    }
     // CPU per order at each fixed rate, one partition against scaled out: the same load, so
     // batches as full in both.
     for rate in rates.iter().filter_map(Value::as_f64) {
@@ -1200,5 +1257,17 @@ mod tests {
     fn the_command_line_is_well_formed() {
         use clap::CommandFactory;
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn the_shard_skus_lie_in_and_outside_the_customers_home_shard() {
+        let home = orderflow_runtime::home_partition(ONE_CUSTOMER, 4);
+        let within = shard_sku(4, false).expect("a bench sku in load-0's home shard of 4");
+        let across = shard_sku(4, true).expect("a bench sku in another shard of 4");
+        assert_eq!(orderflow_runtime::home_partition(&within, 4), home);
+        assert_ne!(orderflow_runtime::home_partition(&across, 4), home);
+        // One partition has no other shard.
+        assert_eq!(shard_sku(1, true), None);
+        assert!(shard_sku(1, false).is_some());
     }
 }
