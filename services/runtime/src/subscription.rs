@@ -341,10 +341,11 @@ impl<A: Apply> Subscription<A> {
     /// Consumes upstream until `shutdown`, reconnecting forever. Returns after finishing the batch in
     /// hand.
     pub async fn run(self, shutdown: CancellationToken) {
+        let partition = self.store.partition().index;
         let committed = match self.committed_offset().await {
             Ok(offset) => offset,
             Err(e) => {
-                tracing::error!(partition = self.store.partition().index, error = %e, "cannot read the consumed offset; subscription not started");
+                tracing::error!(partition, error = %e, "cannot read the consumed offset; subscription not started");
                 return;
             }
         };
@@ -353,6 +354,7 @@ impl<A: Apply> Subscription<A> {
             AckTarget {
                 owner: self.owner.subscribe(),
                 auth: self.upstream.auth.clone(),
+                consumed_by: partition,
             },
             self.consumer.clone(),
             // Lazy commits are durable only once a durable commit follows: make one before telling
@@ -369,7 +371,7 @@ impl<A: Apply> Subscription<A> {
             names::UPSTREAM_REFUSED,
             "stage" => self.stage.clone(),
             "upstream" => self.upstream_name.clone(),
-            "partition" => self.store.partition().index.to_string()
+            "partition" => partition.to_string()
         );
         refused.set(0.0);
         let mut backoff = Backoff::new();
@@ -386,7 +388,7 @@ impl<A: Apply> Subscription<A> {
                     // Loud once per reason; the health check says it for as long as it lasts.
                     if last_refusal != Some(refusal) {
                         tracing::error!(
-                            partition = self.store.partition().index,
+                            partition,
                             upstream = %self.upstream.url,
                             upstream_partition = self.partition,
                             reason = refusal.as_str(),
@@ -414,7 +416,7 @@ impl<A: Apply> Subscription<A> {
                     if e.is_truncated() {
                         // Retrying cannot help until an operator intervenes; say so loudly.
                         tracing::error!(
-                            partition = self.store.partition().index,
+                            partition,
                             upstream = %self.upstream.url,
                             upstream_partition = self.partition,
                             error = %e,
@@ -422,7 +424,7 @@ impl<A: Apply> Subscription<A> {
                         );
                     } else if matches!(e, SubscriptionError::Partitions { .. }) {
                         tracing::error!(
-                            partition = self.store.partition().index,
+                            partition,
                             upstream = %self.upstream.url,
                             upstream_partition = self.partition,
                             error = %e,
@@ -430,7 +432,7 @@ impl<A: Apply> Subscription<A> {
                         );
                     } else {
                         tracing::warn!(
-                            partition = self.store.partition().index,
+                            partition,
                             upstream = %self.upstream.url,
                             upstream_partition = self.partition,
                             error = %e,
@@ -885,6 +887,8 @@ type LogClient = EventLogClient<InterceptedService<Channel, LinkAuth>>;
 struct AckTarget {
     owner: watch::Receiver<Option<Endpoint>>,
     auth: LinkAuth,
+    /// The partition of the store that consumes, for the log lines.
+    consumed_by: u32,
 }
 
 /// Tells upstream how far this stage has committed, at most every [`ACK_INTERVAL`]. With `flush`
@@ -894,7 +898,11 @@ struct AckTarget {
 /// upstream must keep those entries to be applied again. Failures are only logged: an
 /// acknowledgement just lets upstream trim its log, and the next one catches up.
 async fn acknowledge(
-    AckTarget { mut owner, auth }: AckTarget,
+    AckTarget {
+        mut owner,
+        auth,
+        consumed_by,
+    }: AckTarget,
     consumer: String,
     flush: Option<(Store, String)>,
     partition: u32,
@@ -946,7 +954,7 @@ async fn acknowledge(
                     {
                         // A configuration problem an operator must see, once per distinct answer.
                         if last_refusal.as_deref() != Some(status.message()) {
-                            tracing::warn!(consumer = %consumer, upstream_partition = partition, code = ?status.code(), message = status.message(), "upstream refused the acknowledgement");
+                            tracing::warn!(partition = consumed_by, consumer = %consumer, upstream_partition = partition, code = ?status.code(), message = status.message(), "upstream refused the acknowledgement");
                             last_refusal = Some(status.message().to_owned());
                         }
                     }
